@@ -1,0 +1,71 @@
+"""Data sets: .npz files with `inputs` (float32, NCHW) and optional `labels` (int64)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxzero.errors import UserError
+
+
+@dataclass
+class Dataset:
+    inputs: np.ndarray
+    labels: np.ndarray | None
+    path: Path
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data file not found: {p} (expected an .npz with 'inputs' and optional 'labels')")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"{p} is not a readable .npz file ({type(e).__name__}): expected numpy's .npz format") from None
+    if "inputs" not in arrays:
+        raise UserError(f"{p} has no 'inputs' array: expected keys 'inputs' and optional 'labels', got {sorted(arrays)}")
+    x = arrays["inputs"]
+    if x.dtype != np.float32:
+        raise UserError(f"{p}: 'inputs' has dtype {x.dtype}, expected float32")
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise UserError(f"{p}: 'inputs' has shape {x.shape}, expected a non-empty batch (N, ...)")
+    y = arrays.get("labels")
+    if y is not None:
+        if y.dtype.kind not in "iu":
+            raise UserError(f"{p}: 'labels' has dtype {y.dtype}, expected int64")
+        y = y.astype(np.int64)
+        if y.shape != (x.shape[0],):
+            raise UserError(f"{p}: 'labels' has shape {y.shape}, expected ({x.shape[0]},) to match 'inputs'")
+    return Dataset(inputs=x, labels=y, path=p)
+
+
+def check_fits(ds: Dataset, model: onnx.ModelProto) -> None:
+    """Raise UserError unless every sample fits the model's first graph input."""
+    init_names = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init_names]
+    if len(inputs) != 1:
+        raise UserError(f"model has {len(inputs)} graph inputs, expected exactly 1 image input to feed data to")
+    t = inputs[0].type.tensor_type
+    if t.elem_type != onnx.TensorProto.FLOAT:
+        raise UserError(f"model input '{inputs[0].name}' is {onnx.TensorProto.DataType.Name(t.elem_type)}, expected FLOAT")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    got = list(ds.inputs.shape)
+    if len(dims) != len(got):
+        raise UserError(f"{ds.path}: 'inputs' has shape {tuple(got)}, expected rank {len(dims)} for model input "
+                        f"'{inputs[0].name}' of shape {_fmt(dims)}")
+    for i, (want, have) in enumerate(zip(dims[1:], got[1:]), start=1):
+        if want is not None and want != have:
+            raise UserError(f"{ds.path}: 'inputs' has shape {tuple(got)}, expected {_fmt(dims)} "
+                            f"(dimension {i} should be {want})")
+
+
+def _fmt(dims: list[int | None]) -> str:
+    return "(" + ", ".join("N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(dims)) + ")"
