@@ -1,0 +1,1 @@
+"""Benchmarks: wall-clock ratios against onnxruntime measured in the same run."""

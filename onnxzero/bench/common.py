@@ -1,0 +1,75 @@
+"""Shared pieces of `onnxzero bench ops`: the layer shapes and one op's bench case.
+
+Each op contributes a module onnxzero/bench/op_<name>.py with
+
+    OP: str                                   # the custom op's name
+    def build(layer: Layer, skip: float, rng: np.random.Generator) -> BenchCase
+
+which returns a one-node model of that op on `layer` set up to skip about
+`skip` of the dense MACs (0 = its no-skip setting), plus the feeds. The
+framework measures the skipped fraction from the op's own `macs` output, so
+the `skip` asked for is only a target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    C: int
+    K: int
+    H: int
+    W: int
+    KH: int
+    KW: int
+    stride: int = 1
+    pad: int = 0
+
+    @property
+    def x_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.C, self.H, self.W)
+
+    @property
+    def w_shape(self) -> tuple[int, int, int, int]:
+        return (self.K, self.C, self.KH, self.KW)
+
+    def conv_attrs(self) -> dict:
+        return {"strides": [self.stride] * 2, "pads": [self.pad] * 4, "kernel_shape": [self.KH, self.KW]}
+
+
+# Layer shapes from real CNNs (ResNet/VGG stages, a bottleneck 1x1, ResNet's stem).
+LAYERS: list[Layer] = [
+    Layer("3x3 64x56x56", 64, 64, 56, 56, 3, 3, 1, 1),
+    Layer("3x3 128x28x28", 128, 128, 28, 28, 3, 3, 1, 1),
+    Layer("3x3 256x14x14", 256, 256, 14, 14, 3, 3, 1, 1),
+    Layer("3x3 512x7x7", 512, 512, 7, 7, 3, 3, 1, 1),
+    Layer("1x1 256->64 56x56", 256, 64, 56, 56, 1, 1, 1, 0),
+    Layer("7x7/2 3->64 224x224", 3, 64, 224, 224, 7, 7, 2, 3),
+]
+
+SKIPS = [0.0, 0.25, 0.5, 0.75, 0.9]
+
+
+def realistic_input(layer: Layer, rng: np.random.Generator, *, nonneg: bool = True) -> np.ndarray:
+    """Post-ReLU-like activations (half zeros) unless nonneg is False."""
+    x = rng.standard_normal(layer.x_shape).astype(np.float32)
+    return np.maximum(x, 0) if nonneg else x
+
+
+def he_weights(layer: Layer, rng: np.random.Generator) -> np.ndarray:
+    fan_in = layer.C * layer.KH * layer.KW
+    return (rng.standard_normal(layer.w_shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+@dataclass
+class BenchCase:
+    model: onnx.ModelProto           # one node of the op; graph output 'macs' holds the counter
+    feeds: dict[str, np.ndarray]
+    setting: str = ""                # what was set to reach the skip target (for the table)
+    extra: dict = field(default_factory=dict)
