@@ -20,8 +20,9 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, protect: tuple[Path, ..
     for p in protect:
         if p.exists() and path.exists() and path.resolve() == p.resolve():
             raise UserError(f"refusing to overwrite the input {p}: expected a different output path")
-    if path.parent and not path.parent.exists():
-        raise UserError(f"output folder does not exist: {path.parent} (expected an existing directory)")
+    if path.is_dir():
+        raise UserError(f"output path {path} is a directory, expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
