@@ -75,6 +75,75 @@ def profile(model: str, data: Path | None, runs: int, json_out: Path | None, plo
         console.print(f"wrote {len(written)} plots to {plots}")
 
 
+# ---------------------------------------------------------------- rewrite
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the rewritten model.")
+@click.option("--technique", type=click.Choice(["spatial", "early-exit", "lazy", "sparse-quant"]),
+              help="Technique for every eligible site (early-exit alone means exact mode).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="JSON with per-site settings.")
+@click.option("--data", type=click.Path(path_type=Path), help="Calibration .npz (lazy, sparse-quant, predictive early exit).")
+@click.option("--explain", is_flag=True, help="List every Conv with the site it became, or why it is not one.")
+@_user_errors
+def rewrite(model: str, output: Path | None, technique: str | None, config_path: Path | None, data: Path | None,
+            explain: bool) -> None:
+    """Rewrite MODEL's Conv+ReLU sites into onnxzero's custom ops."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from onnxzero import zoo as z
+    from onnxzero.data import check_fits, load_dataset
+    from onnxzero.emit import atomic_write_bytes
+    from onnxzero.load import load_model, resolve_model_path
+    from onnxzero.passes.normalize import normalize
+    from onnxzero.passes.rewrite import rewrite as rewrite_model
+    from onnxzero.passes.sites import explain as explain_sites
+
+    src = resolve_model_path(model)
+    if output is not None and output.exists() and output.resolve() == src.resolve():
+        raise UserError(f"refusing to overwrite the input {src}: expected a different output path")
+    if output is None and not explain:
+        raise UserError("no output given: expected -o OUT.onnx (or --explain to only list the sites)")
+    config = None
+    if config_path:
+        try:
+            config = json.loads(Path(config_path).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read --config {config_path}: {e}; expected a JSON object") from None
+        if not isinstance(config, dict):
+            raise UserError(f"--config {config_path} holds a {type(config).__name__}, expected a JSON object")
+    m = load_model(model)
+    data_path = data or z.default_data(model)
+    ds = None
+    if data_path:
+        ds = load_dataset(data_path)
+        check_fits(ds, m)
+    console = Console()
+    if output is None:  # --explain alone: no rewrite, just the verdicts
+        for v in explain_sites(normalize(m)[0]):
+            console.print(v.line(), highlight=False, soft_wrap=True)
+        return
+    if technique is None and config is None:
+        raise UserError("no technique given: expected --technique spatial|early-exit|lazy|sparse-quant or --config")
+    out, report = rewrite_model(m, technique=technique, config=config, inputs=None if ds is None else ds.inputs,
+                                labels=None if ds is None else ds.labels)
+    if explain:
+        for line in report.explain_lines():
+            console.print(line, highlight=False, soft_wrap=True)
+    t = Table(title=f"{len(report.rewritten)} of {len(report.sites)} sites rewritten")
+    for col in ("site", "technique", "setting", "MACs (dense)", "note"):
+        t.add_column(col)
+    for s in report.sites:
+        note = s.reason or ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                     for k, v in s.stats.items() if not isinstance(v, (list, dict)))
+        t.add_row(s.site.name, s.technique or "-", json.dumps(s.setting)[:60], f"{s.site.macs:,}" if s.site.macs else "?", note)
+    console.print(t)
+    atomic_write_bytes(output, out.SerializeToString(), protect=(src,) + ((data_path,) if data_path else ()))
+    console.print(f"wrote {output}")
+
+
 # ---------------------------------------------------------------- zoo
 @cli.group()
 def zoo() -> None:

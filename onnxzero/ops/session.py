@@ -85,6 +85,9 @@ def make_session(model: onnx.ModelProto, *, threads: int = 0,
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = optimization
+    # Settings fed at run time are initializers listed as graph inputs on purpose; onnxruntime
+    # warns about each of them, so only errors are logged.
+    so.log_severity_level = 3
     if library:
         so.register_custom_ops_library(get_library_path())
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -1,0 +1,115 @@
+"""Evaluate: run a (rewritten) model on a data set in onnxruntime and measure it.
+
+Accuracy, the MACs the custom ops report through their `macs` outputs, and
+latency all come from real runs; nothing here estimates. One Evaluator holds
+one session, so a search can feed many settings (runtime inputs) without
+rebuilding it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from onnxzero import DOMAIN
+
+MACS_SUFFIX = "__macs"
+
+
+def expose_macs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy whose every onnxzero op writes its MAC counter to a graph output."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    names = []
+    for node in m.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        if len(node.output) < 2 or not node.output[1]:
+            out = f"{node.output[0]}{MACS_SUFFIX}"
+            if len(node.output) < 2:
+                node.output.append(out)
+            else:
+                node.output[1] = out
+        names.append(node.output[1])
+        m.graph.output.append(helper.make_tensor_value_info(node.output[1], TensorProto.INT64, []))
+    return m, names
+
+
+def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy that also returns the intermediate tensors `names` (float)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+    return m
+
+
+def session(model: onnx.ModelProto, *, threads: int = 0, library: bool = True,
+            optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
+    from onnxzero.ops.session import make_session
+
+    return make_session(model, threads=threads, library=library, optimization=optimization)
+
+
+@dataclass
+class RunResult:
+    logits: np.ndarray
+    macs: int                       # per sample, summed over the custom ops (0 when there are none)
+    site_macs: dict[str, int]       # per custom-op node output, per sample
+    extras: dict[str, np.ndarray]
+
+
+class Evaluator:
+    """One onnxruntime session over `model`, run over a data set in batches."""
+
+    def __init__(self, model: onnx.ModelProto, *, extra_outputs: list[str] | None = None, threads: int = 0,
+                 batch_size: int = 250):
+        counted, self.macs_outputs = expose_macs(model)
+        self.extra_outputs = list(extra_outputs or [])
+        counted = with_outputs(counted, self.extra_outputs)
+        self.session = session(counted, threads=threads)
+        init = {i.name for i in model.graph.initializer}
+        self.input_name = next(i.name for i in model.graph.input if i.name not in init)
+        self.logits_name = model.graph.output[0].name
+        self.batch_size = batch_size
+
+    def run(self, inputs: np.ndarray, *, feeds: dict[str, np.ndarray] | None = None) -> RunResult:
+        names = [self.logits_name, *self.macs_outputs, *self.extra_outputs]
+        logits, extras = [], {n: [] for n in self.extra_outputs}
+        site_macs = dict.fromkeys(self.macs_outputs, 0)
+        for i in range(0, len(inputs), self.batch_size):
+            out = self.session.run(names, {self.input_name: inputs[i:i + self.batch_size], **(feeds or {})})
+            logits.append(out[0])
+            for n, v in zip(self.macs_outputs, out[1:1 + len(self.macs_outputs)]):
+                site_macs[n] += int(v)
+            for n, v in zip(self.extra_outputs, out[1 + len(self.macs_outputs):]):
+                extras[n].append(v)
+        n = max(1, len(inputs))
+        per_sample = {k: v // n for k, v in site_macs.items()}
+        return RunResult(logits=np.concatenate(logits), macs=sum(per_sample.values()), site_macs=per_sample,
+                         extras={k: np.concatenate(v) for k, v in extras.items()})
+
+    def latency_ms(self, sample: np.ndarray, *, runs: int = 20, feeds: dict[str, np.ndarray] | None = None) -> float:
+        """Median wall-clock latency of one inference on `sample` (batch as given)."""
+        return median_latency_ms(self.session, {self.input_name: sample, **(feeds or {})}, runs=runs)
+
+
+def median_latency_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], *, runs: int = 20) -> float:
+    sess.run(None, feeds)  # warm-up: first-run allocations and packing
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, axis=1) == labels))

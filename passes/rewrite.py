@@ -1,0 +1,212 @@
+"""Rewrite: replace a model's Conv+ReLU sites with onnxzero's custom ops.
+
+load -> normalize -> find sites -> rewrite (this module) -> evaluate -> search -> emit.
+
+`rewrite(model, technique=..., config=..., data=...)` normalizes the model, finds its sites,
+lets each site's technique rule check and rewrite it, and returns a model that passes
+onnx.checker's full check, keeps the graph's input and output names and shapes, runs in
+onnxruntime with the library registered, and records its provenance (onnxzero version and every
+site's setting) in metadata_props. Settings that may change per run (lazy ratios, spatial
+masks, predictive thresholds) become graph inputs with default values, so a deployment or the
+optimizer can move them without editing the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxzero import DOMAIN, OP_VERSION, UserError, __version__
+from onnxzero.passes.normalize import normalize
+from onnxzero.passes.rules import RULES, TECHNIQUES, Calibration, SiteRule
+from onnxzero.passes.sites import ConvVerdict, Site, explain
+
+PASS = "rewrite"
+METADATA_KEY = "onnxzero"
+
+
+@dataclass
+class SiteResult:
+    site: Site
+    technique: str | None  # None: left as Conv+ReLU
+    setting: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None  # why it was not rewritten
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.site.name, "technique": self.technique, "setting": self.setting,
+                "macs": self.site.macs, "stats": _jsonable(self.stats), "reason": self.reason}
+
+
+@dataclass
+class RewriteReport:
+    verdicts: list[ConvVerdict]
+    sites: list[SiteResult]
+
+    @property
+    def rewritten(self) -> list[SiteResult]:
+        return [s for s in self.sites if s.technique]
+
+    def explain_lines(self) -> list[str]:
+        """Every Conv: the site it became (and what happened to it) or why it is not one."""
+        by_conv = {s.site.name: s for s in self.sites}
+        lines = []
+        for v in self.verdicts:
+            s = by_conv.get(v.conv)
+            if s is None:
+                lines.append(v.line())
+            elif s.technique:
+                lines.append(f"{v.line()}\n    -> rewritten: {s.technique} {json.dumps(_jsonable(s.setting))}")
+            else:
+                lines.append(f"{v.line()}\n    -> kept: {s.reason}")
+        return lines
+
+
+def parse_config(config: Mapping[str, Any] | None, technique: str | None) -> tuple[dict[str, Any], dict[str, dict]]:
+    """({default setting}, {site: setting}) from a config mapping.
+
+    Config JSON: {"technique": "lazy", "default": {"ratio": 0.5}, "sites": {"conv1": {"ratio": 0.9},
+    "conv2": {"technique": "early-exit", "mode": "exact"}, "conv3": null}} — null leaves a site alone.
+    """
+    config = dict(config or {})
+    unknown = set(config) - {"technique", "default", "sites"}
+    if unknown:
+        raise UserError(f"{PASS}: config has unknown key {sorted(unknown)[0]!r}, expected technique, default, sites")
+    default = dict(config.get("default") or {})
+    default.setdefault("technique", config.get("technique") or technique)
+    for name, t in [("default", default.get("technique"))] + [(k, (v or {}).get("technique")) for k, v in (config.get("sites") or {}).items()]:
+        if t is not None and t not in TECHNIQUES:
+            raise UserError(f"{PASS}: technique {t!r} (in {name}) is not one of {', '.join(TECHNIQUES)}")
+    return default, dict(config.get("sites") or {})
+
+
+def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Mapping[str, Any] | None = None,
+            inputs: np.ndarray | None = None, labels: np.ndarray | None = None,
+            normalized: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
+    """Rewrite `model`'s sites. `inputs`/`labels`: calibration data (lazy, sparse-quant, predictive).
+
+    Returns (new model, report). The input model is not modified.
+    """
+    if technique is not None and technique not in TECHNIQUES:
+        raise UserError(f"{PASS}: technique {technique!r} is not one of {', '.join(TECHNIQUES)}")
+    default, per_site = parse_config(config, technique)
+    if default.get("technique") is None and not per_site:
+        raise UserError(f"{PASS}: no technique given, expected --technique {'|'.join(TECHNIQUES)} or a config")
+    base = model if normalized else normalize(model)[0]
+    verdicts = explain(base)
+    sites = [v.site for v in verdicts if v.site is not None]
+    unknown = set(per_site) - {s.name for s in sites}
+    if unknown:
+        raise UserError(f"{PASS}: config names {sorted(unknown)[0]!r}, which is not a site "
+                        f"(sites: {', '.join(s.name for s in sites) or 'none'})")
+    calib = Calibration(base, inputs, labels) if inputs is not None else None
+    rules: dict[str, SiteRule] = {}
+
+    out = onnx.ModelProto()
+    out.CopyFrom(base)
+    g = out.graph
+    index = {n.name: i for i, n in enumerate(g.node)}
+    replaced: dict[int, list[onnx.NodeProto]] = {}  # conv node index -> replacement nodes
+    removed: set[int] = set()
+    new_inits: dict[str, np.ndarray] = {}
+    runtime: dict[str, np.ndarray] = {}
+    drop: set[str] = set()
+    results: list[SiteResult] = []
+
+    for site in sites:
+        if site.name in per_site and per_site[site.name] is None:
+            results.append(SiteResult(site, None, reason="left alone by the config"))
+            continue
+        setting = {**default, **(per_site.get(site.name) or {})}
+        tech = setting.pop("technique", None)
+        if tech is None:
+            results.append(SiteResult(site, None, reason="no technique for this site in the config"))
+            continue
+        rule = rules.get(tech) or rules.setdefault(tech, RULES[tech](base, calib))
+        setting = {**rule.default_setting(site), **setting}
+        reason = rule.check(site, setting)
+        if reason:
+            results.append(SiteResult(site, None, setting, reason=reason))
+            continue
+        act_out = site.y if site.clip_max is None else f"{site.y}__relu"
+        rep = rule.rewrite(site, setting, act_out)
+        nodes = list(rep.nodes)
+        if site.clip_max is not None:  # keep ReLU6's upper bound after the op
+            lo, hi = f"{site.name}__clip_min", f"{site.name}__clip_max"
+            new_inits[lo] = np.asarray(0.0, np.float32)
+            new_inits[hi] = np.asarray(site.clip_max, np.float32)
+            nodes.append(helper.make_node("Clip", [act_out, lo, hi], [site.y], name=f"{site.name}__clip"))
+        replaced[index[site.conv]] = nodes
+        removed.add(index[site.activation])
+        new_inits.update(rep.initializers)
+        runtime.update(rep.runtime_inputs)
+        drop.update(rep.drop_initializers)
+        results.append(SiteResult(site, tech, rep.setting, rep.stats))
+
+    if replaced:
+        nodes = []
+        for i, n in enumerate(g.node):
+            if i in replaced:
+                nodes.extend(replaced[i])
+            elif i not in removed:
+                nodes.append(n)
+        del g.node[:]
+        g.node.extend(nodes)
+        used = {name for n in g.node for name in n.input}
+        keep = [t for t in g.initializer if not (t.name in drop and t.name not in used)]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        for name, arr in {**new_inits, **runtime}.items():
+            g.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+        for name, arr in runtime.items():
+            g.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype),
+                                                         list(np.shape(arr))))
+        if not any(o.domain == DOMAIN for o in out.opset_import):
+            out.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
+        # value_info of the removed Conv outputs would dangle
+        gone = {s.site.conv_output for s in results if s.technique}
+        vi = [v for v in g.value_info if v.name not in gone]
+        del g.value_info[:]
+        g.value_info.extend(vi)
+    _set_metadata(out, results)
+    try:
+        onnx.checker.check_model(out, full_check=True)
+    except Exception as e:
+        raise RuntimeError(f"{PASS}: the rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
+    return out, RewriteReport(verdicts, results)
+
+
+def _set_metadata(model: onnx.ModelProto, results: list[SiteResult]) -> None:
+    prov = {"version": __version__, "domain": DOMAIN,
+            "sites": {r.site.name: {"technique": r.technique, "setting": _jsonable(r.setting)} for r in results if r.technique}}
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(prov, sort_keys=True))
+
+
+def provenance(model: onnx.ModelProto) -> dict[str, Any] | None:
+    for p in model.metadata_props:
+        if p.key == METADATA_KEY:
+            return json.loads(p.value)
+    return None
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v

@@ -1,0 +1,66 @@
+"""sparse-quant: Conv+ReLU -> SparseQuantConv (pruned, 8-bit dynamic fixed point, relative index).
+
+The pruning threshold comes from the setting, or from a per-layer sensitivity analysis on the
+calibration data: the largest magnitude threshold whose top-1 loss, with only this layer pruned
+and quantized, stays within `max_loss` percentage points.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from onnxzero.ops import sparse_quant as op
+from onnxzero.passes.rules.base import Replacement, SiteRule, conv_kwargs, weight
+from onnxzero.passes.sites import Site
+
+# Candidate pruned fractions for the sensitivity analysis, most aggressive first.
+PRUNE_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+
+
+class SparseQuantRule(SiteRule):
+    technique = "sparse-quant"
+
+    def default_setting(self, site: Site) -> dict[str, Any]:
+        return {"max_loss": 1.0}
+
+    def check(self, site: Site, setting: dict[str, Any]) -> str | None:
+        if "threshold" not in setting and "prune" not in setting and self.calibration is None:
+            return "sparse-quant needs calibration data (--data) for its sensitivity analysis, or a threshold/prune setting"
+        return None
+
+    def threshold_for(self, site: Site, setting: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+        w = weight(self.model, site.w)
+        mags = np.sort(np.abs(w).ravel())
+        if "threshold" in setting:
+            return float(setting["threshold"]), {}
+        if "prune" in setting:
+            return _threshold_at(mags, float(setting["prune"])), {}
+        max_loss = float(setting.get("max_loss", 1.0))
+        # Least aggressive first, stopping at the first fraction over the bound: loss grows with
+        # the pruned fraction, so this finds the largest passing threshold in few forward passes.
+        candidates = [(f, _threshold_at(mags, f)) for f in sorted(PRUNE_FRACTIONS)]
+        sens = self.calibration.sensitivity(site.w, candidates, lambda thr: op.decompress(op.compress(w, threshold=thr)),
+                                            stop_above=max_loss)
+        passing = [(f, thr) for f, thr, loss in sens if loss <= max_loss]
+        thr = passing[-1][1] if passing else 0.0
+        return thr, {"sensitivity": [[f, lo] for f, _, lo in sens], "max_loss": max_loss}
+
+    def rewrite(self, site: Site, setting: dict[str, Any], out_name: str) -> Replacement:
+        w = weight(self.model, site.w)
+        thr, extra = self.threshold_for(site, setting)
+        comp = op.compress(w, threshold=thr)
+        node, inits = op.make_node(site.x, site.w, site.b, out_name, compressed=comp, name=f"{site.name}__sparse_quant",
+                                   **conv_kwargs(site))
+        stats = op.compression_stats(w, comp)
+        return Replacement([node], inits, drop_initializers=[site.w],
+                           setting={"threshold": thr, "frac_bits": comp["frac_bits"]}, stats={**stats, **extra})
+
+
+def _threshold_at(sorted_mags: np.ndarray, fraction: float) -> float:
+    """The magnitude threshold that prunes about `fraction` of the weights (0 prunes none)."""
+    if fraction <= 0:
+        return 0.0
+    i = min(len(sorted_mags) - 1, int(round(fraction * len(sorted_mags))))
+    return float(np.nextafter(sorted_mags[i - 1], np.inf)) if i > 0 else 0.0
