@@ -144,6 +144,111 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
     console.print(f"wrote {output}")
 
 
+# ---------------------------------------------------------------- optimize
+def _ones_range(ctx, param, value: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = value.partition("-")
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}, expected LOW-HIGH such as 1-3") from None
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--eps", type=float, required=True, help="Largest top-1 loss allowed, in percentage points [0, 100].")
+@click.option("--data", type=click.Path(path_type=Path), help=".npz with 'inputs' (+ 'labels'); zoo models default to their data.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model (default: MODEL-stem.onnxzero.onnx).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@click.option("--techniques", default="spatial,early-exit,lazy,sparse-quant", show_default=True,
+              help="Comma-separated techniques the search may use.")
+@click.option("--objective", type=click.Choice(["latency", "macs"]), default="latency", show_default=True)
+@click.option("--mode", type=click.Choice(["uniform-layer", "uniform-filter", "uniform-patch", "max-granularity"]),
+              default="uniform-layer", show_default=True, help="Spatial mask granularity (the paper's modes).")
+@click.option("--patch-size", "patch_sizes", type=click.IntRange(2, 4), multiple=True, help="Spatial patch size(s) (default 2).")
+@click.option("--ones-range", default="1-3", show_default=True, callback=_ones_range,
+              help="Spatial patterns with this many computed-first positions.")
+@click.option("--granularity-threshold", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Finer spatial modes: share of a filter's/patch's non-zeros a pattern may wrongly zero.")
+@click.option("--top-m", type=click.IntRange(min=1), default=3, show_default=True, help="Options kept per site for back-off.")
+@click.option("--val-fraction", type=click.FloatRange(0.05, 0.95), default=0.5, show_default=True,
+              help="Share of the data held out for the final figures.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Candidates evaluated in parallel.")
+@click.option("--resume", is_flag=True, help="Continue from OUT.search.json left by an interrupted run.")
+@click.option("--best-effort", is_flag=True, help="If nothing meets eps, still write the best model found (labelled).")
+@_user_errors
+def optimize(model: str, eps: float, data: Path | None, output: Path | None, report_path: Path | None, techniques: str,
+             objective: str, mode: str, patch_sizes: tuple[int, ...], ones_range: tuple[int, int],
+             granularity_threshold: float, top_m: int, val_fraction: float, jobs: int, resume: bool,
+             best_effort: bool) -> None:
+    """Search per-site techniques and settings under an accuracy budget; write a faster model."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from onnxzero import zoo as z
+    from onnxzero.data import check_fits, load_dataset
+    from onnxzero.emit import atomic_write_bytes, atomic_write_json
+    from onnxzero.load import load_model, resolve_model_path
+    from onnxzero.search import SearchOptions
+    from onnxzero.search import optimize as run_search
+    from onnxzero.search.greedy import Progress as SearchProgress
+    from onnxzero.search.report import render
+
+    opts = SearchOptions(eps=eps, techniques=tuple(t.strip() for t in techniques.split(",") if t.strip()),
+                         objective=objective, mode=mode, patch_sizes=patch_sizes or (2,), ones_range=ones_range,
+                         granularity_threshold=granularity_threshold, top_m=top_m, jobs=jobs, val_fraction=val_fraction)
+    opts.validate()
+    src = resolve_model_path(model)
+    out = output or (Path.cwd() if model.startswith(z.PREFIX) else src.parent) / f"{src.stem}.onnxzero.onnx"
+    if out.exists() and out.resolve() == src.resolve():
+        raise UserError(f"refusing to overwrite the input {src}: expected a different output path")
+    m = load_model(model)
+    data_path = data or z.default_data(model)
+    if data_path is None:
+        raise UserError("no data: expected --data FILE.npz with 'inputs' (and 'labels') to measure accuracy on")
+    ds = load_dataset(data_path)
+    check_fits(ds, m)
+    if ds.labels is not None:
+        n_out = m.graph.output[0].type.tensor_type.shape.dim
+        classes = n_out[-1].dim_value if n_out and n_out[-1].HasField("dim_value") else None
+        if ds.labels.min() < 0 or (classes and ds.labels.max() >= classes):
+            raise UserError(f"{data_path}: labels range {ds.labels.min()}..{ds.labels.max()}, expected 0..{(classes or 1) - 1} "
+                            f"for the model's {classes} outputs")
+    console = Console(stderr=False)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), disable=not sys.stderr.isatty()) as bar:
+        class _Bar(SearchProgress):
+            task = None
+
+            def start(self, total: int, what: str) -> None:
+                self.task = bar.add_task(what, total=total)
+
+            def advance(self, n: int = 1) -> None:
+                bar.advance(self.task, n)
+
+            def note(self, text: str) -> None:
+                bar.console.print(text)
+
+        cache = out.with_name(out.name + ".search.json")
+        try:
+            result = run_search(m, ds.inputs, ds.labels, opts, cache_path=cache, resume=resume, progress=_Bar())
+        except KeyboardInterrupt:
+            console.print(f"interrupted: what was measured is kept in {cache}; rerun with --resume to continue")
+            raise
+    render(result.report, console)
+    protect = (src, Path(data_path))
+    if report_path:
+        atomic_write_json(report_path, result.report, protect=protect)
+        console.print(f"wrote {report_path}")
+    if result.model is None or (not result.met_eps and not best_effort):
+        raise UserError(f"no configuration met eps = {eps:g}; no model written (use --best-effort to write the best found)")
+    if not result.met_eps:
+        result.model.metadata_props.add(key="onnxzero_best_effort", value=f"did not meet eps={eps:g}")
+        console.print(f"[bold yellow]best effort: this model does NOT meet eps = {eps:g}[/]")
+    atomic_write_bytes(out, result.model.SerializeToString(), protect=protect)
+    console.print(f"wrote {out}")
+
+
 # ---------------------------------------------------------------- zoo
 @cli.group()
 def zoo() -> None:

@@ -88,9 +88,12 @@ def parse_config(config: Mapping[str, Any] | None, technique: str | None) -> tup
 
 def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Mapping[str, Any] | None = None,
             inputs: np.ndarray | None = None, labels: np.ndarray | None = None,
-            normalized: bool = False) -> tuple[onnx.ModelProto, RewriteReport]:
+            normalized: bool = False, runtime_settings: bool = True) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite `model`'s sites. `inputs`/`labels`: calibration data (lazy, sparse-quant, predictive).
 
+    runtime_settings: masks, ratios and predictive thresholds become graph inputs with defaults
+    (changeable per run); False freezes them as constants, which lets the kernels prepare them
+    once at session creation — except the lazy ratio, which stays a run-time knob by design.
     Returns (new model, report). The input model is not modified.
     """
     if technique is not None and technique not in TECHNIQUES:
@@ -145,7 +148,8 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
         replaced[index[site.conv]] = nodes
         removed.add(index[site.activation])
         new_inits.update(rep.initializers)
-        runtime.update(rep.runtime_inputs)
+        for name, arr in rep.runtime_inputs.items():
+            (runtime if runtime_settings or tech == "lazy" else new_inits)[name] = arr
         drop.update(rep.drop_initializers)
         results.append(SiteResult(site, tech, rep.setting, rep.stats))
 
@@ -165,8 +169,11 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
         for name, arr in {**new_inits, **runtime}.items():
             g.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
         for name, arr in runtime.items():
-            g.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.asarray(arr).dtype),
-                                                         list(np.shape(arr))))
+            # symbolic dims: a per-filter (K, p, p) mask can take any pattern, a per-patch one
+            # any (K, OH, OW) layout, without editing the model; the kernels validate the values
+            arr = np.asarray(arr)
+            g.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype),
+                                                         [f"{name}_{i}" for i in range(arr.ndim)]))
         if not any(o.domain == DOMAIN for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
         # value_info of the removed Conv outputs would dangle
