@@ -1,9 +1,7 @@
-// ConvRelu: dense Conv(+bias)+ReLU. Temporary straightforward version used
-// to bring up the build; replaced by the packed GEMM kernel.
-#include <algorithm>
-#include <cstring>
-
+// ConvRelu: dense Conv(+bias)+ReLU on the packed GEMM core (gemm.h): the no-skip baseline every
+// skipping op is measured against. Optional output 1 `macs` (int64 scalar): MACs performed.
 #include "common.h"
+#include "gemm.h"
 #include "ops.h"
 
 namespace oz {
@@ -13,55 +11,50 @@ constexpr const char* kOp = "ConvRelu";
 
 struct ConvReluKernel {
   ConvAttrs attrs;
-  ConstTensor w, b;
-  bool has_bias = false;
+  std::vector<int64_t> w_shape;
+  gemm::ConvWeights weights;
 
-  ConvReluKernel(const OrtKernelInfo* info) {
+  explicit ConvReluKernel(const OrtKernelInfo* info) {
     attrs = ReadConvAttrs(info, kOp);
-    w = RequireConstInput(info, 1, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    ConstTensor w = RequireConstInput(info, 1, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     CheckWeightShape(attrs, w.shape, kOp);
-    has_bias = TryGetConstInput(info, 2, &b);
-    if (has_bias && (b.shape.size() != 1 || b.shape[0] != w.shape[0]))
-      Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", w.shape[0], ",)"));
+    w_shape = w.shape;
+    ConstTensor b;
+    const bool has_bias = TryGetConstInput(info, 2, &b);
+    if (!has_bias && Ort::ConstKernelInfo(info).GetInputCount() > 2) {
+      // An input 2 that is present but not a constant initializer.
+      if (!Ort::ConstKernelInfo(info).GetInputName(2).empty())
+        Fail(kOp, "input 'B' (2) must be a constant initializer, got a runtime tensor");
+    }
+    if (has_bias) {
+      if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        Fail(kOp, Msg("input 'B' has element type ", b.type, ", expected float (1)"));
+      if (b.shape.size() != 1 || b.shape[0] != w.shape[0])
+        Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", w.shape[0], ",)"));
+    }
+    weights = gemm::ConvWeights(w.as<float>(), has_bias ? b.as<float>() : nullptr, w.shape[0], w.shape[1],
+                                w.shape[2], w.shape[3], attrs.group);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard([&] {
       Ort::KernelContext ctx(context);
       auto x = ctx.GetInput(0);
-      auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
-      ConvGeom g = ResolveConv(attrs, w.shape, xs, kOp);
+      auto xinfo = x.GetTensorTypeAndShapeInfo();
+      if (xinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        Fail(kOp, Msg("input 'X' has element type ", xinfo.GetElementType(), ", expected float (1)"));
+      auto xs = xinfo.GetShape();
+      ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
       const int64_t N = xs[0];
       auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
-      const float* X = x.GetTensorData<float>();
-      float* Y = y.GetTensorMutableData<float>();
-      const float* Wt = w.as<float>();
-      const float* B = has_bias ? b.as<float>() : nullptr;
-      const int64_t P = g.P(), Kg = g.Kg(), Cg = g.Cg();
-      ParallelFor(context, static_cast<size_t>(N * g.K), [&](size_t task) {
-        const int64_t n = task / g.K, k = task % g.K, grp = k / Kg;
-        float* out = Y + (n * g.K + k) * P;
-        std::fill(out, out + P, B ? B[k] : 0.f);
-        for (int64_t c = 0; c < Cg; ++c) {
-          const float* in = X + (n * g.C + grp * Cg + c) * g.H * g.W;
-          for (int64_t r = 0; r < g.KH; ++r)
-            for (int64_t s = 0; s < g.KW; ++s) {
-              const float wv = Wt[((k * Cg + c) * g.KH + r) * g.KW + s];
-              for (int64_t oh = 0; oh < g.OH; ++oh) {
-                const int64_t ih = oh * g.SH - g.PT + r * g.DH;
-                if (ih < 0 || ih >= g.H) continue;
-                for (int64_t ow = 0; ow < g.OW; ++ow) {
-                  const int64_t iw = ow * g.SW - g.PL + s * g.DW;
-                  if (iw >= 0 && iw < g.W) out[oh * g.OW + ow] += wv * in[ih * g.W + iw];
-                }
-              }
-            }
-        }
-        for (int64_t i = 0; i < P; ++i) out[i] = std::max(out[i], 0.f);
-      });
+      int64_t macs = 0;
+      if (N > 0 && g.P() > 0) {
+        gemm::ConvPlan plan(g, weights);
+        macs = gemm::RunConv(context, plan, weights, x.GetTensorData<float>(), N, y.GetTensorMutableData<float>());
+      }
       if (ctx.GetOutputCount() > 1) {
         auto m = ctx.GetOutput(1, std::vector<int64_t>{});
-        *m.GetTensorMutableData<int64_t>() = N * g.Macs();
+        *m.GetTensorMutableData<int64_t>() = macs;
       }
     });
   }

@@ -8,9 +8,13 @@
 namespace oz {
 
 const OrtCustomOp* ConvReluOp();  // dense Conv(+bias)+ReLU: the no-skip baseline
+const OrtCustomOp* LazyConvOp();  // lazy filter evaluation: top ratio*K predicted filters (lazy_conv.cc)
+const OrtCustomOp* SpatialConvOp();  // spatial zero prediction over p x p output patches (spatial_conv.cc)
+const OrtCustomOp* SparseQuantConvOp();  // pruned 8-bit weights, relative sparse index (sparse_quant_conv.cc)
+const OrtCustomOp* EarlyExitConvOp();  // SnaPEA early exit, exact / predictive (early_exit_conv.cc)
 
 inline std::vector<const OrtCustomOp*> AllOps() {
-  return {ConvReluOp()};
+  return {ConvReluOp(), LazyConvOp(), SparseQuantConvOp(), EarlyExitConvOp(), SpatialConvOp()};
 }
 
 }  // namespace oz

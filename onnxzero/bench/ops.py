@@ -1,0 +1,263 @@
+"""`onnxzero bench ops`: each custom op against onnxruntime's own Conv+Relu, in wall-clock time.
+
+For every bench layer (onnxzero.bench.common.LAYERS) and every op module onnxzero/bench/op_*.py
+(each with `OP` and `build(layer, skip, rng) -> BenchCase`, optionally `SKIPS`, the skip targets it
+supports), at each skip target:
+
+  * the op's one-node model from `build`, and the reference: onnxruntime's standard Conv(+B) -> Relu
+    with the same W and B (read from the op node's inputs 1 and 2) and the same Conv attributes,
+    both with default graph optimizations (ORT_ENABLE_ALL, so onnxruntime uses its best Conv) and the
+    same intra-op thread count;
+  * the skip actually reached, read from the op's own `macs` output: 1 - macs / dense MACs;
+  * timing: warm-up runs, then `runs` rounds that each time one op run and one reference run, in
+    alternating order, so machine noise (this is a shared 2-core box) hits both alike; the ratio is
+    median(op) / median(reference).
+
+Records: {"op", "layer", "skip_target", "skip", "ratio", "op_ms", "ort_ms", "setting", "macs",
+"dense_macs", "threads", "runs"} (+ "error" when a case could not run). `render_table` prints
+ratio per op x layer x skip and marks the issue's targets (TARGETS) met or missed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import statistics
+import time
+from collections.abc import Callable
+from types import ModuleType
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+import onnxzero.bench as bench_pkg
+from onnxzero import DOMAIN, get_library_path
+from onnxzero.bench.common import LAYERS, SKIPS, BenchCase, Layer
+from onnxzero.ops.conv_relu import onnx_conv_relu_model
+from onnxzero.ops.session import conv_geometry
+
+# The issue's targets: op -> {skip target: max ratio op time / onnxruntime time}, every layer shape.
+TARGETS: dict[str, dict[float, float]] = {
+    "ConvRelu": {0.0: 1.1},
+    "LazyConv": {0.0: 1.1, 0.5: 0.6, 0.9: 0.25},
+    "SparseQuantConv": {0.0: 1.5, 0.5: 0.6, 0.9: 0.25},
+    "SpatialConv": {0.0: 1.15, 0.5: 0.8},
+    "EarlyExitConv": {0.0: 1.5, 0.5: 1.0},
+}
+
+_CONV_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "group", "auto_pad")
+
+
+def discover() -> dict[str, ModuleType]:
+    """op name -> its bench module (onnxzero/bench/op_*.py), sorted by module name."""
+    found: dict[str, ModuleType] = {}
+    for info in sorted(pkgutil.iter_modules(bench_pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("op_"):
+            mod = importlib.import_module(f"{bench_pkg.__name__}.{info.name}")
+            if hasattr(mod, "OP") and hasattr(mod, "build"):
+                found[mod.OP] = mod
+    return found
+
+
+def _select_ops(modules: dict[str, ModuleType], ops: list[str] | None) -> dict[str, ModuleType]:
+    if not ops:
+        return modules
+    out = {}
+    for want in ops:
+        key = want.lower().replace("_", "")
+        hits = [op for op, mod in modules.items()
+                if key in (op.lower(), mod.__name__.rsplit(".", 1)[-1][3:].replace("_", ""))]
+        if not hits:
+            raise ValueError(f"unknown op {want!r}; known: {', '.join(modules)}")
+        for op in hits:
+            out[op] = modules[op]
+    return out
+
+
+def _select_layers(layers: list[str] | None) -> list[Layer]:
+    if not layers:
+        return list(LAYERS)
+    out = []
+    for want in layers:
+        exact = [layer for layer in LAYERS if layer.name == want]
+        hits = exact or [layer for layer in LAYERS if want.lower() in layer.name.lower()]
+        if not hits:
+            raise ValueError(f"unknown layer {want!r}; known: {', '.join(layer.name for layer in LAYERS)}")
+        out += [layer for layer in hits if layer not in out]
+    return out
+
+
+def reference_model(case: BenchCase, layer: Layer) -> onnx.ModelProto:
+    """onnxruntime's Conv(+B)+Relu with the op node's own W, B and Conv attributes."""
+    if "reference_model" in case.extra:
+        return case.extra["reference_model"]
+    node = next(n for n in case.model.graph.node if n.domain == DOMAIN)
+    inits = {t.name: t for t in case.model.graph.initializer}
+    w = numpy_helper.to_array(inits[node.input[1]])
+    b = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in _CONV_ATTRS}
+    if isinstance(attrs.get("auto_pad"), bytes):
+        attrs["auto_pad"] = attrs["auto_pad"].decode()
+    return onnx_conv_relu_model(w, b, layer.x_shape, **attrs)
+
+
+def _session(model: onnx.ModelProto, threads: int, library: bool) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if library:
+        so.register_custom_ops_library(get_library_path())
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def time_interleaved(run_a: Callable[[], object], run_b: Callable[[], object], runs: int,
+                     warmup: int = 3) -> tuple[list[float], list[float]]:
+    """Seconds per run of a and b, measured in alternating order (a b, b a, a b, ...)."""
+    for _ in range(warmup):
+        run_a()
+        run_b()
+    ta: list[float] = []
+    tb: list[float] = []
+    for i in range(runs):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            fn, out = (run_a, ta) if which == 0 else (run_b, tb)
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return ta, tb
+
+
+def _dense_macs(layer: Layer) -> int:
+    g = conv_geometry(layer.x_shape, layer.w_shape, strides=(layer.stride,) * 2, pads=(layer.pad,) * 4)
+    return layer.x_shape[0] * g.macs
+
+
+def run_case(op: str, module: ModuleType, layer: Layer, skip: float, *, runs: int, threads: int,
+             seed: int = 0) -> dict:
+    """One record: build the op's case, its reference, measure skip and the interleaved timing."""
+    rec: dict = {"op": op, "layer": layer.name, "skip_target": float(skip), "threads": threads, "runs": runs}
+    rng = np.random.default_rng(seed)
+    case: BenchCase = module.build(layer, skip, rng)
+    rec["setting"] = case.setting
+    op_sess = _session(case.model, threads, library=True)
+    ref_sess = _session(reference_model(case, layer), threads, library=False)
+    out_names = [o.name for o in op_sess.get_outputs()]
+    if "macs" not in out_names:
+        raise ValueError(f"{op}'s bench model has no 'macs' output (outputs: {out_names})")
+    ref_feeds = {"X": case.feeds["X"]}
+    outs = op_sess.run(None, case.feeds)
+    macs = int(np.asarray(outs[out_names.index("macs")]))
+    dense = _dense_macs(layer)
+    t_op, t_ref = time_interleaved(lambda: op_sess.run(None, case.feeds), lambda: ref_sess.run(None, ref_feeds),
+                                   runs, warmup=max(3, runs // 10))
+    op_ms, ort_ms = statistics.median(t_op) * 1e3, statistics.median(t_ref) * 1e3
+    rec.update(skip=1.0 - macs / dense, ratio=op_ms / ort_ms, op_ms=op_ms, ort_ms=ort_ms, macs=macs,
+               dense_macs=dense, op_min_ms=min(t_op) * 1e3, ort_min_ms=min(t_ref) * 1e3)
+    return rec
+
+
+def run_ops_bench(*, ops: list[str] | None = None, layers: list[str] | None = None, skips: list[float] | None = None,
+                  runs: int = 20, threads: int = 2, progress: bool = False, seed: int = 0) -> list[dict]:
+    """Run every (op, layer, skip) case; see the module docstring. Failing cases get an "error"."""
+    modules = _select_ops(discover(), ops)
+    chosen_layers = _select_layers(layers)
+    skips = list(SKIPS if skips is None else skips)
+    todo = []
+    for layer in chosen_layers:
+        for op, mod in modules.items():
+            supported = getattr(mod, "SKIPS", None)
+            for skip in skips:
+                if supported is None or any(abs(skip - s) < 1e-9 for s in supported):
+                    todo.append((op, mod, layer, skip))
+    records: list[dict] = []
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        task = bar.add_task("bench ops", total=len(todo))
+        bar.start()
+    try:
+        for op, mod, layer, skip in todo:
+            if bar is not None:
+                bar.update(task, description=f"{op} {layer.name} skip {skip:.0%}")
+            try:
+                rec = run_case(op, mod, layer, skip, runs=runs, threads=threads, seed=seed)
+            except Exception as e:  # noqa: BLE001 - a broken case is reported, the others still run
+                rec = {"op": op, "layer": layer.name, "skip_target": float(skip), "threads": threads, "runs": runs,
+                       "error": f"{type(e).__name__}: {e}"}
+            records.append(rec)
+            if bar is not None:
+                bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return records
+
+
+def target_for(op: str, skip_target: float) -> float | None:
+    for s, t in TARGETS.get(op, {}).items():
+        if abs(s - skip_target) < 1e-9:
+            return t
+    return None
+
+
+def missed_targets(records: list[dict]) -> list[dict]:
+    """Records whose (op, skip target) has a target that the measured ratio misses (or that failed)."""
+    out = []
+    for r in records:
+        t = target_for(r["op"], r["skip_target"])
+        if t is not None and ("error" in r or r["ratio"] > t):
+            out.append({**r, "target": t})
+    return out
+
+
+def render_table(records: list[dict], console=None) -> None:
+    """Rich table: one row per (op, layer), one column per skip target; each cell is the time ratio
+    op / onnxruntime with the measured skip; green = target met, red = missed, plain = no target."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    skips = sorted({r["skip_target"] for r in records})
+    table = Table(title="op time / onnxruntime Conv+Relu time (median), measured skip in brackets")
+    table.add_column("op")
+    table.add_column("layer")
+    for s in skips:
+        table.add_column(f"skip {s:.0%}", justify="right")
+    rows: dict[tuple[str, str], dict[float, dict]] = {}
+    for r in records:
+        rows.setdefault((r["op"], r["layer"]), {})[r["skip_target"]] = r
+    for (op, layer), cells in rows.items():
+        out = []
+        for s in skips:
+            r = cells.get(s)
+            if r is None:
+                out.append("")
+                continue
+            t = target_for(op, s)
+            if "error" in r:
+                out.append("[red]error[/red]")
+                continue
+            text = f"{r['ratio']:.2f} ({r['skip']:.0%})"
+            if t is not None:
+                ok = r["ratio"] <= t
+                text = f"[{'green' if ok else 'red'}]{text} {'<=' if ok else '>'} {t:g}[/]"
+            out.append(text)
+        table.add_row(op, layer, *out)
+    console.print(table)
+    missed = missed_targets(records)
+    if missed:
+        console.print(f"[red]{len(missed)} target(s) missed:[/red]")
+        for r in missed:
+            what = r.get("error") or f"ratio {r['ratio']:.2f} > {r['target']:g} (skip {r['skip']:.0%})"
+            console.print(f"  {r['op']} {r['layer']} skip {r['skip_target']:.0%}: {what}")
+    else:
+        console.print("[green]all targets met[/green]")
+    errors = [r for r in records if "error" in r and target_for(r["op"], r["skip_target"]) is None]
+    for r in errors:
+        console.print(f"[red]error[/red] {r['op']} {r['layer']} skip {r['skip_target']:.0%}: {r['error']}")

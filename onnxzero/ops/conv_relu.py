@@ -1,0 +1,133 @@
+"""ConvRelu: dense Conv(+bias)+ReLU, the no-skip baseline every skipping op is measured against.
+
+The kernel (runtime_ops/src/conv_relu.cc) runs on the packed AVX2/FMA GEMM core (gemm.h) that the
+skipping ops share. Inputs X (N,C,H,W), W (K,C/group,KH,KW) constant, B (K,) optional constant;
+attributes exactly ONNX Conv's; output 0 Y = ReLU(conv), optional output 1 `macs` (int64 scalar) =
+N * K * OH * OW * (C/group) * KH * KW.
+
+`conv2d` here is the straightforward numpy (im2col, float64) convolution the other ops' references
+build on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxzero import DOMAIN
+from onnxzero.ops.session import ConvGeometry, conv_geometry
+
+OP = "ConvRelu"
+
+
+def _ints(v, n, name):
+    v = tuple(int(a) for a in v)
+    if len(v) != n:
+        raise ValueError(f"{name} needs {n} values, got {v}")
+    return v
+
+
+def geometry(x_shape, w_shape, *, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
+             auto_pad: str = "NOTSET", kernel_shape=None) -> ConvGeometry:
+    """conv_geometry with the same argument checks as the kernels (channel count, group)."""
+    if len(x_shape) != 4 or len(w_shape) != 4:
+        raise ValueError(f"expected 4-D X and W, got {tuple(x_shape)} and {tuple(w_shape)}")
+    if kernel_shape is not None and tuple(kernel_shape) != tuple(w_shape[2:]):
+        raise ValueError(f"kernel_shape {tuple(kernel_shape)} does not match W {tuple(w_shape)}")
+    if w_shape[0] % group or x_shape[1] != w_shape[1] * group:
+        raise ValueError(f"X {tuple(x_shape)} / W {tuple(w_shape)} do not match group={group}")
+    return conv_geometry(x_shape, w_shape, strides=_ints(strides, 2, "strides"), pads=_ints(pads, 4, "pads"),
+                         dilations=_ints(dilations, 2, "dilations"), group=group, auto_pad=auto_pad)
+
+
+def im2col(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
+    """(N, C, H, W) -> (N, C*KH*KW, OH*OW) columns, zero padded, in float64 (q = (c, r, s) order)."""
+    N = x.shape[0]
+    pt, pl, pb, pr = g.pads
+    xp = np.zeros((N, g.C, g.H + pt + pb, g.W + pl + pr), np.float64)
+    xp[:, :, pt:pt + g.H, pl:pl + g.W] = x
+    cols = np.empty((N, g.C, g.KH, g.KW, g.OH, g.OW), np.float64)
+    sh, sw = g.strides
+    dh, dw = g.dilations
+    for r in range(g.KH):
+        for s in range(g.KW):
+            cols[:, :, r, s] = xp[:, :, r * dh: r * dh + (g.OH - 1) * sh + 1: sh, s * dw: s * dw + (g.OW - 1) * sw + 1: sw]
+    return cols.reshape(N, g.C * g.KH * g.KW, g.OH * g.OW)
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, **conv_attrs) -> np.ndarray:
+    """Plain Conv (no ReLU), float64: (N, K, OH, OW)."""
+    x = np.asarray(x)
+    w = np.asarray(w)
+    g = geometry(x.shape, w.shape, **conv_attrs)
+    cols = im2col(x, g)  # (N, C*R*S, P)
+    G, Kg, Cg = g.group, g.K // g.group, g.C // g.group
+    crs = Cg * g.KH * g.KW
+    wm = w.astype(np.float64).reshape(G, Kg, crs)
+    y = np.empty((x.shape[0], g.K, g.OH * g.OW), np.float64)
+    for grp in range(G):
+        y[:, grp * Kg:(grp + 1) * Kg] = np.einsum("kq,nqp->nkp", wm[grp], cols[:, grp * crs:(grp + 1) * crs])
+    if b is not None:
+        y += np.asarray(b, np.float64)[None, :, None]
+    return y.reshape(x.shape[0], g.K, g.OH, g.OW)
+
+
+def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, **conv_attrs) -> tuple[np.ndarray, int]:
+    """ConvRelu's semantics: (ReLU(conv(x, w) + b) as float32, MACs = N * dense MACs per image)."""
+    y = np.maximum(conv2d(x, w, b, **conv_attrs), 0).astype(np.float32)
+    g = geometry(np.shape(x), np.shape(w), **conv_attrs)
+    return y, int(np.shape(x)[0]) * g.macs
+
+
+def conv_attributes(*, kernel_shape: Sequence[int] | None = None, strides: Sequence[int] | None = None,
+                    pads: Sequence[int] | None = None, dilations: Sequence[int] | None = None,
+                    group: int | None = None, auto_pad: str | None = None) -> dict:
+    """The ONNX Conv attributes that are set (None = ONNX default, left out)."""
+    attrs: dict = {}
+    if kernel_shape is not None:
+        attrs["kernel_shape"] = [int(v) for v in kernel_shape]
+    if strides is not None:
+        attrs["strides"] = [int(v) for v in strides]
+    if pads is not None and auto_pad in (None, "NOTSET"):
+        attrs["pads"] = [int(v) for v in pads]
+    if dilations is not None:
+        attrs["dilations"] = [int(v) for v in dilations]
+    if group is not None:
+        attrs["group"] = int(group)
+    if auto_pad is not None and auto_pad != "NOTSET":
+        attrs["auto_pad"] = auto_pad
+    return attrs
+
+
+def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: str | None = None,
+              kernel_shape: Sequence[int] | None = None, strides: Sequence[int] | None = None,
+              pads: Sequence[int] | None = None, dilations: Sequence[int] | None = None, group: int | None = None,
+              auto_pad: str | None = None, name: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+    """A ConvRelu node in onnxzero's domain; ConvRelu needs no extra initializers (returns {})."""
+    inputs = [x, w_name] + ([b_name] if b_name else [])
+    outputs = [y] + ([macs_output] if macs_output else [])
+    node = helper.make_node(OP, inputs, outputs, name=name, domain=DOMAIN,
+                            **conv_attributes(kernel_shape=kernel_shape, strides=strides, pads=pads,
+                                              dilations=dilations, group=group, auto_pad=auto_pad))
+    return node, {}
+
+
+def onnx_conv_relu_model(w: np.ndarray, b: np.ndarray | None, x_shape, *, opset: int = 17,
+                         **conv_attrs) -> onnx.ModelProto:
+    """Standard ONNX Conv(+B) -> Relu on the same weights: what onnxruntime itself runs (tests, bench)."""
+    from onnx import TensorProto, numpy_helper
+
+    attrs = conv_attributes(**conv_attrs)
+    inits = [numpy_helper.from_array(np.asarray(w, np.float32), "W")]
+    inputs = ["X", "W"]
+    if b is not None:
+        inits.append(numpy_helper.from_array(np.asarray(b, np.float32), "B"))
+        inputs.append("B")
+    nodes = [helper.make_node("Conv", inputs, ["C"], **attrs), helper.make_node("Relu", ["C"], ["Y"])]
+    graph = helper.make_graph(
+        nodes, "conv_relu", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", *x_shape[1:]])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

@@ -1,0 +1,253 @@
+"""EarlyExitConv: Conv(+bias)+ReLU with SnaPEA's early exit (Akhlaghi et al.; summarized in section
+3.2.1 of ../shared/papers/spatial-prediction-greedy-optimizer.txt).
+
+Semantics (this module's `reference` defines them; the C++ kernel follows it):
+
+* Term order. Each filter's nonzero weights are ordered once, at session creation: the positive
+  weights first, in increasing flattened (c, kh, kw) position, then the negative weights by
+  decreasing magnitude, in bands: the largest 1/8 of them, the next 1/8, the next 1/4, the last
+  1/2 (NEG_BAND_EDGES), each band in increasing position. (SnaPEA orders negatives strictly by
+  magnitude; the bands keep most of that while letting the kernel sweep a band over the im2col
+  chunk by chunk, in L1, for all filters at once: a strict order means random reads from L2 that
+  run at half speed. Any order of the negatives keeps exact mode exact.) Zero weights are never
+  multiplied (they are counted as skipped). T_k = nonzero weights of filter k, P_k = positive ones.
+  S_j = bias + (sum of the first j terms) is the partial sum after j terms (S_0 = bias).
+* Exact early stop (both modes), enabled when the whole input X of the run is non-negative: from
+  the point where only negative terms remain (j >= P_k), as soon as S_j <= 0 the output is 0 and
+  the remaining terms are skipped: the result equals Conv+ReLU exactly, since every remaining term
+  is <= 0. Attribute `nonneg_input` = 1 (the default in mode "exact") declares the site's input
+  non-negative; the kernel then checks it (a vectorized min over X, every run) and refuses a
+  negative input with an error naming the op and input 'X'. With nonneg_input = 0 the kernel only
+  uses the stop when X happens to be non-negative.
+* Predictive mode (`mode` = "predictive", SnaPEA's speculation): runtime inputs 3 `n_terms` (int64,
+  (K,), values in [0, C/group*KH*KW]) and 4 `threshold` (float, (K,), not NaN). After the first
+  N = min(n_terms[k], T_k) terms, if S_N < threshold[k] the output is predicted 0 and the rest is
+  skipped; otherwise the computation goes on (with the exact stop where it applies). Inputs 3 and 4
+  are runtime inputs so the optimizer can change them without rebuilding a session.
+* Output 1 `macs` (int64 scalar): the multiply-accumulates actually performed. The reference counts
+  them per output element (the element's stop index); the kernel works on blocks of up to 64
+  output positions of one filter and checks its stop conditions only at block level: after the
+  positive terms, after each piece of a negative band that falls in one im2col chunk of 128 rows
+  (every ~band/(CRS/128) terms), and at N in predictive mode; a block stops when all its positions
+  are stopped, and counts (terms done) x (positions in the block). So
+  reference macs <= kernel macs <= dense macs, and y is the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxzero import DOMAIN
+from onnxzero.ops.session import conv_geometry
+
+OP = "EarlyExitConv"
+MODES = ("exact", "predictive")
+# Negative terms, ranked by decreasing magnitude, are cut into bands at these fractions of their count;
+# each band is taken in increasing position (the kernel sweeps a band chunk by chunk over its im2col).
+NEG_BAND_EDGES = (0.0, 0.125, 0.25, 0.5, 1.0)
+
+__all__ = ["NEG_BAND_EDGES", "OP", "MODES", "calibrate_predictive", "conv_relu_reference", "im2col", "make_node", "reference",
+           "term_order"]
+
+
+# ------------------------------------------------------------------------------------------ numpy conv
+def im2col(x: np.ndarray, w_shape, *, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
+           auto_pad: str = "NOTSET") -> tuple[np.ndarray, object]:
+    """cols (N, group, C/group*KH*KW, OH*OW) float64 with rows in (c, kh, kw) order, and the geometry."""
+    x = np.asarray(x, dtype=np.float64)
+    geo = conv_geometry(x.shape, w_shape, strides=strides, pads=pads, dilations=dilations, group=group,
+                        auto_pad=auto_pad)
+    N, C, H, W = x.shape
+    pt, pl, pb, pr = geo.pads
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    sh, sw = geo.strides
+    dh, dw = geo.dilations
+    cols = np.empty((N, C, geo.KH, geo.KW, geo.OH, geo.OW))
+    for kh in range(geo.KH):
+        for kw in range(geo.KW):
+            h0, w0 = kh * dh, kw * dw
+            cols[:, :, kh, kw] = xp[:, :, h0:h0 + (geo.OH - 1) * sh + 1:sh, w0:w0 + (geo.OW - 1) * sw + 1:sw]
+    cg = C // group
+    return cols.reshape(N, group, cg * geo.KH * geo.KW, geo.OH * geo.OW), geo
+
+
+def conv_relu_reference(x, w, b=None, *, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
+                        auto_pad: str = "NOTSET") -> np.ndarray:
+    """ReLU(Conv(x, w) + b) in float64 (im2col + matmul)."""
+    w = np.asarray(w, np.float64)
+    cols, geo = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
+    K = w.shape[0]
+    wg = w.reshape(group, K // group, -1)
+    y = np.einsum("gkr,ngrp->ngkp", wg, cols).reshape(x.shape[0], K, geo.OH, geo.OW)
+    if b is not None:
+        y = y + np.asarray(b, np.float64).reshape(1, K, 1, 1)
+    return np.maximum(y, 0.0)
+
+
+# ------------------------------------------------------------------------------------------ semantics
+def term_order(w_k: np.ndarray) -> tuple[np.ndarray, int]:
+    """(order, P): flattened positions of filter k's nonzero weights in the op's order, and how many are > 0.
+
+    Positives in increasing position; then the negatives ranked by decreasing magnitude (ties: position)
+    and cut into bands at NEG_BAND_EDGES of their count (edge = floor(f * count + 0.5)), each band in
+    increasing position.
+    """
+    f = np.asarray(w_k, np.float32).ravel()
+    pos = np.flatnonzero(f > 0)
+    neg = np.flatnonzero(f < 0)
+    neg = neg[np.argsort(f[neg], kind="stable")]  # most negative first; stable keeps position order on ties
+    edges = [int(np.floor(e * neg.size + 0.5)) for e in NEG_BAND_EDGES]
+    bands = [np.sort(neg[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    return np.concatenate([pos, *bands]).astype(np.int64), int(pos.size)
+
+
+def _partial_sums(cols_g: np.ndarray, w_k: np.ndarray, bias: float):
+    """S (T+1, P) partial sums in term order for one filter and one image's group cols (CRS, P)."""
+    order, npos = term_order(w_k)
+    wf = np.asarray(w_k, np.float32).ravel().astype(np.float64)
+    contrib = wf[order][:, None] * cols_g[order]
+    S = np.empty((order.size + 1, cols_g.shape[1]))
+    S[0] = bias
+    np.cumsum(contrib, axis=0, out=S[1:])
+    S[1:] += bias
+    return S, npos
+
+
+def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode: str = "exact",
+              n_terms: np.ndarray | None = None, threshold: np.ndarray | None = None,
+              strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
+              auto_pad: str = "NOTSET", return_elementwise: bool = False):
+    """(y, macs) of EarlyExitConv; macs counted per output element (each element's own stop index).
+
+    return_elementwise=True returns (y, macs, macs_per_element (N, K, OH, OW)).
+    """
+    if mode not in MODES:
+        raise ValueError(f"{OP}: mode is {mode!r}, expected one of {MODES}")
+    x = np.asarray(x, np.float32)
+    w = np.asarray(w, np.float32)
+    K = w.shape[0]
+    cols, geo = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
+    N, P = x.shape[0], geo.OH * geo.OW
+    bias = np.zeros(K) if b is None else np.asarray(b, np.float32).astype(np.float64)
+    predictive = mode == "predictive"
+    if predictive:
+        n_terms = np.asarray(n_terms, np.int64)
+        threshold = np.asarray(threshold, np.float32).astype(np.float64)
+    exits = bool(np.all(x >= 0))
+    y = np.zeros((N, K, P))
+    macs = np.zeros((N, K, P), np.int64)
+    kg = K // group
+    for k in range(K):
+        g = k // kg
+        for n in range(N):
+            S, npos = _partial_sums(cols[n, g], w[k], bias[k])
+            T = S.shape[0] - 1
+            final = np.maximum(S[T], 0.0)
+            big = T + 1
+            exit_at = np.full(P, big, np.int64)  # first j >= npos with S_j <= 0: the exact stop
+            if exits:
+                le = S[npos:] <= 0  # j = npos .. T
+                exit_at = np.where(le.any(axis=0), npos + np.argmax(le, axis=0), big)
+            count = np.minimum(exit_at, T)
+            out = final  # an output that stops exactly ends <= 0 anyway
+            if predictive:
+                nn = int(min(n_terms[k], T))
+                killed = (exit_at > nn) & (S[nn] < threshold[k])
+                out = np.where(killed, 0.0, out)
+                count = np.where(killed, nn, count)
+            y[n, k] = out
+            macs[n, k] = count
+    y = y.reshape(N, K, geo.OH, geo.OW).astype(np.float32)
+    macs = macs.reshape(N, K, geo.OH, geo.OW)
+    if return_elementwise:
+        return y, int(macs.sum()), macs
+    return y, int(macs.sum())
+
+
+def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *,
+                         fraction: float = 0.25, quantile: float = 0.05, strides=(1, 1), pads=(0, 0, 0, 0),
+                         dilations=(1, 1), group: int = 1, auto_pad: str = "NOTSET") -> tuple[np.ndarray, np.ndarray]:
+    """(n_terms (K,) int64, threshold (K,) float32) for predictive mode, from calibration inputs.
+
+    Rule, per filter k: N_k = ceil(fraction * T_k) (T_k = its nonzero weights, in SnaPEA order);
+    v_k = the `quantile` quantile (an actual sample, numpy method "lower") of the partial sums S_N
+    over the calibration outputs whose final pre-activation is > 0 (those that end positive), and
+    Th_k = halfway between v_k and the next lower S_N of any calibration output (so no calibration
+    output sits on the threshold). So at most about `quantile` of the outputs that should be
+    positive get predicted 0 on the calibration data, and every output whose partial sum after N
+    terms is below that is cut. A filter with no positive calibration output gets Th = +inf
+    (always predicted 0 after N terms).
+    """
+    if not 0.0 <= fraction <= 1.0 or not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"{OP}: fraction {fraction} and quantile {quantile} must be in [0, 1]")
+    x = np.asarray(x_calib, np.float32)
+    w = np.asarray(w, np.float32)
+    K = w.shape[0]
+    cols, _ = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
+    bias = np.zeros(K) if b is None else np.asarray(b, np.float32).astype(np.float64)
+    kg = K // group
+    n_terms = np.zeros(K, np.int64)
+    threshold = np.full(K, np.inf, np.float32)
+    for k in range(K):
+        T = int(np.count_nonzero(w[k]))
+        nn = int(np.ceil(fraction * T))
+        n_terms[k] = nn
+        partial, final = [], []
+        for n in range(x.shape[0]):
+            S, _ = _partial_sums(cols[n, k // kg], w[k], bias[k])
+            partial.append(S[nn])
+            final.append(S[-1])
+        partial, final = np.concatenate(partial), np.concatenate(final)
+        alive = partial[final > 0]
+        if alive.size:
+            v = np.quantile(alive, quantile, method="lower")
+            below = partial[partial < v]
+            # halfway to the next lower partial sum: no calibration output sits on the threshold
+            threshold[k] = np.float32((v + below.max()) / 2 if below.size else v - max(1.0, abs(v)) * 1e-3)
+    return n_terms, threshold
+
+
+# ------------------------------------------------------------------------------------------ node
+def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: str | None = None,
+              mode: str = "exact", nonneg_input: int | None = None,
+              n_terms: np.ndarray | str | None = None, threshold: np.ndarray | str | None = None,
+              kernel_shape=None, strides=(1, 1), pads=None, dilations=(1, 1), group: int = 1,
+              auto_pad: str = "NOTSET", name: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+    """The EarlyExitConv node and the extra initializers it needs.
+
+    Predictive mode: n_terms / threshold are either arrays (stored as initializers named
+    f"{w_name}_n_terms" / f"{w_name}_threshold") or the names of runtime graph inputs.
+    nonneg_input: None = the mode's default (1 in exact mode, 0 in predictive mode).
+    """
+    if mode not in MODES:
+        raise ValueError(f"{OP}: mode is {mode!r}, expected one of {MODES}")
+    inits: dict[str, np.ndarray] = {}
+    inputs = [x, w_name, b_name or ""]
+    if mode == "predictive":
+        if n_terms is None or threshold is None:
+            raise ValueError(f"{OP}: predictive mode needs n_terms and threshold")
+        for value, suffix, dtype in ((n_terms, "n_terms", np.int64), (threshold, "threshold", np.float32)):
+            if isinstance(value, str):
+                inputs.append(value)
+            else:
+                nm = f"{w_name}_{suffix}"
+                inits[nm] = np.asarray(value, dtype)
+                inputs.append(nm)
+    elif n_terms is not None or threshold is not None:
+        raise ValueError(f"{OP}: n_terms / threshold are only used in predictive mode")
+    while inputs and inputs[-1] == "":
+        inputs.pop()
+    attrs: dict = {"strides": list(strides), "dilations": list(dilations), "group": int(group), "mode": mode}
+    if kernel_shape is not None:
+        attrs["kernel_shape"] = list(kernel_shape)
+    if auto_pad != "NOTSET":
+        attrs["auto_pad"] = auto_pad
+    else:
+        attrs["pads"] = list(pads) if pads is not None else [0, 0, 0, 0]
+    if nonneg_input is not None:
+        attrs["nonneg_input"] = int(nonneg_input)
+    outputs = [y] + ([macs_output] if macs_output else [])
+    node = helper.make_node(OP, inputs, outputs, domain=DOMAIN, name=name or f"{OP}_{y}", **attrs)
+    return node, inits

@@ -1,0 +1,496 @@
+// EarlyExitConv kernel: see early_exit_conv.h.
+#include "early_exit_conv.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <numeric>
+#include <thread>
+#include <vector>
+
+#include "common.h"
+#include "sparse_rows.h"
+
+namespace oz {
+namespace {
+
+constexpr const char* kOp = "EarlyExitConv";
+constexpr int64_t kChunkRows = 128;   // rows of Col swept across the filters of a block at a time
+// Negative terms by decreasing magnitude, cut into bands at these fractions of a
+// filter's negative terms; inside a band, row order (so the band can be swept
+// chunk by chunk over Col, which then stays in L1).
+constexpr double kBandEdges[] = {0.0, 0.125, 0.25, 0.5, 1.0};
+
+int64_t EnvInt(const char* name, int64_t dflt) {
+  if (const char* e = std::getenv(name)) return std::atol(e);
+  return dflt;
+}
+
+struct RunParams {
+  bool exits = false;         // X >= 0: exact stop enabled
+  bool predictive = false;
+  const int64_t* n_terms = nullptr;
+  const float* threshold = nullptr;
+};
+
+struct EarlyExitKernel {
+  ConvAttrs attrs;
+  std::vector<int64_t> w_shape;
+  int64_t K = 0, CRS = 0, nch = 1, kce = kChunkRows;
+  bool predictive = false;
+  int nonneg = 1;
+  std::vector<float> bias;
+  // Term lists, filter by filter: rows (uint16) and weights; tptr[k] = first term of filter k.
+  std::vector<uint16_t> rows;
+  std::vector<float> wts;
+  std::vector<int64_t> tptr;   // (K+1)
+  std::vector<int64_t> npos;   // positives per filter
+  // cp[(b*(nch+1) + c)*K + k]: first term (index in filter k's order) of band b
+  // with a Col row in chunk c or later; c = nch: the end of band b. Band 0: positives.
+  std::vector<uint32_t> cp;
+  std::vector<double> edges;  // negative band edges (fractions)
+  std::vector<int64_t> bstep; // chunks per piece of each band: small bands take several chunks at once
+  int nbands = 1;             // bands incl. the positive one
+
+  EarlyExitKernel() = default;  // for the standalone benchmark harness
+  explicit EarlyExitKernel(const OrtKernelInfo* info) {
+    attrs = ReadConvAttrs(info, kOp);
+    const std::string mode = AttrString(info, "mode", "exact");
+    if (mode != "exact" && mode != "predictive")
+      Fail(kOp, Msg("attribute 'mode' is '", mode, "', expected 'exact' or 'predictive'"));
+    predictive = mode == "predictive";
+    const int64_t nn = AttrInt(info, "nonneg_input", predictive ? 0 : 1);
+    if (nn != 0 && nn != 1) Fail(kOp, Msg("attribute 'nonneg_input' is ", nn, ", expected 0 or 1"));
+    nonneg = static_cast<int>(nn);
+    const bool has_n = sr::InputPresent(info, 3), has_t = sr::InputPresent(info, 4);
+    if (predictive && !(has_n && has_t))
+      Fail(kOp, Msg("mode 'predictive' needs inputs 'n_terms' (3) and 'threshold' (4), expected both, got ",
+                    has_n ? "'n_terms' only" : has_t ? "'threshold' only" : "neither"));
+    if (!predictive && (has_n || has_t))
+      Fail(kOp, "inputs 'n_terms' / 'threshold' are only used in mode 'predictive', expected none in mode 'exact'");
+
+    ConstTensor w = RequireConstInput(info, 1, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    CheckWeightShape(attrs, w.shape, kOp);
+    w_shape = w.shape;
+    K = w.shape[0];
+    CRS = w.shape[1] * w.shape[2] * w.shape[3];
+    if (CRS > 65536)
+      Fail(kOp, Msg("input 'W' has a reduction length C/group*KH*KW = ", CRS, ", expected at most 65536"));
+    bias.assign(K, 0.f);
+    if (sr::InputPresent(info, 2)) {
+      ConstTensor b = RequireConstInput(info, 2, kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+      if (b.shape.size() != 1 || b.shape[0] != K) Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
+      std::copy(b.as<float>(), b.as<float>() + K, bias.begin());
+    }
+
+    BuildTerms(w.as<float>());
+  }
+
+  // The term lists and band / chunk offsets, from the dense weights (K, C/group, KH, KW).
+  void BuildTerms(const float* W) {
+    // Term lists: positives in row order, then the negative bands (decreasing
+    // magnitude), each in row order; chunk offsets of every band.
+    kce = std::min<int64_t>(std::max<int64_t>(8, EnvInt("ONNXZERO_EE_KC", kChunkRows)), 65536);
+    nch = (CRS + kce - 1) / kce;
+    tptr.assign(K + 1, 0);
+    npos.assign(K, 0);
+    edges.assign(std::begin(kBandEdges), std::end(kBandEdges));
+    if (const char* e = std::getenv("ONNXZERO_EE_BANDS")) {  // tuning only: "0.25,0.5" -> {0, .25, .5, 1}
+      edges = {0.0};
+      for (const char* q = e; *q;) {
+        char* end = nullptr;
+        const double v = std::strtod(q, &end);
+        if (end == q) break;
+        if (v > edges.back() && v < 1.0) edges.push_back(v);
+        q = *end ? end + 1 : end;
+      }
+      edges.push_back(1.0);
+    }
+    nbands = static_cast<int>(edges.size());  // (edges-1) negative bands + the positive band
+    cp.assign(static_cast<size_t>(nbands * (nch + 1) * K), 0);
+    rows.reserve(static_cast<size_t>(K * CRS) + 2);
+    wts.reserve(static_cast<size_t>(K * CRS) + 2);
+    std::vector<int64_t> neg, band;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* wk = W + k * CRS;
+      const int64_t start = static_cast<int64_t>(rows.size());
+      auto emit = [&](int bi, const std::vector<int64_t>& rs) {  // rs sorted by row
+        auto at = [&](int64_t ci) -> uint32_t& { return cp[static_cast<size_t>((bi * (nch + 1) + ci) * K + k)]; };
+        int64_t ci = 0;
+        for (int64_t r : rs) {
+          while (ci <= r / kce) at(ci++) = static_cast<uint32_t>(rows.size() - start);
+          rows.push_back(static_cast<uint16_t>(r));
+          wts.push_back(wk[r]);
+        }
+        while (ci <= nch) at(ci++) = static_cast<uint32_t>(rows.size() - start);
+      };
+      band.clear();
+      for (int64_t r = 0; r < CRS; ++r)
+        if (wk[r] > 0.f) band.push_back(r);
+      npos[k] = static_cast<int64_t>(band.size());
+      emit(0, band);
+      neg.clear();
+      for (int64_t r = 0; r < CRS; ++r)
+        if (wk[r] < 0.f) neg.push_back(r);
+      std::stable_sort(neg.begin(), neg.end(), [&](int64_t a, int64_t b) { return wk[a] < wk[b]; });
+      const int64_t nn = static_cast<int64_t>(neg.size());
+      for (int bi = 0; bi + 1 < nbands; ++bi) {
+        const int64_t lo = static_cast<int64_t>(std::floor(edges[bi] * nn + 0.5));
+        const int64_t hi = static_cast<int64_t>(std::floor(edges[bi + 1] * nn + 0.5));
+        band.assign(neg.begin() + lo, neg.begin() + hi);
+        std::sort(band.begin(), band.end());
+        emit(bi + 1, band);
+      }
+      tptr[k + 1] = static_cast<int64_t>(rows.size());
+    }
+    // A band with few terms per chunk is swept several chunks at a time, so that a
+    // filter's piece has ~32 terms (the per-piece cost is then small).
+    bstep.assign(nbands, 1);
+    for (int bi = 0; bi < nbands; ++bi) {
+      const uint32_t* first = cp.data() + static_cast<size_t>(bi * (nch + 1)) * K;
+      const uint32_t* last = first + static_cast<size_t>(nch) * K;
+      double terms = 0;
+      for (int64_t k = 0; k < K; ++k) terms += double(last[k]) - double(first[k]);
+      const double per_chunk = terms / double(K * nch);
+      bstep[bi] = std::max<int64_t>(1, std::min<int64_t>(nch, static_cast<int64_t>(std::ceil(32.0 / std::max(per_chunk, 1e-9)))));
+    }
+    rows.resize(rows.size() + 2, 0);  // the 2-term loads never read past a list, but keep slack
+    wts.resize(wts.size() + 2, 0.f);
+  }
+
+  // Whether any lane is still running: valid, not killed, and (if `exit_check`) > 0.
+  template <int NA>
+  static OZ_SR_INLINE bool AnyAlive(const __m256 (&a)[NA], const __m256 (&live)[NA], bool exit_check) {
+    __m256 any = _mm256_setzero_ps();
+    const __m256 z = _mm256_setzero_ps();
+    OZ_SR_UNROLL for (int i = 0; i < NA; ++i) {
+      const __m256 m = exit_check ? _mm256_and_ps(live[i], _mm256_cmp_ps(a[i], z, _CMP_NLE_UQ)) : live[i];
+      any = _mm256_or_ps(any, m);
+    }
+    return !_mm256_testz_ps(any, any);
+  }
+
+  // One block of positions x filters [k0, k1): every band swept chunk by chunk over
+  // Col (chunk-outer, filter-inner); a filter's accumulators and live-lane masks sit
+  // in tile / livebuf between its pieces. Returns the MACs done.
+  template <int NA, class Rows>
+  int64_t Item(const ConvGeom& g, const RunParams& rp, float* Y, int64_t n, int64_t p0, int np, int64_t k0,
+               int64_t k1, const Rows& col, float* tile, float* livebuf, int64_t* state) const {
+    constexpr int LD = 8 * NA;
+    const int64_t Kb = k1 - k0, P = g.P();
+    const size_t cstride = static_cast<size_t>(nch + 1);
+    // state per filter: [0] terms done (-1 = still running), [1] threshold point N (or -1: none / done)
+    int64_t* done = state;
+    int64_t* thr_at = state + Kb;
+    __m256 valid[NA];
+    sr::ValidMask(valid, np);
+    const __m256 z = _mm256_setzero_ps();
+    int64_t running = 0;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t i = k - k0;
+      sr::Fill<NA>(tile + i * LD, bias[k]);
+      float* lv = livebuf + i * LD;
+      OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(lv + 8 * v, valid[v]);
+      done[i] = -1;
+      thr_at[i] = rp.predictive ? std::min(rp.n_terms[k], tptr[k + 1] - tptr[k]) : -1;
+      ++running;
+    }
+    // Applies the threshold (at thr_at) and/or the exact stop check to filter i with
+    // `j` terms done; returns true when the filter stops.
+    auto checks = [&](int64_t i, int64_t k, int64_t j, __m256 (&a)[NA], __m256 (&live)[NA], bool exit_check) {
+      if (thr_at[i] == j) {
+        thr_at[i] = -1;
+        const __m256 th = _mm256_set1_ps(rp.threshold[k]);
+        OZ_SR_UNROLL for (int v = 0; v < NA; ++v)
+          live[v] = _mm256_andnot_ps(_mm256_cmp_ps(a[v], th, _CMP_LT_OQ), live[v]);
+        if (!AnyAlive(a, live, false)) return true;
+      }
+      return exit_check && !AnyAlive(a, live, true);
+    };
+    auto stop = [&](int64_t i, int64_t j) {
+      done[i] = j;
+      --running;
+    };
+    // Threshold at N = 0: before any term.
+    for (int64_t k = k0; k < k1 && rp.predictive; ++k) {
+      const int64_t i = k - k0;
+      if (thr_at[i] != 0) continue;
+      __m256 a[NA], live[NA];
+      OZ_SR_UNROLL for (int v = 0; v < NA; ++v) a[v] = _mm256_load_ps(tile + i * LD + 8 * v), live[v] = _mm256_load_ps(livebuf + i * LD + 8 * v);
+      if (checks(i, k, 0, a, live, false)) stop(i, 0);
+      OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(livebuf + i * LD + 8 * v, live[v]);
+    }
+    for (int bi = 0; bi < nbands && running > 0; ++bi) {
+      const bool exit_band = rp.exits && bi > 0;
+      if (exit_band && bi == 1) {
+        // all positives done: the first point where the exact stop may apply
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t i = k - k0;
+          if (done[i] >= 0) continue;
+          __m256 a[NA], live[NA];
+          OZ_SR_UNROLL for (int v = 0; v < NA; ++v) a[v] = _mm256_load_ps(tile + i * LD + 8 * v), live[v] = _mm256_load_ps(livebuf + i * LD + 8 * v);
+          if (!AnyAlive(a, live, true)) stop(i, npos[k]);
+        }
+      }
+      const int64_t step = bstep[bi];
+      for (int64_t c = 0; c < nch && running > 0; c += step) {
+        const uint32_t* cp0 = cp.data() + static_cast<size_t>((bi * cstride + c) * K);
+        const uint32_t* cp1 = cp.data() + static_cast<size_t>((bi * cstride + std::min(nch, c + step)) * K);
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t i = k - k0;
+          if (done[i] >= 0) continue;
+          int64_t lo = cp0[k];
+          const int64_t hi = cp1[k];
+          if (hi <= lo) continue;
+          const uint16_t* rk = rows.data() + tptr[k];
+          const float* wk = wts.data() + tptr[k];
+          float* acc = tile + i * LD;
+          float* lv = livebuf + i * LD;
+          const int64_t N = thr_at[i];
+          const bool thr_here = N > lo && N <= hi;  // the threshold point falls in (or at the end of) this piece
+          __m256 a[NA], live[NA];
+          OZ_SR_UNROLL for (int v = 0; v < NA; ++v) a[v] = _mm256_load_ps(acc + 8 * v);
+          if (!thr_here && !exit_band) {
+            sr::FmaRowsF<NA>(a, col, rk + lo, wk + lo, static_cast<size_t>(hi - lo));
+            OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, a[v]);
+            continue;
+          }
+          OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_load_ps(lv + 8 * v);
+          bool stopped = false;
+          if (thr_here) {
+            sr::FmaRowsF<NA>(a, col, rk + lo, wk + lo, static_cast<size_t>(N - lo));
+            lo = N;
+            stopped = checks(i, k, N, a, live, exit_band);
+            if (stopped) stop(i, N);
+            OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(lv + 8 * v, live[v]);
+          }
+          if (!stopped && hi > lo) {
+            sr::FmaRowsF<NA>(a, col, rk + lo, wk + lo, static_cast<size_t>(hi - lo));
+            if (exit_band && checks(i, k, hi, a, live, true)) stop(i, hi);
+          }
+          OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, a[v]);
+        }
+      }
+    }
+    int64_t macs = 0;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t i = k - k0;
+      float* out = Y + (n * g.K + k) * P + p0;
+      if (done[i] >= 0) {  // stopped: the output is 0
+        macs += done[i] * np;
+        std::fill(out, out + np, 0.f);
+        continue;
+      }
+      const int64_t T = tptr[k + 1] - tptr[k];
+      macs += T * np;
+      float* acc = tile + i * LD;
+      const float* lv = livebuf + i * LD;
+      __m256 a[NA];
+      OZ_SR_UNROLL for (int v = 0; v < NA; ++v) a[v] = _mm256_load_ps(acc + 8 * v);
+      if (thr_at[i] == T && T > 0) {  // N = T: the threshold applies to the full sum
+        __m256 live[NA];
+        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_load_ps(lv + 8 * v);
+        const __m256 th = _mm256_set1_ps(rp.threshold[k]);
+        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_andnot_ps(_mm256_cmp_ps(a[v], th, _CMP_LT_OQ), live[v]);
+        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(_mm256_max_ps(a[v], z), live[v]));
+      } else {
+        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(_mm256_max_ps(a[v], z), _mm256_load_ps(lv + 8 * v)));
+      }
+      std::copy(acc, acc + np, out);
+    }
+    return macs;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
+    return Guard([&] {
+      Ort::KernelContext ctx(context);
+      auto x = ctx.GetInput(0);
+      auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+      ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
+      const int64_t N = xs[0], P = g.P();
+      const float* X = x.GetTensorData<float>();
+      const int64_t xnum = N * g.C * g.H * g.W;
+
+      RunParams rp;
+      rp.predictive = predictive;
+      // Non-negative input? exits need every X >= 0 (a NaN disables them); only a
+      // value < 0 breaks the nonneg_input=1 declaration.
+      int64_t bad_at = -1, neg_at = -1;
+      {
+        const __m256 z = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 32 <= xnum; i += 32) {
+          __m256 m = _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(_mm256_loadu_ps(X + i), z, _CMP_NGE_UQ),
+                                               _mm256_cmp_ps(_mm256_loadu_ps(X + i + 8), z, _CMP_NGE_UQ)),
+                                  _mm256_or_ps(_mm256_cmp_ps(_mm256_loadu_ps(X + i + 16), z, _CMP_NGE_UQ),
+                                               _mm256_cmp_ps(_mm256_loadu_ps(X + i + 24), z, _CMP_NGE_UQ)));
+          if (!_mm256_testz_ps(m, m)) break;
+        }
+        for (; i < xnum; ++i) {
+          if (!(X[i] >= 0.f) && bad_at < 0) bad_at = i;
+          if (X[i] < 0.f) { neg_at = i; break; }
+          if (bad_at >= 0 && !nonneg) break;
+        }
+      }
+      rp.exits = bad_at < 0;
+      if (nonneg && neg_at >= 0)
+        Fail(kOp, Msg("input 'X' has a negative value (", X[neg_at], " at flat index ", neg_at,
+                      "), expected a non-negative input: attribute nonneg_input=1 declares this site's input non-negative"));
+      if (predictive) {
+        auto nt = ctx.GetInput(3);
+        auto th = ctx.GetInput(4);
+        if (!nt || !th) Fail(kOp, "mode 'predictive' needs inputs 'n_terms' and 'threshold', expected both at run time");
+        auto nti = nt.GetTensorTypeAndShapeInfo();
+        auto thi = th.GetTensorTypeAndShapeInfo();
+        if (nti.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64)
+          Fail(kOp, Msg("input 'n_terms' has element type ", nti.GetElementType(), ", expected int64"));
+        if (thi.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+          Fail(kOp, Msg("input 'threshold' has element type ", thi.GetElementType(), ", expected float"));
+        if (nti.GetShape() != std::vector<int64_t>{K})
+          Fail(kOp, Msg("input 'n_terms' has shape ", ShapeStr(nti.GetShape()), ", expected (", K, ",)"));
+        if (thi.GetShape() != std::vector<int64_t>{K})
+          Fail(kOp, Msg("input 'threshold' has shape ", ShapeStr(thi.GetShape()), ", expected (", K, ",)"));
+        rp.n_terms = nt.GetTensorData<int64_t>();
+        rp.threshold = th.GetTensorData<float>();
+        for (int64_t k = 0; k < K; ++k) {
+          if (rp.n_terms[k] < 0 || rp.n_terms[k] > CRS)
+            Fail(kOp, Msg("input 'n_terms' entry ", k, " is ", rp.n_terms[k], ", expected a value in [0, ", CRS,
+                          "] (C/group*KH*KW)"));
+          if (std::isnan(rp.threshold[k]))
+            Fail(kOp, Msg("input 'threshold' entry ", k, " is NaN, expected a number (+-inf allowed)"));
+        }
+      }
+
+      auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
+      float* Y = y.GetTensorMutableData<float>();
+      const int64_t total_macs = (N > 0 && P > 0) ? Run(context, g, rp, X, Y, N) : 0;
+      if (ctx.GetOutputCount() > 1) {
+        auto m = ctx.GetOutput(1, std::vector<int64_t>{});
+        *m.GetTensorMutableData<int64_t>() = total_macs;
+      }
+    });
+  }
+
+  // The convolution itself (inputs already validated); returns the MACs done.
+  int64_t Run(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
+              int64_t N) const {
+    const int64_t P = g.P(), G = g.G, Kg = g.Kg();
+    // The block's full Col is built once (it stays in L2) and swept once per band: reading
+    // the rows in place (sr::ShiftedInput, as SparseQuantConv does) would fetch them from L3
+    // on every band pass instead.
+    sr::PaddedInput pi;
+    if (!sr::BuildPaddedInput(context, g, X, N, &pi)) Fail(kOp, "out of memory for the padded input copy");
+    // Blocks of up to 64 positions; a block's Col (CRS rows) is swept chunk by chunk.
+    const int64_t max_bs = std::max<int64_t>(8, EnvInt("ONNXZERO_EE_BS", sr::kMaxTP));
+    const sr::PosBlocks pb = sr::ChoosePosBlocks(P, max_bs);
+    const int64_t base = N * G * pb.count;
+    const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+    int64_t nkb = std::max<int64_t>((Kg + 127) / 128, std::min<int64_t>((Kg + 15) / 16, (4 * hw + base - 1) / base));
+    nkb = std::max<int64_t>(1, std::min(nkb, Kg));
+    const int64_t kbs = (Kg + nkb - 1) / nkb;
+    nkb = (Kg + kbs - 1) / kbs;
+    const size_t blk_floats = static_cast<size_t>(CRS) * 8 * ((pb.bs + 7) / 8) + 8;
+    // Few position blocks split over filter blocks: build their Col once, shared.
+    float* shared = nullptr;
+    if (nkb > 1 && static_cast<size_t>(base) * blk_floats <= (size_t{64} << 20) / sizeof(float)) {
+      shared = sr::Scratch(2, static_cast<size_t>(base) * blk_floats);
+      if (!shared) Fail(kOp, "out of memory for the im2col buffer");
+      const int64_t rc = 256, nrc = (CRS + rc - 1) / rc;
+      const size_t citems = static_cast<size_t>(base * nrc);
+      const size_t ctasks = sr::PartitionTasks(citems);
+      sr::ForTasks(context, ctasks, [&](size_t t) {
+        for (size_t it = t * citems / ctasks; it < (t + 1) * citems / ctasks; ++it) {
+          const int64_t bi = static_cast<int64_t>(it) / nrc, rci = static_cast<int64_t>(it) % nrc;
+          const int64_t b = bi % pb.count, grp = (bi / pb.count) % G, n = bi / pb.count / G;
+          const int np = pb.size(b), ld = 8 * ((np + 7) / 8);
+          sr::ColBuilder cb(g, pi, pi.data + (n * g.C + grp * g.Cg()) * pi.chan, pb.begin(b), np, ld);
+          const int64_t r0 = rci * rc, r1 = std::min(CRS, r0 + rc);
+          cb.Build(r0, r1, shared + bi * blk_floats + r0 * ld);
+        }
+      });
+    }
+    const size_t items = static_cast<size_t>(base * nkb);
+    const size_t tasks = sr::PartitionTasks(items);
+    std::vector<int64_t> task_macs(tasks, 0);
+    std::atomic<bool> oom{false};
+    sr::ForTasks(context, tasks, [&](size_t t) {
+      const size_t i0 = t * items / tasks, i1 = (t + 1) * items / tasks;
+      float* tile = sr::Scratch(0, static_cast<size_t>(kbs) * sr::kMaxTP);
+      float* livebuf = sr::Scratch(1, static_cast<size_t>(kbs) * sr::kMaxTP + 4 * static_cast<size_t>(kbs));
+      float* own = shared ? nullptr : sr::Scratch(2, blk_floats);
+      if (!tile || !livebuf || (!shared && !own)) {
+        oom = true;
+        return;
+      }
+      int64_t built = -1, macs = 0;
+      for (size_t it = i0; it < i1; ++it) {
+        int64_t rem = static_cast<int64_t>(it);
+        const int64_t kbi = rem % nkb; rem /= nkb;
+        const int64_t bi = rem;  // (n*G + grp)*count + b
+        const int64_t b = rem % pb.count; rem /= pb.count;
+        const int64_t grp = rem % G, n = rem / G;
+        const int64_t k0 = grp * Kg + kbi * kbs, k1 = std::min(grp * Kg + Kg, k0 + kbs);
+        const int64_t p0 = pb.begin(b);
+        const int np = pb.size(b), LD = 8 * ((np + 7) / 8);
+        int64_t* state = reinterpret_cast<int64_t*>(livebuf + kbs * sr::kMaxTP);
+        auto run = [&](const auto& rows) {
+          switch (LD / 8) {
+#define OZ_EE_CASE(na) \
+  case na: macs += Item<na>(g, rp, Y, n, p0, np, k0, k1, rows, tile, livebuf, state); break;
+            OZ_EE_CASE(1) OZ_EE_CASE(2) OZ_EE_CASE(3) OZ_EE_CASE(4)
+            OZ_EE_CASE(5) OZ_EE_CASE(6) OZ_EE_CASE(7) OZ_EE_CASE(8)
+#undef OZ_EE_CASE
+            default: break;
+          }
+        };
+        const float* col;
+        if (shared) {
+          col = shared + bi * blk_floats;
+        } else {
+          if (built != bi) {
+            sr::ColBuilder cb(g, pi, pi.data + (n * g.C + grp * g.Cg()) * pi.chan, p0, np, LD);
+            cb.Build(0, CRS, own);
+            built = bi;
+          }
+          col = own;
+        }
+        run(sr::StridedRows{col, static_cast<size_t>(LD)});
+      }
+      task_macs[t] = macs;
+    });
+    if (oom) Fail(kOp, "out of memory for the per-thread scratch buffers");
+    return std::accumulate(task_macs.begin(), task_macs.end(), int64_t{0});
+  }
+
+};
+
+struct EarlyExitConvOpDef : Ort::CustomOpBase<EarlyExitConvOpDef, EarlyExitKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return Guard([&] { *kernel = new EarlyExitKernel(info); });
+  }
+  const char* GetName() const { return kOp; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i <= 1 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* EarlyExitConvOp() {
+  static EarlyExitConvOpDef op;
+  return &op;
+}
+
+}  // namespace oz

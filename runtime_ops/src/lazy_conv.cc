@@ -1,0 +1,216 @@
+// LazyConv: lazy evaluation of convolutional filters (Leroux et al.), on the packed GEMM core.
+//
+// Per sample n: s_prev[c] = sum_{h,w} |x[n,c,h,w]| (the input's activation strengths),
+// s = s_prev . pred_W + pred_b (predicted output strengths, pred_W: (C, K), pred_b: (K,)),
+// and only the top n_sel = ceil(ratio * K) filters by s (ties: lower index first; NaN last) are
+// computed, as Conv(+B)+ReLU; the other output channels are 0. Grouped / depthwise convs pick the
+// top n_sel over all K and compute each group's chosen rows.
+//
+// Inputs: 0 X, 1 W (const), 2 B (optional const), 3 pred_W (C, K) float const, 4 pred_b (K,) float
+// const, 5 ratio (optional runtime float scalar in (0, 1]; absent: attribute `ratio`, default 1).
+// Outputs: 0 Y, 1 macs (optional int64 scalar) = N * n_sel * OH*OW * (C/group)*KH*KW.
+// n_sel = max(1, ceil(ratio * K - 1e-4)) (the tolerance forgives float32 rounding: 0.3 of 10 is 3).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "common.h"
+#include "gemm.h"
+#include "ops.h"
+
+namespace oz {
+namespace {
+
+constexpr const char* kOp = "LazyConv";
+
+int64_t FiltersComputed(double ratio, int64_t K) {
+  const double v = std::ceil(ratio * static_cast<double>(K) - 1e-4);
+  return std::clamp<int64_t>(static_cast<int64_t>(v), 1, K);
+}
+
+double AbsSum(const float* p, int64_t n) {
+  const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  double total = 0;
+  // Blocks of at most 4096 floats summed in float, blocks summed in double.
+  while (i + 32 <= n) {
+    const int64_t end = std::min(n - 31, i + 4096);
+    for (; i < end; i += 32) {
+      a0 = _mm256_add_ps(a0, _mm256_and_ps(mask, _mm256_loadu_ps(p + i)));
+      a1 = _mm256_add_ps(a1, _mm256_and_ps(mask, _mm256_loadu_ps(p + i + 8)));
+      a2 = _mm256_add_ps(a2, _mm256_and_ps(mask, _mm256_loadu_ps(p + i + 16)));
+      a3 = _mm256_add_ps(a3, _mm256_and_ps(mask, _mm256_loadu_ps(p + i + 24)));
+    }
+    alignas(32) float t[8];
+    _mm256_store_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (float v : t) total += v;
+    a0 = a1 = a2 = a3 = _mm256_setzero_ps();
+  }
+  for (; i < n; ++i) total += std::fabs(p[i]);
+  return total;
+}
+
+struct Selection {
+  std::vector<int32_t> rows;     // per (n, g): selected rows, ascending, concatenated
+  std::vector<int64_t> start;    // N*G + 1 offsets into rows
+  static gemm::RowSet Get(const void* user, int64_t n, int64_t grp);
+  int64_t G = 1;
+};
+
+gemm::RowSet Selection::Get(const void* user, int64_t n, int64_t grp) {
+  const auto* s = static_cast<const Selection*>(user);
+  const int64_t i = n * s->G + grp;
+  return gemm::RowSet{s->rows.data() + s->start[i], s->start[i + 1] - s->start[i]};
+}
+
+struct LazyConvKernel {
+  ConvAttrs attrs;
+  std::vector<int64_t> w_shape;
+  gemm::ConvWeights weights;
+  std::vector<float> pred_w, pred_b;  // (C, K), (K,)
+  float ratio_attr = 1.f;
+
+  explicit LazyConvKernel(const OrtKernelInfo* info) {
+    attrs = ReadConvAttrs(info, kOp);
+    ratio_attr = AttrFloat(info, "ratio", 1.f);
+    if (!(ratio_attr > 0.f && ratio_attr <= 1.f))
+      Fail(kOp, Msg("attribute 'ratio' is ", ratio_attr, ", expected a value in (0, 1]"));
+    ConstTensor w = RequireConstInput(info, 1, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    CheckWeightShape(attrs, w.shape, kOp);
+    w_shape = w.shape;
+    const int64_t K = w.shape[0], C = w.shape[1] * attrs.group;
+    Ort::ConstKernelInfo ki(info);
+    ConstTensor b;
+    const bool has_bias = TryGetConstInput(info, 2, &b);
+    if (!has_bias && ki.GetInputCount() > 2 && !ki.GetInputName(2).empty())
+      Fail(kOp, "input 'B' (2) must be a constant initializer, got a runtime tensor");
+    if (has_bias) {
+      if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        Fail(kOp, Msg("input 'B' has element type ", b.type, ", expected float (1)"));
+      if (b.shape.size() != 1 || b.shape[0] != K)
+        Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
+    }
+    ConstTensor pw = RequireConstInput(info, 3, kOp, "pred_W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (pw.shape.size() != 2 || pw.shape[0] != C || pw.shape[1] != K)
+      Fail(kOp, Msg("input 'pred_W' has shape ", ShapeStr(pw.shape), ", expected (", C, ", ", K,
+                    ") (input channels x filters)"));
+    ConstTensor pb = RequireConstInput(info, 4, kOp, "pred_b", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (pb.shape.size() != 1 || pb.shape[0] != K)
+      Fail(kOp, Msg("input 'pred_b' has shape ", ShapeStr(pb.shape), ", expected (", K, ",)"));
+    pred_w.assign(pw.as<float>(), pw.as<float>() + C * K);
+    pred_b.assign(pb.as<float>(), pb.as<float>() + K);
+    for (float v : pred_w)
+      if (!std::isfinite(v)) Fail(kOp, "input 'pred_W' has a non-finite value, expected finite floats");
+    for (float v : pred_b)
+      if (!std::isfinite(v)) Fail(kOp, "input 'pred_b' has a non-finite value, expected finite floats");
+    weights = gemm::ConvWeights(w.as<float>(), has_bias ? b.as<float>() : nullptr, K, w.shape[1], w.shape[2],
+                                w.shape[3], attrs.group);
+  }
+
+  float Ratio(Ort::KernelContext& ctx) const {
+    if (ctx.GetInputCount() <= 5) return ratio_attr;
+    Ort::ConstValue r = ctx.GetInput(5);
+    if (!r) return ratio_attr;
+    auto info = r.GetTensorTypeAndShapeInfo();
+    if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+      Fail(kOp, Msg("input 'ratio' has element type ", info.GetElementType(), ", expected float (1)"));
+    if (info.GetElementCount() != 1)
+      Fail(kOp, Msg("input 'ratio' has shape ", ShapeStr(info.GetShape()), ", expected a scalar in (0, 1]"));
+    const float v = r.GetTensorData<float>()[0];
+    if (!(v > 0.f && v <= 1.f)) Fail(kOp, Msg("input 'ratio' is ", v, ", expected a value in (0, 1]"));
+    return v;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guard([&] {
+      Ort::KernelContext ctx(context);
+      auto x = ctx.GetInput(0);
+      auto xinfo = x.GetTensorTypeAndShapeInfo();
+      if (xinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        Fail(kOp, Msg("input 'X' has element type ", xinfo.GetElementType(), ", expected float (1)"));
+      auto xs = xinfo.GetShape();
+      const ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
+      const float ratio = Ratio(ctx);
+      const int64_t N = xs[0], K = g.K, C = g.C, G = g.G, Kg = g.Kg(), HW = g.H * g.W;
+      auto y = ctx.GetOutput(0, {N, K, g.OH, g.OW});
+      int64_t macs = 0;
+      if (N > 0 && g.P() > 0) {
+        const float* X = x.GetTensorData<float>();
+        const int64_t nsel = FiltersComputed(ratio, K);
+        Selection sel;
+        sel.G = G;
+        if (nsel < K) {
+          // s_prev (N, C) on the pool, then predictions and top-n per sample.
+          std::vector<double> sprev(static_cast<size_t>(N * C));
+          const int64_t chunk = std::max<int64_t>(1, (N * C + 7) / 8);
+          const int64_t ntask = (N * C + chunk - 1) / chunk;
+          ParallelFor(context, static_cast<size_t>(ntask), [&](size_t t) {
+            const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * C, i0 + chunk);
+            for (int64_t i = i0; i < i1; ++i) sprev[i] = AbsSum(X + i * HW, HW);
+          });
+          sel.start.assign(static_cast<size_t>(N * G + 1), 0);
+          sel.rows.reserve(static_cast<size_t>(N * nsel));
+          std::vector<double> s(static_cast<size_t>(K));
+          std::vector<int32_t> idx(static_cast<size_t>(K));
+          for (int64_t n = 0; n < N; ++n) {
+            for (int64_t k = 0; k < K; ++k) s[k] = pred_b[k];
+            for (int64_t c = 0; c < C; ++c) {
+              const double v = sprev[n * C + c];
+              const float* pw = pred_w.data() + c * K;
+              for (int64_t k = 0; k < K; ++k) s[k] += v * pw[k];
+            }
+            for (auto& v : s)
+              if (std::isnan(v)) v = -INFINITY;  // NaN strengths rank last (strict weak order kept)
+            std::iota(idx.begin(), idx.end(), 0);
+            auto better = [&](int32_t a, int32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
+            std::nth_element(idx.begin(), idx.begin() + (nsel - 1), idx.end(), better);
+            std::sort(idx.begin(), idx.begin() + nsel);  // ascending ids: groups are contiguous runs
+            int64_t j = 0;
+            for (int64_t grp = 0; grp < G; ++grp) {
+              while (j < nsel && idx[j] < (grp + 1) * Kg) sel.rows.push_back(idx[j++]);
+              sel.start[n * G + grp + 1] = static_cast<int64_t>(sel.rows.size());
+            }
+          }
+        }
+        gemm::ConvPlan plan(g, weights);
+        macs = gemm::RunConv(context, plan, weights, X, N, y.GetTensorMutableData<float>(), gemm::Epilogue{},
+                             nsel < K ? &Selection::Get : nullptr, &sel, /*zero_unselected=*/true);
+      }
+      if (ctx.GetOutputCount() > 1) {
+        auto m = ctx.GetOutput(1, std::vector<int64_t>{});
+        *m.GetTensorMutableData<int64_t>() = macs;
+      }
+    });
+  }
+};
+
+struct LazyConvOpDef : Ort::CustomOpBase<LazyConvOpDef, LazyConvKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return Guard([&] { *kernel = new LazyConvKernel(info); });
+  }
+  const char* GetName() const { return kOp; }
+  size_t GetInputTypeCount() const { return 6; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 2 || i == 5 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* LazyConvOp() {
+  static LazyConvOpDef op;
+  return &op;
+}
+
+}  // namespace oz

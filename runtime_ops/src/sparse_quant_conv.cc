@@ -1,0 +1,323 @@
+// SparseQuantConv kernel: see sparse_quant_conv.h for the format and the op.
+#include "sparse_quant_conv.h"
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+
+#include "common.h"
+#include "sparse_rows.h"
+
+namespace oz {
+namespace {
+
+constexpr const char* kOp = "SparseQuantConv";
+
+int64_t ChunkRows() {
+  // Rows of the im2col chunk swept across all filters of a block: 64 rows x 64
+  // positions x 4 B = 16 KiB, half of L1. (ONNXZERO_SQ_KC overrides, for tuning.)
+  if (const char* e = std::getenv("ONNXZERO_SQ_KC")) {
+    long v = std::atol(e);
+    if (v >= 8 && v <= 256) return v;
+  }
+  return 64;
+}
+
+struct SparseQuantKernel {
+  ConvAttrs attrs;
+  std::vector<int64_t> w_shape;  // (K, C/group, KH, KW)
+  int64_t K = 0, CRS = 0, kc = 64, nch = 1;
+  int frac_bits = 0;
+  float scale = 1.f;             // 2^-frac_bits
+  std::vector<uint8_t> terms;    // (row within chunk, int8 value) pairs, filter by filter
+  std::vector<uint32_t> cptr;    // cptr[c*K + k]: first term of filter k in chunk c (c = nch: its end)
+  std::vector<float> bias;       // (K,) zeros when B is absent
+  int64_t nnz = 0;               // kept (non-filler) entries over all filters
+
+  SparseQuantKernel() = default;  // for the standalone benchmark harness
+  explicit SparseQuantKernel(const OrtKernelInfo* info) {
+    attrs = ReadConvAttrs(info, kOp);
+    if (attrs.kernel_shape.empty())
+      Fail(kOp, "attribute 'kernel_shape' is required (the weights are compressed, so their shape cannot be read from a W tensor), expected 2 values");
+    const int64_t KH = attrs.kernel_shape[0], KW = attrs.kernel_shape[1];
+
+    ConstTensor values = RequireConstInput(info, 1, kOp, "values", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8);
+    ConstTensor index = RequireConstInput(info, 2, kOp, "index", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+    ConstTensor row_ptr = RequireConstInput(info, 3, kOp, "row_ptr", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
+    if (values.shape.size() != 1) Fail(kOp, Msg("input 'values' has shape ", ShapeStr(values.shape), ", expected rank 1 (L,)"));
+    if (index.shape.size() != 1) Fail(kOp, Msg("input 'index' has shape ", ShapeStr(index.shape), ", expected rank 1 (L,)"));
+    if (index.shape[0] != values.shape[0])
+      Fail(kOp, Msg("input 'index' has ", index.shape[0], " entries, expected ", values.shape[0], " (the length of input 'values')"));
+    if (row_ptr.shape.size() != 1 || row_ptr.shape[0] < 2)
+      Fail(kOp, Msg("input 'row_ptr' has shape ", ShapeStr(row_ptr.shape), ", expected (K+1,) with K >= 1"));
+    K = row_ptr.shape[0] - 1;
+    const int64_t L = values.shape[0];
+
+    // Filter shape: weight_shape and/or channels.
+    const std::vector<int64_t> ws = AttrInts(info, "weight_shape", {});
+    const int64_t channels = AttrInt(info, "channels", -1);
+    int64_t Cg = -1;
+    if (!ws.empty()) {
+      if (ws.size() != 4) Fail(kOp, Msg("attribute 'weight_shape' ", ShapeStr(ws), " has ", ws.size(), " values, expected 4 (K, C/group, KH, KW)"));
+      if (ws[0] != K) Fail(kOp, Msg("attribute 'weight_shape' ", ShapeStr(ws), " has K=", ws[0], ", expected ", K, " (input 'row_ptr' has K+1=", K + 1, " entries)"));
+      if (ws[2] != KH || ws[3] != KW)
+        Fail(kOp, Msg("attribute 'weight_shape' ", ShapeStr(ws), " does not match attribute 'kernel_shape' ", ShapeStr(attrs.kernel_shape)));
+      Cg = ws[1];
+    }
+    if (channels != -1) {
+      if (Cg != -1 && channels != Cg)
+        Fail(kOp, Msg("attribute 'channels' is ", channels, ", expected ", Cg, " (C/group of attribute 'weight_shape')"));
+      Cg = channels;
+    }
+    if (Cg == -1) Fail(kOp, "attribute 'channels' (C/group) or 'weight_shape' is required, expected one of them");
+    if (Cg < 1) Fail(kOp, Msg("attribute 'channels' is ", Cg, ", expected >= 1"));
+    w_shape = {K, Cg, KH, KW};
+    if (K % attrs.group != 0)
+      Fail(kOp, Msg("input 'row_ptr' describes K=", K, " filters, expected a multiple of group=", attrs.group));
+    CRS = Cg * KH * KW;
+
+    const int64_t fb = AttrInt(info, "frac_bits", INT64_MIN);
+    if (fb == INT64_MIN) Fail(kOp, "attribute 'frac_bits' is required, expected the fractional length of the 8-bit weights");
+    if (fb < -64 || fb > 64) Fail(kOp, Msg("attribute 'frac_bits' is ", fb, ", expected a value in [-64, 64]"));
+    frac_bits = static_cast<int>(fb);
+    scale = std::ldexp(1.0f, -frac_bits);
+
+    // Bias.
+    bias.assign(K, 0.f);
+    if (sr::InputPresent(info, 4)) {
+      ConstTensor b = RequireConstInput(info, 4, kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+      if (b.shape.size() != 1 || b.shape[0] != K) Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
+      std::copy(b.as<float>(), b.as<float>() + K, bias.begin());
+    }
+
+    const int64_t* rp = row_ptr.as<int64_t>();
+    const int8_t* val = values.as<int8_t>();
+    const uint8_t* idx = index.as<uint8_t>();
+    Validate(val, idx, rp, L);
+    BuildRuntime(val, idx, rp, L);
+  }
+
+  // Refuses a malformed stream (naming the input and the expected value) before anything reads it.
+  void Validate(const int8_t* val, const uint8_t* idx, const int64_t* rp, int64_t L) const {
+    if (rp[0] != 0) Fail(kOp, Msg("input 'row_ptr' starts at ", rp[0], ", expected 0"));
+    for (int64_t k = 0; k < K; ++k)
+      if (rp[k + 1] < rp[k] || rp[k + 1] > L)
+        Fail(kOp, Msg("input 'row_ptr' entry ", k + 1, " is ", rp[k + 1], ", expected a value in [", rp[k], ", ", L,
+                      "] (non-decreasing, within the ", L, " entries of 'values')"));
+    if (rp[K] != L) Fail(kOp, Msg("input 'row_ptr' ends at ", rp[K], ", expected ", L, " (the length of input 'values')"));
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t pos = -1;
+      for (int64_t e = rp[k]; e < rp[k + 1]; ++e) {
+        const int gap = idx[e];
+        if (gap == 0)
+          Fail(kOp, Msg("input 'index' entry ", e, " (filter ", k, ") is 0, expected a gap in [1, 255]"));
+        pos += gap;
+        if (pos >= CRS)
+          Fail(kOp, Msg("input 'index': the gaps of filter ", k, " reach position ", pos, " at entry ", e,
+                        ", expected positions < C/group*KH*KW = ", CRS));
+        if (val[e] == 0 && gap != 255)
+          Fail(kOp, Msg("input 'values' entry ", e, " (filter ", k, ") is 0 with gap ", gap,
+                        ", expected a nonzero value (0 only in fillers, whose gap is 255)"));
+      }
+    }
+
+  }
+
+  // The run-time form (see the header) from a validated stream.
+  void BuildRuntime(const int8_t* val, const uint8_t* idx, const int64_t* rp, int64_t L) {
+    // Run-time form.
+    kc = std::min<int64_t>(ChunkRows(), 256);
+    nch = (CRS + kc - 1) / kc;
+    cptr.assign(static_cast<size_t>((nch + 1) * K), 0);
+    terms.reserve(2 * L);
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t pos = -1, c = 0;
+      auto cp = [&](int64_t ci) -> uint32_t& { return cptr[static_cast<size_t>(ci * K + k)]; };
+      for (int64_t e = rp[k]; e < rp[k + 1]; ++e) {
+        pos += idx[e];
+        if (val[e] == 0) continue;  // filler
+        while (c <= pos / kc) cp(c++) = static_cast<uint32_t>(terms.size() / 2);
+        terms.push_back(static_cast<uint8_t>(pos - (pos / kc) * kc));
+        terms.push_back(static_cast<uint8_t>(val[e]));
+      }
+      while (c <= nch) cp(c++) = static_cast<uint32_t>(terms.size() / 2);
+    }
+    if (terms.size() / 2 > UINT32_MAX) Fail(kOp, "input 'values' has more than 2^32 nonzero weights, expected fewer");
+    nnz = static_cast<int64_t>(terms.size() / 2);
+    terms.resize(terms.size() + 8, 0);  // slack: the micro-kernel never reads past the end, but keep it safe
+  }
+
+  // One block of positions x filters [k0, k1): chunk-outer over the reduction (the
+  // chunk's Col rows in L1), filter-inner, accumulators in tile between chunks.
+  // Col rows come from zi (read in place) or from an im2col chunk (built here or shared).
+  template <int NA>
+  void Item(const ConvGeom& g, const sr::PaddedInput& pi, const sr::ShiftedInput* zi, const uint32_t* tab, float* Y,
+            int64_t n, int64_t grp, int64_t p0, int np, int64_t k0, int64_t k1, float* tile, float* chunk,
+            const float* shared_col) const {
+    constexpr int LD = 8 * NA;
+    const int64_t Kb = k1 - k0, P = g.P();
+    for (int64_t i = 0; i < Kb * LD; i += 8) _mm256_store_ps(tile + i, _mm256_setzero_ps());
+    const float* zbase = zi ? zi->Group(n, grp, g) + p0 : nullptr;
+    const float* xg = zi ? nullptr : pi.data + (n * g.C + grp * g.Cg()) * pi.chan;
+    for (int64_t c = 0; c < nch; ++c) {
+      const int64_t r0 = c * kc, r1 = std::min(CRS, r0 + kc);
+      const uint32_t* c0 = cptr.data() + static_cast<size_t>(c * K);
+      const uint32_t* c1 = c0 + K;
+      uint32_t any = 0;
+      for (int64_t k = k0; k < k1; ++k) any |= c1[k] - c0[k];
+      if (!any) continue;
+      if (zi) {
+        const sr::TableRows rows{zbase, tab + r0};
+        for (int64_t k = k0; k < k1; ++k)
+          if (c1[k] > c0[k]) sr::FmaRowsQ<NA>(tile + (k - k0) * LD, rows, terms.data() + 2 * size_t{c0[k]}, c1[k] - c0[k]);
+        continue;
+      }
+      const float* ch = chunk;
+      if (shared_col) {
+        ch = shared_col + r0 * LD;
+      } else {
+        sr::ColBuilder cb(g, pi, xg, p0, np, LD);
+        cb.Build(r0, r1, chunk);
+      }
+      const sr::StridedRows rows{ch, LD};
+      for (int64_t k = k0; k < k1; ++k)
+        if (c1[k] > c0[k]) sr::FmaRowsQ<NA>(tile + (k - k0) * LD, rows, terms.data() + 2 * size_t{c0[k]}, c1[k] - c0[k]);
+    }
+    for (int64_t k = k0; k < k1; ++k)
+      sr::StoreRelu<NA>(tile + (k - k0) * LD, scale, bias[k], Y + (n * g.K + k) * P + p0, np);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
+    return Guard([&] {
+      Ort::KernelContext ctx(context);
+      auto x = ctx.GetInput(0);
+      auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+      ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
+      const int64_t N = xs[0], P = g.P();
+      auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
+      const float* X = x.GetTensorData<float>();
+      float* Y = y.GetTensorMutableData<float>();
+      if (ctx.GetOutputCount() > 1) {
+        auto m = ctx.GetOutput(1, std::vector<int64_t>{});
+        *m.GetTensorMutableData<int64_t>() = N * P * nnz;
+      }
+      if (N == 0 || P == 0) return;
+      Run(context, g, X, Y, N);
+    });
+  }
+
+  // The convolution itself (shapes already validated); ctx: the pool to run on.
+  void Run(OrtKernelContext* context, const ConvGeom& g, const float* X, float* Y, int64_t N) const {
+    const int64_t P = g.P(), G = g.G, Kg = g.Kg();
+    sr::PaddedInput pi;
+    sr::ShiftedInput z;
+    std::vector<uint32_t> tab;
+    const bool implicit = sr::ShiftedInput::Applies(g);
+    if (implicit) {
+      tab.resize(static_cast<size_t>(CRS));
+      if (!z.Build(context, g, X, N, tab.data())) Fail(kOp, "out of memory for the shifted input copies");
+    } else if (!sr::BuildPaddedInput(context, g, X, N, &pi)) {
+      Fail(kOp, "out of memory for the padded input copy");
+    }
+    const sr::PosBlocks pb = sr::ChoosePosBlocks(P);
+    // Filter blocks: at most 128 filters (a 32 KiB accumulator tile), and enough
+    // blocks for a few tasks per thread when there are few position blocks.
+    const int64_t base = N * G * pb.count;
+    const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+    int64_t nkb = std::max<int64_t>((Kg + 127) / 128, std::min<int64_t>((Kg + 15) / 16, (4 * hw + base - 1) / base));
+    nkb = std::max<int64_t>(1, std::min(nkb, Kg));
+    const int64_t kbs = (Kg + nkb - 1) / nkb;
+    nkb = (Kg + kbs - 1) / kbs;
+    // Few position blocks split over filter blocks: build their im2col once, shared
+    // by the filter-block tasks (read chunk by chunk), instead of once per task.
+    float* shared = nullptr;
+    const size_t blk_floats = static_cast<size_t>(CRS) * sr::kMaxTP;
+    if (!implicit && nkb > 1 && static_cast<size_t>(base) * blk_floats <= (size_t{64} << 20) / sizeof(float)) {
+      shared = sr::Scratch(2, static_cast<size_t>(base) * blk_floats + 8);
+      if (!shared) Fail(kOp, "out of memory for the im2col buffer");
+      const int64_t rc = 256, nrc = (CRS + rc - 1) / rc;
+      const size_t citems = static_cast<size_t>(base * nrc);
+      const size_t ctasks = sr::PartitionTasks(citems);
+      sr::ForTasks(context, ctasks, [&](size_t t) {
+        for (size_t it = t * citems / ctasks; it < (t + 1) * citems / ctasks; ++it) {
+          const int64_t bi = static_cast<int64_t>(it) / nrc, rci = static_cast<int64_t>(it) % nrc;
+          const int64_t b = bi % pb.count, grp = (bi / pb.count) % G, n = bi / pb.count / G;
+          const int np = pb.size(b), ld = 8 * ((np + 7) / 8);
+          sr::ColBuilder cb(g, pi, pi.data + (n * g.C + grp * g.Cg()) * pi.chan, pb.begin(b), np, ld);
+          const int64_t r0 = rci * rc, r1 = std::min(CRS, r0 + rc);
+          cb.Build(r0, r1, shared + bi * blk_floats + r0 * ld);
+        }
+      });
+    }
+    const size_t items = static_cast<size_t>(base * nkb);
+    const size_t tasks = sr::PartitionTasks(items);
+    std::atomic<bool> oom{false};
+    sr::ForTasks(context, tasks, [&](size_t t) {
+      const size_t i0 = t * items / tasks, i1 = (t + 1) * items / tasks;
+      float* tile = sr::Scratch(0, static_cast<size_t>(kbs) * sr::kMaxTP);
+      float* chunk = sr::Scratch(1, static_cast<size_t>(kc) * sr::kMaxTP + 8);
+      if (!tile || !chunk) {
+        oom = true;
+        return;
+      }
+      for (size_t it = i0; it < i1; ++it) {
+        int64_t rem = static_cast<int64_t>(it);
+        const int64_t kbi = rem % nkb; rem /= nkb;
+        const int64_t b = rem % pb.count; rem /= pb.count;
+        const int64_t grp = rem % G, n = rem / G;
+        const int64_t k0 = grp * Kg + kbi * kbs, k1 = std::min(grp * Kg + Kg, k0 + kbs);
+        const int64_t p0 = pb.begin(b);
+        const int np = pb.size(b);
+        const float* sc = shared ? shared + ((n * G + grp) * pb.count + b) * blk_floats : nullptr;
+        switch ((np + 7) / 8) {
+#define OZ_SQ_CASE(na) \
+  case na: Item<na>(g, pi, implicit ? &z : nullptr, tab.data(), Y, n, grp, p0, np, k0, k1, tile, chunk, sc); break;
+          OZ_SQ_CASE(1) OZ_SQ_CASE(2) OZ_SQ_CASE(3) OZ_SQ_CASE(4)
+          OZ_SQ_CASE(5) OZ_SQ_CASE(6) OZ_SQ_CASE(7) OZ_SQ_CASE(8)
+#undef OZ_SQ_CASE
+          default: break;
+        }
+      }
+    });
+    if (oom) Fail(kOp, "out of memory for the per-thread scratch buffers");
+  }
+};
+
+struct SparseQuantConvOpDef : Ort::CustomOpBase<SparseQuantConvOpDef, SparseQuantKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return Guard([&] { *kernel = new SparseQuantKernel(info); });
+  }
+  const char* GetName() const { return kOp; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    switch (i) {
+      case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+      case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* SparseQuantConvOp() {
+  static SparseQuantConvOpDef op;
+  return &op;
+}
+
+}  // namespace oz

@@ -1,0 +1,268 @@
+// sparse_rows: the micro-kernel shared by EarlyExitConv and SparseQuantConv.
+//
+// Both ops compute, per output channel (filter) k, a list of (input row, weight)
+// terms accumulated over a block of output positions:
+//
+//   acc[k][j] = bias[k] + sum_t w_t * Col[row_t][j],   j < TP (positions of the block)
+//
+// where Col is the im2col tile of that block: Col[r][j] = the input value that
+// reduction row r = (c*KH + kh)*KW + kw of output position p0+j multiplies (0 for
+// padding and for lanes past the block). A block has TP = 8*NA positions held in
+// NA ymm accumulators (NA <= 8); the Col tile is laid out with a row stride of
+// exactly TP floats (a compile-time constant in the micro-kernels) and is 64-byte
+// aligned, so one term is: one weight broadcast + NA aligned loads + NA FMAs.
+//
+// There is no reuse of a Col load across filters (each filter has its own rows),
+// so the kernel does one load per FMA: it runs at FMA speed only when the Col rows
+// it touches are in L1. Callers therefore either sweep the reduction in row chunks
+// small enough for L1, across all filters of a filter block ("chunk-outer", with
+// the accumulators kept in a tile in memory between chunks), or, where the term
+// order is data-dependent (early exit's negatives), read Col from L2.
+//
+// The kernels keep at least 8 independent FMA chains (FMA latency 4 x 2 pipes):
+// with NA < 8 they split the terms over two (NA <= 4) accumulator sets.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "common.h"
+
+#define OZ_SR_INLINE inline __attribute__((always_inline))
+
+namespace oz {
+namespace sr {
+
+constexpr int kMaxNA = 8;              // at most 8 ymm accumulators = 64 positions per block
+constexpr int kMaxTP = 8 * kMaxNA;
+
+// ---- position blocks ---------------------------------------------------------
+
+// The P = OH*OW output positions of one image split into blocks of at most
+// `max_bs` (a multiple of 8, <= 64) positions; the last block may be shorter.
+struct PosBlocks {
+  int64_t P = 0, bs = kMaxTP, count = 0;
+  int64_t begin(int64_t b) const { return b * bs; }
+  int size(int64_t b) const { return static_cast<int>(std::min(bs, P - b * bs)); }
+};
+// Picks a block size in {max_bs, max_bs-8, ..., 8} that wastes the fewest vector
+// lanes (a short tail block runs at a lower rate, so it is charged extra).
+PosBlocks ChoosePosBlocks(int64_t P, int64_t max_bs = kMaxTP);
+
+// ---- im2col of one position block --------------------------------------------
+
+// A zero-padded copy of the input with each row split into its SW stride phases,
+// so that the input values of consecutive output columns are contiguous for every
+// kernel column: element (c, ih, iw) of the padded image (ih in [0, Hp), iw in
+// [0, Wp), the original at (ih-PT, iw-PL)) lives at
+//   data[(n*C + c)*chan + ih*row + (iw % SW)*Wq + iw / SW].
+// Built once per run (in parallel over images x channels), read by every task.
+struct PaddedInput {
+  int64_t Hp = 0, Wp = 0, Wq = 0, SW = 1;
+  int64_t row = 0, chan = 0;  // strides in floats
+  size_t floats = 0;          // buffer size incl. slack for vector over-reads
+  bool slack = true;          // false: data is X itself (no padding, stride 1), no over-reads allowed
+  const float* data = nullptr;
+  void Plan(const ConvGeom& g, int64_t N);
+  // Fills channels [c0, c1) of image n from X (N, C, H, W) into buf.
+  void Fill(const ConvGeom& g, const float* X, int64_t n, int64_t c0, int64_t c1, float* buf) const;
+};
+
+// Builds Col rows [r0, r1) for positions [p0, p0+np) of one image and one group.
+// col must hold (r1-r0)*ld floats; nothing outside them is written (rows of one
+// Col may be built by different threads); lanes j >= np are zero.
+class ColBuilder {
+ public:
+  // xg: the padded input of this image's group (PaddedInput::data + (n*C + grp*Cg)*chan).
+  ColBuilder(const ConvGeom& g, const PaddedInput& pi, const float* xg, int64_t p0, int np, int ld);
+  void Build(int64_t r0, int64_t r1, float* col) const;
+
+ private:
+  struct Seg {
+    int64_t src;  // offset of the segment's first input value for kernel tap (0, 0, 0)
+    int j0, len;  // lanes [j0, j0+len) of the block
+  };
+  const ConvGeom& g_;
+  const PaddedInput& pi_;
+  const float* x_;
+  int np_, ld_, nseg_ = 0;
+  Seg seg_[kMaxTP];
+};
+
+// ---- implicit im2col ---------------------------------------------------------------
+//
+// When OW is a multiple of 8, Col is never built: row r = (c, kh, kw) of a block
+// starting at output position p0 is read in place at base + tab[r] + p0 from Z,
+// KW shifted, stride-phase-split copies of the padded input:
+//   Z[n][kw][c][ph][i][x] = Xpad[c][i*SH + ph][x*SW + kw*DW],  i < Hq, x < OW,
+// so that for output (oh, ow) the tap (c, kh, kw) is Z[n][kw][c][(kh*DH)%SH]
+// [oh + (kh*DH)/SH][ow]: consecutive output positions are consecutive floats, rows
+// are 32-byte aligned. Z is built once per run (about KW x the input) and shared
+// by every task; a 1x1 stride-1 unpadded layer uses X itself.
+struct ShiftedInput {
+  int64_t Hq = 0, E = 0, KW = 1, C = 0, SH = 1;
+  int64_t image = 0;          // floats per image
+  const float* data = nullptr;
+  bool in_place = false;
+  static bool Applies(const ConvGeom& g) { return g.OW % 8 == 0; }
+  // Plans and fills Z (in parallel on the pool; buffer: the calling thread's scratch
+  // slot 3) and the row offset table tab (CRS entries, relative to group 0).
+  bool Build(OrtKernelContext* ctx, const ConvGeom& g, const float* X, int64_t N, uint32_t* tab);
+  const float* Group(int64_t n, int64_t grp, const ConvGeom& g) const {
+    return data + n * image + grp * g.Cg() * SH * Hq * E;
+  }
+};
+
+// Row addressing for the micro-kernels: a Col tile (row stride LD) or rows read
+// in place through a table of offsets.
+struct StridedRows {
+  const float* col;
+  size_t ld;
+  OZ_SR_INLINE const float* operator()(size_t r) const { return col + r * ld; }
+};
+struct TableRows {
+  const float* base;
+  const uint32_t* tab;
+  OZ_SR_INLINE const float* operator()(size_t r) const { return base + tab[r]; }
+};
+
+// ---- per-thread scratch --------------------------------------------------------
+
+// A 64-byte aligned buffer of at least `floats` floats owned by the calling
+// thread (grow-only, reused across runs; nullptr if out of memory). `slot` selects one of a few
+// independent buffers. Each pool thread runs one task at a time, so a task may
+// use its thread's buffers freely; nothing is shared between threads.
+float* Scratch(int slot, size_t floats);
+
+// ---- kernel info ---------------------------------------------------------------------
+
+// Whether the node has input `index` (an optional input left out has an empty name).
+bool InputPresent(const OrtKernelInfo* info, size_t index);
+
+// Plans and fills the padded input of a run in parallel on the session's pool
+// (buffer: the calling thread's scratch slot 3). Returns false if out of memory.
+bool BuildPaddedInput(OrtKernelContext* ctx, const ConvGeom& g, const float* X, int64_t N, PaddedInput* pi);
+
+// oz::ParallelFor on the session's pool; with ctx == nullptr (the standalone
+// benchmark harness) the tasks run serially on the calling thread.
+template <class F>
+void ForTasks(OrtKernelContext* ctx, size_t n, F&& fn) {
+  if (!ctx) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  ParallelFor(ctx, n, std::forward<F>(fn));
+}
+
+// ---- task partition --------------------------------------------------------------
+
+// How many tasks to split `items` work items into (task t runs items
+// [t*items/T, (t+1)*items/T)): oz::TaskCount, at least min_tasks_hint if given.
+size_t PartitionTasks(size_t items, size_t min_tasks_hint = 0);
+
+// ---- micro-kernels -----------------------------------------------------------------
+//
+// Accumulators live in registers for the whole call: acc (8*NA floats, 32-byte
+// aligned memory) is loaded at the start and stored at the end. Term streams are
+// read two terms per 32-bit load (the loads, not the FMAs, are the scarce
+// resource: every FMA already reads its Col operand from memory).
+
+#define OZ_SR_UNROLL _Pragma("GCC unroll 8")
+
+template <int NA>
+OZ_SR_INLINE void Fill(float* p, float v) {
+  const __m256 b = _mm256_set1_ps(v);
+  OZ_SR_UNROLL for (int i = 0; i < NA; ++i) _mm256_store_ps(p + 8 * i, b);
+}
+
+// acc += sum_t q_t * Col[row_t], Col row stride LD floats (8*NA for an im2col
+// tile, a compile-time constant at the call; the image's P for a 1x1 layer read
+// in place; rows 32-byte aligned either way); terms are 2-byte
+// pairs (row within the chunk: uint8, weight: int8), SparseQuantConv's form.
+template <int NA, class Rows>
+OZ_SR_INLINE void FmaRowsQ(float* acc, const Rows& row, const uint8_t* terms, size_t n) {
+  __m256 a[NA], b[NA];
+  OZ_SR_UNROLL for (int i = 0; i < NA; ++i) a[i] = _mm256_load_ps(acc + 8 * i), b[i] = _mm256_setzero_ps();
+  size_t t = 0;
+  for (; t + 2 <= n; t += 2) {
+    uint32_t v;
+    std::memcpy(&v, terms + 2 * t, 4);
+    const float* r0 = row(v & 0xffu);
+    const float* r1 = row((v >> 16) & 0xffu);
+    const __m256 w0 = _mm256_set1_ps(static_cast<float>(static_cast<int8_t>(v >> 8)));
+    const __m256 w1 = _mm256_set1_ps(static_cast<float>(static_cast<int8_t>(v >> 24)));
+    if constexpr (NA <= 4) {  // two accumulator sets: 2*NA independent FMA chains
+      OZ_SR_UNROLL for (int i = 0; i < NA; ++i) a[i] = _mm256_fmadd_ps(w0, _mm256_load_ps(r0 + 8 * i), a[i]);
+      OZ_SR_UNROLL for (int i = 0; i < NA; ++i) b[i] = _mm256_fmadd_ps(w1, _mm256_load_ps(r1 + 8 * i), b[i]);
+    } else {
+      OZ_SR_UNROLL for (int i = 0; i < NA; ++i) a[i] = _mm256_fmadd_ps(w0, _mm256_load_ps(r0 + 8 * i), a[i]);
+      OZ_SR_UNROLL for (int i = 0; i < NA; ++i) a[i] = _mm256_fmadd_ps(w1, _mm256_load_ps(r1 + 8 * i), a[i]);
+    }
+  }
+  if (t < n) {
+    const float* r0 = row(terms[2 * t]);
+    const __m256 w0 = _mm256_set1_ps(static_cast<float>(static_cast<int8_t>(terms[2 * t + 1])));
+    OZ_SR_UNROLL for (int i = 0; i < NA; ++i) a[i] = _mm256_fmadd_ps(w0, _mm256_load_ps(r0 + 8 * i), a[i]);
+  }
+  if constexpr (NA <= 4) {
+    OZ_SR_UNROLL for (int i = 0; i < NA; ++i) a[i] = _mm256_add_ps(a[i], b[i]);
+  }
+  OZ_SR_UNROLL for (int i = 0; i < NA; ++i) _mm256_store_ps(acc + 8 * i, a[i]);
+}
+
+// The same for float weights and uint16 rows (EarlyExitConv's term lists), on
+// register accumulators a (the caller loads/stores them around checks).
+template <int NA, class Rows>
+OZ_SR_INLINE void FmaRowsF(__m256 (&a)[NA], const Rows& row, const uint16_t* rows, const float* w, size_t n) {
+  __m256 b[NA];
+  OZ_SR_UNROLL for (int i = 0; i < NA; ++i) b[i] = _mm256_setzero_ps();
+  size_t t = 0;
+  for (; t + 2 <= n; t += 2) {
+    uint32_t v;
+    std::memcpy(&v, rows + t, 4);
+    const float* r0 = row(v & 0xffffu);
+    const float* r1 = row(v >> 16);
+    const __m256 w0 = _mm256_broadcast_ss(w + t), w1 = _mm256_broadcast_ss(w + t + 1);
+    if constexpr (NA <= 4) {
+      OZ_SR_UNROLL for (int i = 0; i < NA; ++i) a[i] = _mm256_fmadd_ps(w0, _mm256_load_ps(r0 + 8 * i), a[i]);
+      OZ_SR_UNROLL for (int i = 0; i < NA; ++i) b[i] = _mm256_fmadd_ps(w1, _mm256_load_ps(r1 + 8 * i), b[i]);
+    } else {
+      OZ_SR_UNROLL for (int i = 0; i < NA; ++i) a[i] = _mm256_fmadd_ps(w0, _mm256_load_ps(r0 + 8 * i), a[i]);
+      OZ_SR_UNROLL for (int i = 0; i < NA; ++i) a[i] = _mm256_fmadd_ps(w1, _mm256_load_ps(r1 + 8 * i), a[i]);
+    }
+  }
+  if (t < n) {
+    const float* r0 = row(rows[t]);
+    const __m256 w0 = _mm256_broadcast_ss(w + t);
+    OZ_SR_UNROLL for (int i = 0; i < NA; ++i) a[i] = _mm256_fmadd_ps(w0, _mm256_load_ps(r0 + 8 * i), a[i]);
+  }
+  if constexpr (NA <= 4) {
+    OZ_SR_UNROLL for (int i = 0; i < NA; ++i) a[i] = _mm256_add_ps(a[i], b[i]);
+  }
+}
+
+// Lane masks of a block with np valid positions: valid[i] has all bits set in
+// lanes 8*i + l < np.
+template <int NA>
+OZ_SR_INLINE void ValidMask(__m256 (&m)[NA], int np) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int i = 0; i < NA; ++i)
+    m[i] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(np - 8 * i), lane));
+}
+
+// Stores max(a*scale + bias, 0) (scale = 1 skips the multiply) to the first np lanes of y.
+template <int NA>
+OZ_SR_INLINE void StoreRelu(const float* acc, float scale, float bias, float* y, int np) {
+  const __m256 s = _mm256_set1_ps(scale), b = _mm256_set1_ps(bias), z = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 8 <= np; j += 8)
+    _mm256_storeu_ps(y + j, _mm256_max_ps(_mm256_fmadd_ps(_mm256_load_ps(acc + j), s, b), z));
+  for (; j < np; ++j) y[j] = std::max(acc[j] * scale + bias, 0.f);
+}
+
+}  // namespace sr
+}  // namespace oz

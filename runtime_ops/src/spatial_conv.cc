@@ -1,0 +1,741 @@
+// SpatialConv: Conv(+bias)+ReLU with spatial zero prediction (onnxzero/ops/spatial.py defines the
+// semantics; docs/ops.md documents the op).
+//
+// Per run:
+//   1. X is copied channels-last and zero-padded per (image, group) (see spatial_conv.h).
+//   2. An all-ones (or all-zeros) mask means no prediction: every output is computed (dense tiles).
+//   3. Otherwise the output is cut into p x p patches and work is split into tasks over
+//      (image, group, output-channel block, range of patches). Inside a task, patches of the same
+//      shape (interior / right margin / bottom margin / corner) share every channel's pattern for the
+//      layer- and filter-wide masks; channels are grouped by pattern, and for each group
+//        phase 1: the masked pixels of all those patches x the group's channels (one dot-product
+//                 block: tiles of 4 channels x 3 pixels, W tile in L1 while pixels stream);
+//        phase 2: per patch, the channels whose masked outputs were not all zero ("alive") x the
+//                 patch's remaining pixels; the dead channels' remaining pixels are written as 0.
+//      A full (K, OH, OW) mask gives every patch its own patterns: same steps, patch by patch.
+//   Skipping is per (image, channel, patch) and every computed output costs exactly C/group*KH*KW
+//   MACs, so the `macs` output equals the reference's element-granular count.
+#include "spatial_conv.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <numeric>
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+namespace oz {
+namespace {
+
+using spatial::DotBlock;
+using spatial::DotJob;
+using spatial::PanelBlock;
+using spatial::PanelJob;
+using spatial::SegLayout;
+
+constexpr const char* kOp = "SpatialConv";
+constexpr int64_t kWBlockBytes = 192 * 1024;  // packed W rows of one task's channel block (L2-resident)
+constexpr int64_t kTargetTasks = 8;          // tasks per run: enough for the pool to balance skipped work
+
+struct FreeDel {
+  void operator()(float* p) const noexcept { std::free(p); }
+};
+using FloatBuf = std::unique_ptr<float[], FreeDel>;
+
+FloatBuf AllocFloats(size_t n) {
+  void* p = nullptr;
+  const size_t bytes = (std::max<size_t>(n, 1) * sizeof(float) + 63) / 64 * 64;
+  if (posix_memalign(&p, 64, bytes) != 0) throw std::bad_alloc();
+  return FloatBuf(static_cast<float*>(p));
+}
+
+enum class MaskForm { kLayer, kFilter, kFull };
+
+// ------------------------------------------------------------------------- channels-last input copy
+inline void Transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r0 = _mm256_loadu_ps(src + 0 * lds), r1 = _mm256_loadu_ps(src + 1 * lds);
+  __m256 r2 = _mm256_loadu_ps(src + 2 * lds), r3 = _mm256_loadu_ps(src + 3 * lds);
+  __m256 r4 = _mm256_loadu_ps(src + 4 * lds), r5 = _mm256_loadu_ps(src + 5 * lds);
+  __m256 r6 = _mm256_loadu_ps(src + 6 * lds), r7 = _mm256_loadu_ps(src + 7 * lds);
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(dst + 0 * ldd, _mm256_permute2f128_ps(s0, s4, 0x20));
+  _mm256_storeu_ps(dst + 1 * ldd, _mm256_permute2f128_ps(s1, s5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ldd, _mm256_permute2f128_ps(s2, s6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ldd, _mm256_permute2f128_ps(s3, s7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ldd, _mm256_permute2f128_ps(s0, s4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ldd, _mm256_permute2f128_ps(s1, s5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ldd, _mm256_permute2f128_ps(s2, s6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ldd, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+
+// One padded row ihp of image/group `img`: dst[Wp][Cg] from src = X + channel (g*Cg) plane.
+void PackRow(const float* src_c0, int64_t plane, const ConvGeom& g, int64_t Wp, int64_t ihp, float* dst) {
+  const int64_t Cg = g.Cg();
+  const int64_t ih = ihp - g.PT;
+  if (ih < 0 || ih >= g.H) {
+    std::memset(dst, 0, sizeof(float) * Wp * Cg);
+    return;
+  }
+  std::memset(dst, 0, sizeof(float) * g.PL * Cg);
+  std::memset(dst + (g.PL + g.W) * Cg, 0, sizeof(float) * (Wp - g.PL - g.W) * Cg);
+  const float* s = src_c0 + ih * g.W;
+  float* d = dst + g.PL * Cg;
+  if (Cg == 1) {
+    std::memcpy(d, s, sizeof(float) * g.W);
+    return;
+  }
+  int64_t c0 = 0;
+  for (; c0 + 8 <= Cg; c0 += 8) {
+    // 8 channel rows 24 channels ahead: the planes are far apart, too many streams for the hardware
+    if (c0 + 32 <= Cg)
+      for (int64_t c = c0 + 24; c < c0 + 32; ++c)
+        for (int64_t w0 = 0; w0 < g.W; w0 += 16) _mm_prefetch(reinterpret_cast<const char*>(s + c * plane + w0), _MM_HINT_T0);
+    int64_t w0 = 0;
+    for (; w0 + 8 <= g.W; w0 += 8) Transpose8x8(s + c0 * plane + w0, plane, d + w0 * Cg + c0, Cg);
+    for (; w0 < g.W; ++w0)
+      for (int64_t c = c0; c < c0 + 8; ++c) d[w0 * Cg + c] = s[c * plane + w0];
+  }
+  for (; c0 < Cg; ++c0)
+    for (int64_t w0 = 0; w0 < g.W; ++w0) d[w0 * Cg + c0] = s[c0 * plane + w0];
+}
+
+// ------------------------------------------------------------------------------------------- kernel
+struct Shared {  // one run, read-only for all tasks
+  const ConvGeom* g = nullptr;
+  int p = 2;
+  int64_t N = 0, PH = 0, PW = 0, Hp = 0, Wp = 0, img = 0;  // img: floats per channels-last image/group
+  SegLayout L;
+  const float* xcl = nullptr;  // shared channels-last copy, or null: tasks pack their own rows
+  const float* X = nullptr;
+  float* Y = nullptr;
+  const float* wpk = nullptr;
+  int64_t wrow = 0;
+  const float* bias = nullptr;
+  const float* wpan = nullptr;    // 16-channel W panels per group (outer-product tiles)
+  const float* bias16 = nullptr;  // biases, padded per group to whole panels
+  int64_t npg = 0;                // panels per group
+  bool panel_phase1 = true;       // phase 1 on panels; false: on W rows (phase 2 then finds them in cache)
+  MaskForm form = MaskForm::kLayer;
+  const uint8_t* mask = nullptr;
+  int64_t FB = 0, nFB = 0, chunks = 0, units = 0;  // channel block, blocks, unit chunks, units to split
+  int64_t dcol[16] = {}, dx[16] = {};  // patch bit q -> output column / Xcl offset from the patch corner
+};
+
+struct Scratch {
+  std::vector<const float*> x;
+  std::vector<float*> y;
+  std::vector<int32_t> k, k2;
+  std::vector<int64_t> ycol;
+  std::vector<uint32_t> code;
+  std::vector<int32_t> order, list;
+  std::vector<const float*> x2;
+  std::vector<int64_t> ycol2;
+  std::vector<float> xbuf;  // task-local channels-last input rows
+  std::vector<uint8_t> flags;
+  std::vector<int64_t> fcol;
+};
+
+class Task {
+ public:
+  // Output rows [r0, r1) of image n, group grp, channel block fb. Without a shared channels-last copy
+  // (s.xcl null) the task packs the input rows it reads into its own scratch (stays in L2).
+  Task(const Shared& s, Scratch& sc, int64_t n, int64_t grp, int64_t fb, int64_t r0, int64_t r1)
+      : s_(s), g_(*s.g), sc_(sc), n_(n), grp_(grp) {
+    const int64_t Kg = g_.Kg();
+    f0_ = fb * s.FB;
+    f1_ = std::min(Kg, f0_ + s.FB);
+    yimg_ = s.Y + n * g_.K * g_.P();
+    if (s.xcl) {
+      xcl_ = s.xcl + (n * g_.G + grp) * s.img;
+      return;
+    }
+    const int64_t Cg = g_.Cg(), row = s.Wp * Cg;
+    ihp0_ = r0 * g_.SH;
+    const int64_t ihp1 = std::min(s.Hp, (r1 - 1) * g_.SH + (g_.KH - 1) * g_.DH + 1);
+    sc.xbuf.resize(static_cast<size_t>((ihp1 - ihp0_) * row + 16));
+    float* buf = sc.xbuf.data();
+    std::fill(buf + (ihp1 - ihp0_) * row, buf + (ihp1 - ihp0_) * row + 16, 0.f);
+    const int64_t plane = g_.H * g_.W;
+    for (int64_t ihp = ihp0_; ihp < ihp1; ++ihp)
+      PackRow(s.X + (n * g_.C + grp * Cg) * plane, plane, g_, s.Wp, ihp, buf + (ihp - ihp0_) * row);
+    xcl_ = buf;
+  }
+
+  int64_t Channels() const { return f1_ - f0_; }
+  int64_t Global(int64_t f) const { return grp_ * g_.Kg() + f0_ + f; }  // f: index in block
+
+  const float* XBase(int64_t oh, int64_t ow) const {
+    return xcl_ + ((oh * g_.SH - ihp0_) * s_.Wp + ow * g_.SW) * g_.Cg();
+  }
+
+  // All pixels of output rows [r0, r1), every channel of the block.
+  int64_t Dense(int64_t r0, int64_t r1) {
+    const int64_t nf = Channels();
+    SetChannels(nullptr, nf);
+    sc_.x.clear();
+    sc_.ycol.clear();
+    for (int64_t oh = r0; oh < r1; ++oh)
+      for (int64_t ow = 0; ow < g_.OW; ++ow) {
+        sc_.x.push_back(XBase(oh, ow));
+        sc_.ycol.push_back(oh * g_.OW + ow);
+      }
+    RunPanels(nullptr, nullptr);
+    return nf * static_cast<int64_t>(sc_.x.size());
+  }
+
+  // Patch rows [u0, u1) with prediction. Returns elements computed. The task's output region is
+  // zeroed first (sequential stores), so predicted-zero outputs need no scattered writes.
+  int64_t Predict(int64_t u0, int64_t u1) {
+    int64_t done = 0;
+    const int p = s_.p;
+    const int64_t pa = u0 * s_.PW, pb = u1 * s_.PW;
+    {
+      const int64_t r0 = u0 * p, r1 = std::min<int64_t>(u1 * p, g_.OH);
+      for (int64_t f = 0; f < Channels(); ++f)
+        std::memset(yimg_ + Global(f) * g_.P() + r0 * g_.OW, 0, sizeof(float) * (r1 - r0) * g_.OW);
+    }
+    if (s_.form == MaskForm::kFull) {
+      for (int64_t t = pa; t < pb; ++t) {
+        const uint32_t vb = ValidBits(t);
+        const int64_t pi = t / s_.PW, pj = t % s_.PW;
+        sc_.code.resize(Channels());
+        for (int64_t f = 0; f < Channels(); ++f) {
+          const uint8_t* m = s_.mask + Global(f) * g_.P();
+          uint32_t c = 0;
+          for (int i = 0; i < p; ++i)
+            for (int j = 0; j < p; ++j) {
+              if (!(vb >> (i * p + j) & 1u)) continue;
+              if (m[(pi * p + i) * g_.OW + pj * p + j]) c |= 1u << (i * p + j);
+            }
+          sc_.code[f] = c;
+        }
+        sc_.list.assign(1, static_cast<int32_t>(t));
+        done += PatchSet(vb);
+      }
+      return done;
+    }
+    if (s_.form == MaskForm::kLayer) return LayerPatches(pa, pb);
+    // filter masks: patches of the same shape share every channel's pattern
+    for (int kind = 0; kind < 4; ++kind) {
+      sc_.list.clear();
+      for (int64_t t = pa; t < pb; ++t)
+        if (Kind(t) == kind) sc_.list.push_back(static_cast<int32_t>(t));
+      if (sc_.list.empty()) continue;
+      const uint32_t vb = ValidBits(sc_.list[0]);
+      sc_.code.resize(Channels());
+      for (int64_t f = 0; f < Channels(); ++f) {
+        const uint8_t* m = s_.form == MaskForm::kLayer ? s_.mask : s_.mask + Global(f) * p * p;
+        uint32_t c = 0;
+        for (int q = 0; q < p * p; ++q)
+          if (m[q]) c |= 1u << q;
+        sc_.code[f] = c & vb;
+      }
+      done += PatchSet(vb);
+    }
+    return done;
+  }
+
+ private:
+  // Alive channels (flag bytes != 0; the buffer has 16 bytes of slack) -> sc_.k2. Returns the count.
+  int64_t Compact(const uint8_t* fl, int64_t nf) {
+    int64_t na = 0;
+    const __m128i zero = _mm_setzero_si128();
+    for (int64_t i0 = 0; i0 < nf; i0 += 16) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(fl + i0));
+      uint32_t bits = ~static_cast<uint32_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(v, zero))) & 0xFFFFu;
+      if (nf - i0 < 16) bits &= (1u << (nf - i0)) - 1;
+      while (bits) {
+        const int64_t i = i0 + __builtin_ctz(bits);
+        bits &= bits - 1;
+        sc_.k2[na++] = sc_.k[i];
+      }
+    }
+    return na;
+  }
+
+  // Layer-wide pattern: every channel of the block shares each patch's pattern, so phase 1 is one
+  // outer-product job over the masked pixels of all the task's patches (plus the whole patches whose
+  // pattern selects no in-range pixel, or all of them), whatever their shape.
+  int64_t LayerPatches(int64_t pa, int64_t pb) {
+    const int p = s_.p;
+    uint32_t layer = 0;
+    for (int q = 0; q < p * p; ++q)
+      if (s_.mask[q]) layer |= 1u << q;
+    const int64_t nf = Channels();
+    SetChannels(nullptr, nf);
+    sc_.x.clear();
+    sc_.ycol.clear();
+    sc_.fcol.clear();
+    sc_.list.clear();   // predicted patches
+    sc_.order.clear();  // their remaining bits
+    int64_t npred = 0;
+    for (int64_t t = pa; t < pb; ++t) {
+      const uint32_t vb = ValidBits(t), c = layer & vb;
+      const bool whole = c == 0 || c == vb;
+      AddPixels(t, whole ? vb : c, sc_.x, sc_.ycol);
+      // flags of whole patches land in a scratch row after the predicted ones (never read)
+      sc_.fcol.resize(sc_.x.size(), whole ? -1 : npred * nf);
+      if (!whole) {
+        sc_.list.push_back(static_cast<int32_t>(t));
+        sc_.order.push_back(static_cast<int32_t>(vb & ~c));
+        ++npred;
+      }
+    }
+    for (auto& fc : sc_.fcol)
+      if (fc < 0) fc = npred * nf;
+    sc_.flags.assign(static_cast<size_t>((npred + 1) * nf + 16), 0);
+    if (s_.panel_phase1) {
+      RunPanels(sc_.flags.data(), sc_.fcol.data());
+    } else {
+      DotBlock(Job(sc_.k.data(), nf, sc_.x, sc_.ycol, sc_.flags.data(), sc_.fcol.data()), s_.L, true);
+    }
+    int64_t done = nf * static_cast<int64_t>(sc_.x.size());
+    // phase 2: per predicted patch, alive channels x remaining pixels
+    for (int64_t q = 0; q < npred; ++q) {
+      const int64_t na = Compact(sc_.flags.data() + q * nf, nf);
+      if (na == 0) continue;
+      const uint32_t rb = static_cast<uint32_t>(sc_.order[q]);
+      sc_.x2.clear();
+      sc_.ycol2.clear();
+      AddPixels(sc_.list[q], rb, sc_.x2, sc_.ycol2);
+      DotBlock(Job(sc_.k2.data(), na, sc_.x2, sc_.ycol2), s_.L, false);
+      done += na * static_cast<int64_t>(sc_.x2.size());
+    }
+    return done;
+  }
+
+  int Kind(int64_t t) const {
+    const int64_t pi = t / s_.PW, pj = t % s_.PW;
+    const bool bottom = (pi + 1) * s_.p > g_.OH, right = (pj + 1) * s_.p > g_.OW;
+    return (bottom ? 2 : 0) + (right ? 1 : 0);
+  }
+  uint32_t ValidBits(int64_t t) const {
+    const int p = s_.p;
+    const int64_t pi = t / s_.PW, pj = t % s_.PW;
+    const int64_t rows = std::min<int64_t>(p, g_.OH - pi * p), cols = std::min<int64_t>(p, g_.OW - pj * p);
+    uint32_t vb = 0;
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) vb |= 1u << (i * p + j);
+    return vb;
+  }
+  // Appends the pixels of `bits` of patch t to xs / cols (row-major within the patch).
+  void AddPixels(int64_t t, uint32_t bits, std::vector<const float*>& xs, std::vector<int64_t>& cols) const {
+    const int64_t pi = t / s_.PW, pj = t % s_.PW;
+    const int64_t col0 = pi * s_.p * g_.OW + pj * s_.p;
+    const float* x0 = XBase(pi * s_.p, pj * s_.p);
+    while (bits) {
+      const int q = __builtin_ctz(bits);
+      bits &= bits - 1;
+      xs.push_back(x0 + s_.dx[q]);
+      cols.push_back(col0 + s_.dcol[q]);
+    }
+  }
+
+  // Channel list -> global ids and output rows (idx == nullptr: the whole block in order).
+  void SetChannels(const int32_t* idx, int64_t nf) {
+    sc_.k.resize(nf);
+    sc_.k2.resize(nf);
+    sc_.y.resize(nf);
+    for (int64_t i = 0; i < nf; ++i) {
+      const int64_t k = Global(idx ? idx[i] : i);
+      sc_.k[i] = static_cast<int32_t>(k);
+      sc_.y[i] = yimg_ + k * g_.P();
+    }
+  }
+
+  // The whole channel block in order (contiguous panels) x the current pixel list.
+  void RunPanels(uint8_t* flags, const int64_t* fcol) {
+    PanelJob job;
+    job.wpan = s_.wpan + (grp_ * s_.npg + f0_ / 16) * s_.L.nseg * s_.L.len * 16;
+    job.y = sc_.y.data();
+    job.bias = s_.bias16 + (grp_ * s_.npg + f0_ / 16) * 16;
+    job.nf = Channels();
+    job.x = sc_.x.data();
+    job.ycol = sc_.ycol.data();
+    job.np = static_cast<int64_t>(sc_.x.size());
+    job.flags = flags;
+    job.fcol = fcol;
+    PanelBlock(job, s_.L);
+  }
+
+  // Channels k[0..nf) (global ids) x pixels; optional phase-1 flags.
+  DotJob Job(const int32_t* k, int64_t nf, const std::vector<const float*>& xs, const std::vector<int64_t>& cols,
+             uint8_t* flags = nullptr, const int64_t* fcol = nullptr) const {
+    DotJob job;
+    job.k = k;
+    job.nf = nf;
+    job.w0 = s_.wpk;
+    job.wrow = s_.wrow;
+    job.y0 = yimg_;
+    job.ystride = g_.P();
+    job.bias = s_.bias;
+    job.x = xs.data();
+    job.ycol = cols.data();
+    job.np = static_cast<int64_t>(xs.size());
+    job.flags = flags;
+    job.fcol = fcol;
+    return job;
+  }
+
+  void Run(int64_t nf, bool filters_outer) { DotBlock(Job(sc_.k.data(), nf, sc_.x, sc_.ycol), s_.L, filters_outer); }
+
+  // Patches sc_.list (all of valid bits vb), channel patterns sc_.code. Returns elements computed.
+  int64_t PatchSet(uint32_t vb) {
+    const int64_t nf = Channels();
+    const int64_t npatch = static_cast<int64_t>(sc_.list.size());
+    sc_.order.resize(nf);
+    std::iota(sc_.order.begin(), sc_.order.end(), 0);
+    std::stable_sort(sc_.order.begin(), sc_.order.end(),
+                     [&](int32_t a, int32_t b) { return sc_.code[a] < sc_.code[b]; });
+    int64_t done = 0;
+    for (int64_t a = 0; a < nf;) {
+      const uint32_t c = sc_.code[sc_.order[a]];
+      int64_t e = a;
+      while (e < nf && sc_.code[sc_.order[e]] == c) ++e;
+      const int32_t* F = sc_.order.data() + a;
+      const int64_t nF = e - a;
+      const bool whole = nF == nf;  // one pattern for the block: channels in order, panels apply
+      a = e;
+      SetChannels(F, nF);
+      sc_.x.clear();
+      sc_.ycol.clear();
+      if (c == 0 || c == vb) {  // no prediction possible: compute the whole patches
+        for (int64_t q = 0; q < npatch; ++q) AddPixels(sc_.list[q], vb, sc_.x, sc_.ycol);
+        if (whole)
+          RunPanels(nullptr, nullptr);
+        else
+          Run(nF, true);
+        done += nF * static_cast<int64_t>(sc_.x.size());
+        continue;
+      }
+      // phase 1: masked pixels of every patch x the group's channels; the tiles flag, per patch and
+      // channel, whether any masked output is > 0
+      const int m = __builtin_popcount(c);
+      for (int64_t q = 0; q < npatch; ++q) AddPixels(sc_.list[q], c, sc_.x, sc_.ycol);
+      sc_.flags.assign(static_cast<size_t>(npatch * nF + 16), 0);
+      sc_.fcol.resize(sc_.x.size());
+      for (int64_t q = 0; q < npatch; ++q)
+        for (int j = 0; j < m; ++j) sc_.fcol[q * m + j] = q * nF;
+      if (whole)
+        RunPanels(sc_.flags.data(), sc_.fcol.data());
+      else
+        DotBlock(Job(sc_.k.data(), nF, sc_.x, sc_.ycol, sc_.flags.data(), sc_.fcol.data()), s_.L, true);
+      done += nF * static_cast<int64_t>(sc_.x.size());
+      // phase 2: per patch, alive channels x remaining pixels (dead ones stay zero: the region was
+      // zeroed, nothing is computed)
+      const uint32_t rb = vb & ~c;
+      const int r = __builtin_popcount(rb);
+      for (int64_t q = 0; q < npatch; ++q) {
+        const int64_t na = Compact(sc_.flags.data() + q * nF, nF);
+        if (na == 0) continue;
+        std::vector<const float*>& xs = sc_.x2;
+        std::vector<int64_t>& cols = sc_.ycol2;
+        xs.clear();
+        cols.clear();
+        AddPixels(sc_.list[q], rb, xs, cols);
+        DotBlock(Job(sc_.k2.data(), na, xs, cols), s_.L, false);
+        done += na * r;
+      }
+    }
+    return done;
+  }
+
+  const Shared& s_;
+  const ConvGeom& g_;
+  Scratch& sc_;
+  int64_t n_, grp_, f0_ = 0, f1_ = 0, ihp0_ = 0;
+  const float* xcl_ = nullptr;
+  float* yimg_ = nullptr;
+};
+
+struct SpatialConvKernel {
+  ConvAttrs attrs;
+  int p = 2;
+  ConstTensor w;
+  std::vector<float> bias;
+  ConstTensor mask;
+  bool mask_const = false;
+  int64_t K = 0, Cg = 0, KH = 0, KW = 0, G = 1;
+  int64_t nseg = 0, len = 0, lpad = 0;
+  FloatBuf wpk;
+  FloatBuf wpan;              // 16-channel panels per group: [G][npg][nseg*len][16]
+  std::vector<float> bias16;  // [G][npg*16]
+  int64_t npg = 0;
+
+  explicit SpatialConvKernel(const OrtKernelInfo* info) {
+    attrs = ReadConvAttrs(info, kOp);
+    const int64_t patch = AttrInt(info, "patch", -1);
+    if (patch == -1) Fail(kOp, "attribute 'patch' is missing, expected 2, 3 or 4");
+    if (patch < 2 || patch > 4) Fail(kOp, Msg("attribute 'patch' is ", patch, ", expected 2, 3 or 4"));
+    p = static_cast<int>(patch);
+    w = RequireConstInput(info, 1, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    CheckWeightShape(attrs, w.shape, kOp);
+    K = w.shape[0];
+    Cg = w.shape[1];
+    KH = w.shape[2];
+    KW = w.shape[3];
+    G = attrs.group;
+    Ort::ConstKernelInfo ki(info);
+    const size_t nin = ki.GetInputCount();
+    bias.assign(K, 0.f);
+    if (nin > 2 && !ki.GetInputName(2).empty()) {
+      ConstTensor b = RequireConstInput(info, 2, kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+      if (b.shape.size() != 1 || b.shape[0] != K)
+        Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
+      std::copy(b.as<float>(), b.as<float>() + K, bias.begin());
+    }
+    if (nin < 4 || ki.GetInputName(3).empty())
+      Fail(kOp, "input 'mask' (3) is missing, expected a uint8 mask of shape (p, p), (K, p, p) or (K, OH, OW)");
+    mask_const = TryGetConstInput(info, 3, &mask);
+    if (mask_const) {
+      if (mask.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+        Fail(kOp, Msg("input 'mask' has element type ", mask.type, ", expected uint8 (", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ")"));
+      const auto& ms = mask.shape;
+      const bool ok = (ms.size() == 2 && ms[0] == p && ms[1] == p) || (ms.size() == 3 && ms[0] == K && ms[1] >= 1 && ms[2] >= 1);
+      if (!ok)
+        Fail(kOp, Msg("input 'mask' has shape ", ShapeStr(ms), ", expected (p, p)=(", p, ", ", p, "), (K, p, p)=(", K, ", ", p,
+                      ", ", p, ") or (K, OH, OW)=(", K, ", OH, OW)"));
+      CheckValues(mask.as<uint8_t>(), mask.numel());
+    }
+    // Packed W rows: segments of the channels-last receptive field, each padded to lpad floats.
+    if (attrs.dilations[1] == 1) {
+      nseg = KH;
+      len = KW * Cg;
+    } else {
+      nseg = KH * KW;
+      len = Cg;
+    }
+    lpad = (len + 7) / 8 * 8;
+    const int64_t row = nseg * lpad;
+    wpk = AllocFloats(static_cast<size_t>(K * row));
+    std::fill(wpk.get(), wpk.get() + K * row, 0.f);
+    const float* W = w.as<float>();
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < Cg; ++c)
+        for (int64_t r = 0; r < KH; ++r)
+          for (int64_t s = 0; s < KW; ++s) {
+            const int64_t seg = attrs.dilations[1] == 1 ? r : r * KW + s;
+            const int64_t at = attrs.dilations[1] == 1 ? s * Cg + c : c;
+            wpk[k * row + seg * lpad + at] = W[((k * Cg + c) * KH + r) * KW + s];
+          }
+    // Panels: the same segment order, unpadded, 16 channels of one group interleaved per row.
+    const int64_t Kg = K / G, crs = nseg * len;
+    npg = (Kg + 15) / 16;
+    wpan = AllocFloats(static_cast<size_t>(G * npg * crs * 16));
+    std::fill(wpan.get(), wpan.get() + G * npg * crs * 16, 0.f);
+    bias16.assign(G * npg * 16, 0.f);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t grp = k / Kg, kl = k % Kg, panel = grp * npg + kl / 16, lane = kl % 16;
+      bias16[panel * 16 + lane] = bias[k];
+      for (int64_t sg = 0; sg < nseg; ++sg)
+        for (int64_t i = 0; i < len; ++i) wpan[(panel * crs + sg * len + i) * 16 + lane] = wpk[k * row + sg * lpad + i];
+    }
+  }
+
+  static void CheckValues(const uint8_t* m, int64_t n) {
+    for (int64_t i = 0; i < n; ++i)
+      if (m[i] > 1) Fail(kOp, Msg("input 'mask' has value ", int(m[i]), " at flat index ", i, ", expected 0 or 1"));
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guard([&] { Compute(context); });
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto x = ctx.GetInput(0);
+    const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+    const ConvGeom g = ResolveConv(attrs, w.shape, xs, kOp);
+    const int64_t N = xs[0];
+
+    // ---- mask: form and values
+    const uint8_t* mdata = nullptr;
+    std::vector<int64_t> mshape;
+    int64_t mnum = 0;
+    if (mask_const) {
+      mdata = mask.as<uint8_t>();
+      mshape = mask.shape;
+      mnum = mask.numel();
+    } else {
+      auto mv = ctx.GetInput(3);
+      auto ti = mv.GetTensorTypeAndShapeInfo();
+      if (ti.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+        Fail(kOp, Msg("input 'mask' has element type ", ti.GetElementType(), ", expected uint8"));
+      mshape = ti.GetShape();
+      mnum = static_cast<int64_t>(ti.GetElementCount());
+      mdata = mv.GetTensorData<uint8_t>();
+    }
+    MaskForm form;
+    if (mshape.size() == 2 && mshape[0] == p && mshape[1] == p)
+      form = MaskForm::kLayer;
+    else if (mshape.size() == 3 && mshape[0] == K && mshape[1] == p && mshape[2] == p)
+      form = MaskForm::kFilter;
+    else if (mshape.size() == 3 && mshape[0] == K && mshape[1] == g.OH && mshape[2] == g.OW)
+      form = MaskForm::kFull;
+    else
+      Fail(kOp, Msg("input 'mask' has shape ", ShapeStr(mshape), ", expected (p, p)=(", p, ", ", p, "), (K, p, p)=(", K,
+                    ", ", p, ", ", p, ") or (K, OH, OW)=(", K, ", ", g.OH, ", ", g.OW, ") for an output of ", g.OH, "x",
+                    g.OW));
+    if (!mask_const) CheckValues(mdata, mnum);
+    bool any0 = false, any1 = false;
+    for (int64_t i = 0; i < mnum && !(any0 && any1); ++i) (mdata[i] ? any1 : any0) = true;
+    const bool dense = !(any0 && any1);  // all ones, or all zeros (nothing selected: no prediction)
+
+    auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
+    float* Y = y.GetTensorMutableData<float>();
+    int64_t elems = 0;
+    if (N > 0) elems = Run(context, g, N, x.GetTensorData<float>(), Y, form, mdata, dense);
+    if (ctx.GetOutputCount() > 1) {
+      auto mo = ctx.GetOutput(1, std::vector<int64_t>{});
+      *mo.GetTensorMutableData<int64_t>() = elems * g.CRS();
+    }
+  }
+
+  int64_t Run(OrtKernelContext* context, const ConvGeom& g, int64_t N, const float* X, float* Y, MaskForm form,
+              const uint8_t* mdata, bool dense) const {
+    Shared s;
+    s.g = &g;
+    s.p = p;
+    s.N = N;
+    s.Hp = g.H + g.PT + g.PB;
+    s.Wp = g.W + g.PL + g.PR;
+    s.img = s.Hp * s.Wp * g.Cg();
+    s.PH = (g.OH + p - 1) / p;
+    s.PW = (g.OW + p - 1) / p;
+    std::vector<int64_t> off(nseg);
+    for (int64_t r = 0; r < KH; ++r)
+      for (int64_t sw = 0; sw < (attrs.dilations[1] == 1 ? 1 : KW); ++sw) {
+        const int64_t seg = attrs.dilations[1] == 1 ? r : r * KW + sw;
+        off[seg] = (r * g.DH * s.Wp + sw * g.DW) * g.Cg();
+      }
+    s.L.nseg = nseg;
+    s.L.len = len;
+    s.L.lpad = lpad;
+    s.L.off = off.data();
+    s.wpk = wpk.get();
+    s.wrow = nseg * lpad;
+    s.bias = bias.data();
+    s.wpan = wpan.get();
+    s.bias16 = bias16.data();
+    s.npg = npg;
+    {
+      const char* e = std::getenv("OZ_P1_MAXW");
+      const int64_t maxw = e ? std::atoll(e) : (4 << 20);
+      s.panel_phase1 = g.Kg() * nseg * lpad * 4 <= maxw;
+    }
+    s.form = form;
+    s.mask = mdata;
+    for (int q = 0; q < p * p; ++q) {
+      s.dcol[q] = (q / p) * g.OW + q % p;
+      s.dx[q] = ((q / p) * g.SH * s.Wp + (q % p) * g.SW) * g.Cg();
+    }
+    s.Y = Y;
+
+    // 1. task layout: (image, group, channel block, chunk of output rows / patch rows)
+    const int64_t Kg = g.Kg();
+    s.nFB = std::max<int64_t>(1, (Kg * s.wrow * 4 + kWBlockBytes - 1) / kWBlockBytes);
+    s.FB = ((Kg + s.nFB - 1) / s.nFB + 15) / 16 * 16;  // whole panels
+    s.nFB = (Kg + s.FB - 1) / s.FB;
+    s.units = dense ? g.OH : s.PH;
+    s.chunks = std::clamp<int64_t>((kTargetTasks + N * g.G * s.nFB - 1) / (N * g.G * s.nFB), 1, s.units);
+    const int64_t ntask = N * g.G * s.nFB * s.chunks;
+    const int64_t unit_rows = dense ? 1 : p;
+    auto rows_of = [&](int64_t chunk, int64_t* r0, int64_t* r1) {
+      const int64_t u0 = s.units * chunk / s.chunks, u1 = s.units * (chunk + 1) / s.chunks;
+      *r0 = u0 * unit_rows;
+      *r1 = std::min(g.OH, u1 * unit_rows);
+    };
+
+    // 2. channels-last padded input. One shared copy, unless every task reads distinct rows once
+    //    (one channel block, small halo): then each task packs its own rows, hot in L2 when used.
+    const int64_t ekh = (g.KH - 1) * g.DH + 1;
+    const double band = static_cast<double>(g.OH) / s.chunks;  // output rows per task (about)
+    const bool local = s.nFB == 1 && ((band - 1) * g.SH + ekh) <= 1.25 * band * g.SH;
+    s.X = X;
+    FloatBuf xcl;
+    if (!local) {
+      const int64_t nimg = N * g.G;
+      xcl = AllocFloats(static_cast<size_t>(nimg * s.img + 16));
+      std::fill(xcl.get() + nimg * s.img, xcl.get() + nimg * s.img + 16, 0.f);
+      const int64_t rows = nimg * s.Hp;
+      const int64_t npack = std::min<int64_t>(rows, 4 * kTargetTasks);
+      const int64_t plane = g.H * g.W;
+      ParallelFor(context, static_cast<size_t>(npack), [&](size_t t) {
+        const int64_t r0 = rows * static_cast<int64_t>(t) / npack, r1 = rows * static_cast<int64_t>(t + 1) / npack;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t im = r / s.Hp, ihp = r % s.Hp;
+          const int64_t n = im / g.G, grp = im % g.G;
+          PackRow(X + (n * g.C + grp * g.Cg()) * plane, plane, g, s.Wp, ihp, xcl.get() + im * s.img + ihp * s.Wp * g.Cg());
+        }
+      });
+      s.xcl = xcl.get();
+    }
+
+    std::vector<int64_t> done(ntask, 0);
+    std::atomic<bool> failed{false};
+    ParallelFor(context, static_cast<size_t>(ntask), [&](size_t ti) {
+      try {
+        int64_t t = static_cast<int64_t>(ti);
+        const int64_t chunk = t % s.chunks;
+        t /= s.chunks;
+        const int64_t fb = t % s.nFB;
+        t /= s.nFB;
+        const int64_t grp = t % g.G, n = t / g.G;
+        const int64_t u0 = s.units * chunk / s.chunks, u1 = s.units * (chunk + 1) / s.chunks;
+        int64_t r0, r1;
+        rows_of(chunk, &r0, &r1);
+        thread_local Scratch sc;
+        Task task(s, sc, n, grp, fb, r0, r1);
+        done[ti] = dense ? task.Dense(r0, r1) : task.Predict(u0, u1);
+      } catch (...) {
+        failed = true;
+      }
+    });
+    if (failed) Fail(kOp, "out of memory for the per-task scratch buffers");
+    return std::accumulate(done.begin(), done.end(), int64_t{0});
+  }
+};
+
+struct SpatialConvOpDef : Ort::CustomOpBase<SpatialConvOpDef, SpatialConvKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+    return Guard([&] { *kernel = new SpatialConvKernel(info); });
+  }
+  const char* GetName() const { return kOp; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* SpatialConvOp() {
+  static SpatialConvOpDef op;
+  return &op;
+}
+
+}  // namespace oz

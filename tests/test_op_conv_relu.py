@@ -1,0 +1,279 @@
+"""ConvRelu (dense Conv+bias+ReLU on the packed GEMM core) vs numpy and vs onnxruntime's Conv+Relu."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxzero import DOMAIN, OP_VERSION
+from onnxzero.ops import conv_relu as cr
+from onnxzero.ops.session import make_session, single_op_model
+
+# ASan runs (runtime_ops/asan/run.sh) set this to keep the suite cheap.
+EXAMPLES = int(os.environ.get("ONNXZERO_HYPOTHESIS_EXAMPLES", "60"))
+
+
+def _model(x_shape, w, b, *, macs=True, **attrs):
+    node, extra = cr.make_node("X", "W", "B" if b is not None else None, "Y", macs_output="macs" if macs else None,
+                               **attrs)
+    inits = {"W": w, **({"B": b} if b is not None else {}), **extra}
+    return single_op_model(node, inits, x_shape)
+
+
+def _run(x, w, b=None, *, threads=2, **attrs):
+    sess = make_session(_model(x.shape, w, b, **attrs), threads=threads)
+    y, macs = sess.run(None, {"X": x})
+    return y, int(macs)
+
+
+def _close(y, ref, scale):
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * max(1.0, scale))
+
+
+@st.composite
+def conv_case(draw):
+    n = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["dense", "dense", "depthwise", "grouped"]))
+    if kind == "dense":
+        group, cg, kg = 1, draw(st.integers(1, 9)), draw(st.integers(1, 20))
+    elif kind == "depthwise":
+        group, cg, kg = draw(st.integers(1, 8)), 1, draw(st.integers(1, 2))
+    else:
+        group, cg, kg = draw(st.integers(2, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 7))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"]))
+    pads = tuple(draw(st.integers(0, 3)) for _ in range(4)) if auto_pad == "NOTSET" else None
+    ekh, ekw = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    lo_h = max(1, ekh - (0 if pads is None else pads[0] + pads[2]))
+    lo_w = max(1, ekw - (0 if pads is None else pads[1] + pads[3]))
+    h, w = draw(st.integers(lo_h, lo_h + 20)), draw(st.integers(lo_w, lo_w + 40))
+    bias = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    attrs = dict(strides=(sh, sw), dilations=(dh, dw), group=group, auto_pad=auto_pad)
+    if pads is not None:
+        attrs["pads"] = pads
+    if draw(st.booleans()):
+        attrs["kernel_shape"] = (kh, kw)
+    return (n, cg * group, h, w), (kg * group, cg, kh, kw), bias, attrs, seed
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_case())
+def test_matches_reference(case):
+    x_shape, w_shape, bias, attrs, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32) if bias else None
+    y, macs = _run(x, w, b, **attrs)
+    ref, ref_macs = cr.reference(x, w, b, **attrs)
+    assert y.shape == ref.shape
+    _close(y, ref, np.sqrt(w_shape[1] * w_shape[2] * w_shape[3]))
+    assert macs == ref_macs
+
+
+@settings(max_examples=max(5, EXAMPLES // 3), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_case())
+def test_matches_onnxruntime_conv_relu(case):
+    x_shape, w_shape, bias, attrs, seed = case
+    # onnxruntime's Conv refuses dilations with SAME_* auto_pad (the numpy reference covers those).
+    assume(not (attrs["auto_pad"].startswith("SAME") and attrs["dilations"] != (1, 1)))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32) if bias else None
+    y, _ = _run(x, w, b, **attrs)
+    ref = make_session(cr.onnx_conv_relu_model(w, b, x_shape, **attrs), threads=2, library=False).run(None, {"X": x})[0]
+    _close(y, ref, np.sqrt(w_shape[1] * w_shape[2] * w_shape[3]))
+
+
+# The benchmark layers (cut to batch 1) and edge shapes of the GEMM core: row panels (K % 6),
+# column panels (P % 16), several reduction blocks (CRS > 320), strided 7x7 stem, 1x1 fast path.
+LAYERS = [
+    ((1, 64, 56, 56), (64, 64, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ((1, 128, 28, 28), (128, 128, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ((1, 256, 14, 14), (256, 256, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ((1, 512, 7, 7), (512, 512, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ((1, 256, 56, 56), (64, 256, 1, 1), {}),
+    ((1, 3, 224, 224), (64, 3, 7, 7), dict(strides=(2, 2), pads=(3, 3, 3, 3))),
+    ((2, 37, 13, 11), (23, 37, 3, 3), dict(pads=(0, 1, 2, 0))),
+    ((3, 70, 9, 17), (13, 70, 1, 1), {}),
+    ((1, 8, 31, 33), (8, 1, 3, 3), dict(group=8, pads=(1, 1, 1, 1))),
+    ((2, 12, 20, 20), (18, 4, 3, 3), dict(group=3, strides=(2, 2), auto_pad="SAME_UPPER")),
+    ((1, 5, 40, 50), (7, 5, 3, 3), dict(strides=(3, 3), dilations=(2, 2), pads=(2, 2, 2, 2))),
+    # packed tiles whose last 1..4 columns take the dot-product tail kernel (OH*OW % 16 = 4, 3, 2)
+    ((1, 16, 6, 6), (64, 16, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ((2, 8, 5, 7), (48, 8, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ((1, 8, 2, 17), (60, 8, 3, 3), dict(pads=(1, 1, 1, 1))),
+    # stride 2 (phase slab) and 1x1 with few rows (pack-free paths)
+    ((2, 6, 23, 29), (5, 6, 3, 3), dict(strides=(2, 2), pads=(1, 0, 1, 2))),
+    ((1, 40, 9, 9), (3, 40, 1, 1), {}),
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", LAYERS, ids=[f"{a[1]}-{a[0]}" for a in LAYERS])
+def test_layers_match_onnxruntime(x_shape, w_shape, attrs):
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.standard_normal(x_shape), 0).astype(np.float32)
+    w = (rng.standard_normal(w_shape) * np.sqrt(2.0 / np.prod(w_shape[1:]))).astype(np.float32)
+    b = (rng.standard_normal(w_shape[0]) * 0.1).astype(np.float32)
+    y, macs = _run(x, w, b, **attrs)
+    ref = make_session(cr.onnx_conv_relu_model(w, b, x_shape, **attrs), threads=2, library=False).run(None, {"X": x})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+    assert macs == cr.reference(x[:1], w, b, **attrs)[1] * x_shape[0]
+
+
+def test_no_bias_no_macs_output_and_single_thread():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 10, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((9, 10, 3, 3)).astype(np.float32)
+    sess = make_session(_model(x.shape, w, None, macs=False, pads=(1, 1, 1, 1)), threads=1)
+    (y,) = sess.run(None, {"X": x})
+    _close(y, cr.reference(x, w, None, pads=(1, 1, 1, 1))[0], 10)
+
+
+def test_batch_size_changes_between_runs_and_relu_zeros():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 4, 3, 3)).astype(np.float32)
+    b = np.full(16, -1e6, np.float32)  # every output negative before ReLU
+    sess = make_session(_model((1, 4, 9, 9), w, b), threads=2)
+    for n in (1, 3, 2):
+        x = rng.standard_normal((n, 4, 9, 9)).astype(np.float32)
+        y, macs = sess.run(None, {"X": x})
+        assert y.shape == (n, 16, 7, 7) and not y.any()
+        assert int(macs) == n * 16 * 49 * 36
+
+
+def test_concurrent_runs_on_one_session():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((20, 8, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(20).astype(np.float32)
+    sess = make_session(_model((1, 8, "H", "W"), w, b, pads=(1, 1, 1, 1)), threads=2)
+    xs = [rng.standard_normal((1 + i % 2, 8, 30 - i, 30 + i)).astype(np.float32) for i in range(6)]
+    refs = [cr.reference(x, w, b, pads=(1, 1, 1, 1))[0] for x in xs]
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(5):
+                y, _ = sess.run(None, {"X": xs[i]})
+                _close(y, refs[i], 10)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+# --- errors: refused at session creation (attribute / constant problems) or at run time (input shapes)
+
+def _session(model):
+    return make_session(model, threads=1)
+
+
+def _node(inputs, **attrs):
+    return helper.make_node("ConvRelu", inputs, ["Y", "macs"], domain=DOMAIN, **attrs)
+
+
+def _unshaped_x_model(node, inits):
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("macs", TensorProto.INT64, None)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OP_VERSION)])
+
+
+def test_error_x_rank():
+    w = np.ones((4, 3, 3, 3), np.float32)
+    sess = _session(_unshaped_x_model(_node(["X", "W"]), {"W": w}))
+    with pytest.raises(Exception, match=r"ConvRelu: input 'X' has shape \(3, 8, 8\), expected rank 4"):
+        sess.run(None, {"X": np.ones((3, 8, 8), np.float32)})
+
+
+def test_error_channel_mismatch():
+    w = np.ones((4, 3, 3, 3), np.float32)
+    sess = _session(_model((1, "C", 8, 8), w, None))
+    with pytest.raises(Exception, match=r"ConvRelu: input 'X' has 5 channels, expected 3"):
+        sess.run(None, {"X": np.ones((1, 5, 8, 8), np.float32)})
+
+
+def test_error_input_smaller_than_kernel():
+    w = np.ones((4, 3, 5, 5), np.float32)
+    sess = _session(_model((1, 3, "H", "W"), w, None))
+    with pytest.raises(Exception, match=r"ConvRelu: input 'X' of spatial size 3x8 .* smaller than the dilated kernel 5x5"):
+        sess.run(None, {"X": np.ones((1, 3, 3, 8), np.float32)})
+
+
+def test_error_weight_not_constant():
+    node = _node(["X", "W"])
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 8, 8]),
+         helper.make_tensor_value_info("W", TensorProto.FLOAT, [4, 3, 3, 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("macs", TensorProto.INT64, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OP_VERSION)])
+    with pytest.raises(Exception, match=r"ConvRelu: input 'W' \(1\) must be a constant initializer"):
+        _session(model)
+
+
+def test_error_bias_not_constant():
+    node = _node(["X", "W", "B"])
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 8, 8]),
+         helper.make_tensor_value_info("B", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OP_VERSION)])
+    with pytest.raises(Exception, match=r"ConvRelu: input 'B' \(2\) must be a constant initializer"):
+        _session(model)
+
+
+@pytest.mark.parametrize("w_shape,b_shape,attrs,message", [
+    ((4, 3, 3), None, {}, r"input 'W' has shape \(4, 3, 3\), expected rank 4"),
+    ((4, 3, 3, 3), (5,), {}, r"input 'B' has shape \(5,\), expected \(4,\)"),
+    ((5, 3, 3, 3), None, dict(group=2), r"input 'W' has 5 output channels, expected a multiple of group=2"),
+    ((4, 3, 3, 3), None, dict(kernel_shape=[3, 2]), r"attribute 'kernel_shape' \(3, 2\) does not match input 'W'"),
+    ((4, 3, 3, 3), None, dict(kernel_shape=[3, 3, 3]), r"attribute 'kernel_shape' has 3 values, expected 2"),
+    ((4, 3, 3, 3), None, dict(strides=[0, 1]), r"attribute 'strides' \(0, 1\), expected values >= 1"),
+    ((4, 3, 3, 3), None, dict(pads=[1, -1, 1, 1]), r"attribute 'pads' \(1, -1, 1, 1\), expected values >= 0"),
+    ((4, 3, 3, 3), None, dict(dilations=[1]), r"attribute 'dilations' has 1 values, expected 2"),
+    ((4, 3, 3, 3), None, dict(auto_pad="SAME"), r"attribute 'auto_pad' is 'SAME', expected NOTSET, VALID"),
+    ((4, 3, 3, 3), None, dict(group=0), r"attribute 'group' is 0, expected >= 1"),
+])
+def test_errors_at_session_creation(w_shape, b_shape, attrs, message):
+    inits = {"W": np.ones(w_shape, np.float32)}
+    inputs = ["X", "W"]
+    if b_shape is not None:
+        inits["B"] = np.ones(b_shape, np.float32)
+        inputs.append("B")
+    model = single_op_model(_node(inputs, **attrs), inits, (1, 3, 8, 8))
+    with pytest.raises(Exception, match="ConvRelu: " + message):
+        _session(model)
+
+
+def test_error_weight_element_type():
+    model = single_op_model(_node(["X", "W"]), {"W": np.ones((4, 3, 3, 3), np.float64)}, (1, 3, 8, 8))
+    with pytest.raises(Exception, match=r"(?s)W.*double|double.*W"):
+        _session(model)
+
+
+def test_empty_batch():
+    w = np.ones((4, 3, 3, 3), np.float32)
+    sess = _session(_model((1, 3, 8, 8), w, None))
+    y, macs = sess.run(None, {"X": np.ones((0, 3, 8, 8), np.float32)})
+    assert y.shape == (0, 4, 6, 6) and int(macs) == 0

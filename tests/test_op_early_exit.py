@@ -1,0 +1,326 @@
+"""EarlyExitConv (SnaPEA): kernel vs the numpy reference (exact and predictive), vs onnxruntime's Conv+Relu,
+the macs counter (bounds, exact counts, must-not-fire cases), calibration, and every error message."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxzero import DOMAIN, OP_VERSION
+from onnxzero.ops import early_exit as ee
+from onnxzero.ops import make_session, single_op_model
+from onnxzero.ops.conv_relu import onnx_conv_relu_model
+
+EXAMPLES = int(os.environ.get("ONNXZERO_HYPOTHESIS_EXAMPLES", "30"))
+ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+              ort.capi.onnxruntime_pybind11_state.RuntimeException, ort.capi.onnxruntime_pybind11_state.InvalidGraph)
+
+
+def _session(w, b, x_shape, *, mode="exact", nonneg_input=None, threads=2, **conv):
+    pred = mode == "predictive"
+    node, inits = ee.make_node("X", "W", "B" if b is not None else None, "Y", macs_output="macs", mode=mode,
+                               nonneg_input=nonneg_input, n_terms="NT" if pred else None,
+                               threshold="TH" if pred else None, **conv)
+    inits["W"] = np.asarray(w, np.float32)
+    if b is not None:
+        inits["B"] = np.asarray(b, np.float32)
+    rt = {"NT": (TensorProto.INT64, [w.shape[0]]), "TH": (TensorProto.FLOAT, [w.shape[0]])} if pred else None
+    return make_session(single_op_model(node, inits, x_shape, runtime_inputs=rt, outputs=["Y", "macs"]), threads=threads)
+
+
+def _run(x, w, b, *, mode="exact", n_terms=None, threshold=None, nonneg_input=None, threads=2, **conv):
+    s = _session(w, b, x.shape, mode=mode, nonneg_input=nonneg_input, threads=threads, **conv)
+    feeds = {"X": x}
+    if mode == "predictive":
+        feeds.update(NT=np.asarray(n_terms, np.int64), TH=np.asarray(threshold, np.float32))
+    y, macs = s.run(None, feeds)
+    return y, int(macs)
+
+
+def _dense(x_shape, w_shape, y_shape):
+    return x_shape[0] * w_shape[0] * y_shape[2] * y_shape[3] * int(np.prod(w_shape[1:]))
+
+
+def _close(y, y_ref):
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(y_ref).max())))
+
+
+@st.composite
+def conv_cases(draw):
+    depthwise = draw(st.booleans())
+    n = draw(st.integers(1, 2))
+    if depthwise:
+        c = draw(st.integers(1, 8))
+        group, k = c, c * draw(st.integers(1, 2))
+    else:
+        group = draw(st.sampled_from([1, 1, 2]))
+        c = group * draw(st.integers(1, 10))
+        k = group * draw(st.integers(1, 12))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"]))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4)) if auto_pad == "NOTSET" else (0, 0, 0, 0)
+    ekh, ekw = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    h = draw(st.integers(max(1, ekh - pads[0] - pads[2]), 16))
+    w = draw(st.integers(max(1, ekw - pads[1] - pads[3]), 16))
+    shift = draw(st.sampled_from([-3.0, -1.0, -0.3, 0.0, 0.5, 3.0]))
+    zeros = draw(st.sampled_from([0.0, 0.0, 0.3]))   # fraction of zero weights
+    seed = draw(st.integers(0, 2**31))
+    return dict(x_shape=(n, c, h, w), w_shape=(k, c // group, kh, kw), conv=dict(
+        strides=(sh, sw), pads=pads, dilations=(dh, dw), group=group, auto_pad=auto_pad), shift=shift,
+        zeros=zeros, seed=seed)
+
+
+def _data(case, *, nonneg=True):
+    rng = np.random.default_rng(case["seed"])
+    x = rng.standard_normal(case["x_shape"]).astype(np.float32)
+    if nonneg:
+        x = np.maximum(x, 0)
+    fan = int(np.prod(case["w_shape"][1:]))
+    w = (rng.standard_normal(case["w_shape"]) / np.sqrt(fan)).astype(np.float32)
+    w[rng.random(w.shape) < case["zeros"]] = 0
+    b = (rng.standard_normal(case["w_shape"][0]) * 0.3 + case["shift"]).astype(np.float32)
+    return x, w, b
+
+
+# ------------------------------------------------------------------------------------------ exact mode
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_exact_matches_reference(case):
+    x, w, b = _data(case)
+    y, macs = _run(x, w, b, **case["conv"])
+    y_ref, macs_ref = ee.reference(x, w, b, **case["conv"])
+    _close(y, y_ref)
+    dense = _dense(x.shape, w.shape, y_ref.shape)
+    assert macs_ref <= macs <= dense
+
+
+@settings(max_examples=max(5, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_exact_with_signed_input_never_stops(case):
+    """nonneg_input=0 and an input with negative values: no early stop is valid, so every term runs."""
+    x, w, b = _data(case, nonneg=False)
+    if np.all(x >= 0):
+        x[0, 0, 0, 0] = -1.0
+    y, macs = _run(x, w, b, nonneg_input=0, **case["conv"])
+    y_ref, macs_ref = ee.reference(x, w, b, **case["conv"])
+    _close(y, y_ref)
+    assert macs == macs_ref == x.shape[0] * y.shape[2] * y.shape[3] * np.count_nonzero(w)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,conv", [
+    ((1, 16, 23, 19), (24, 16, 3, 3), dict(pads=(1, 1, 1, 1))),                     # several blocks, tail block
+    ((1, 40, 6, 6), (96, 40, 3, 3), dict(pads=(1, 1, 1, 1))),                       # one block, shared im2col
+    ((2, 3, 30, 30), (16, 3, 7, 7), dict(strides=(2, 2), pads=(3, 3, 3, 3))),       # strided stem
+    ((1, 32, 12, 12), (16, 32, 1, 1), {}),                                          # 1x1
+    ((1, 300, 4, 4), (8, 300, 3, 3), dict(pads=(1, 1, 1, 1))),                      # long reduction, small blocks
+    ((1, 8, 9, 9), (8, 1, 3, 3), dict(pads=(2, 2, 2, 2), dilations=(2, 2), group=8)),  # depthwise dilated
+])
+@pytest.mark.parametrize("shift", [-2.0, 0.0, 5.0])
+def test_exact_equals_onnxruntime_conv_relu(x_shape, w_shape, conv, shift):
+    """Exact mode is Conv+ReLU on non-negative inputs, however much it skips."""
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.standard_normal(x_shape), 0).astype(np.float32)
+    w = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype(np.float32)
+    b = (rng.standard_normal(w_shape[0]) * 0.3 + shift).astype(np.float32)
+    for threads in (1, 2):
+        y, macs = _run(x, w, b, threads=threads, **conv)
+        (y_ort,) = make_session(onnx_conv_relu_model(w, b, x_shape, **conv), threads=threads, library=False).run(None, {"X": x})
+        _close(y, y_ort)
+        _, macs_ref = ee.reference(x, w, b, **conv)
+        assert macs_ref <= macs <= _dense(x_shape, w_shape, y.shape)
+        if shift == 5.0:  # every output stays positive: nothing stops
+            assert macs == _dense(x_shape, w_shape, y.shape)
+
+
+def test_exact_macs_counts():
+    """Exact counts at the kernel's granularity: all-negative outputs stop right after the positives."""
+    rng = np.random.default_rng(2)
+    x = rng.random((2, 6, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    P = 10 * 10
+    npos = (w.reshape(5, -1) > 0).sum(axis=1)
+    b = np.full(5, -1e4, np.float32)
+    y, macs = _run(x, w, b, pads=(1, 1, 1, 1))
+    assert np.all(y == 0)
+    assert macs == 2 * P * int(npos.sum())
+    y, macs = _run(x, w, np.full(5, 1e4, np.float32), pads=(1, 1, 1, 1))
+    assert macs == 2 * P * w.size
+
+
+def test_zero_weights_are_never_multiplied():
+    w = np.zeros((3, 2, 3, 3), np.float32)
+    w[0, 0, 1, 1] = 1.0
+    w[2] = -0.5
+    x = np.ones((1, 2, 4, 4), np.float32)
+    b = np.array([0.5, 0.25, 20.0], np.float32)
+    y, macs = _run(x, w, b, pads=(1, 1, 1, 1))
+    _close(y, ee.reference(x, w, b, pads=(1, 1, 1, 1))[0])
+    assert np.all(y[0, 1] == 0.25)
+    assert macs == 16 * (1 + 0 + 18)
+
+
+# ------------------------------------------------------------------------------------------ predictive mode
+def _partial_at(x, w, b, n_terms, conv):
+    """S_N (N, K, P) of the reference, to leave out outputs that sit on a threshold."""
+    cols, geo = ee.im2col(x, w.shape, **conv)
+    K = w.shape[0]
+    kg = K // conv.get("group", 1)
+    out = np.zeros((x.shape[0], K, geo.OH * geo.OW))
+    for k in range(K):
+        for n in range(x.shape[0]):
+            S, _ = ee._partial_sums(cols[n, k // kg], w[k], float(b[k]))
+            out[n, k] = S[min(int(n_terms[k]), S.shape[0] - 1)]
+    return out.reshape(x.shape[0], K, geo.OH, geo.OW)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.sampled_from([0.02, 0.3]), st.booleans())
+def test_predictive_matches_reference(case, fraction, quantile, nonneg):
+    x, w, b = _data(case, nonneg=nonneg)
+    conv = case["conv"]
+    n_terms, threshold = ee.calibrate_predictive(x, w, b, fraction=fraction, quantile=quantile, **conv)
+    y, macs = _run(x, w, b, mode="predictive", n_terms=n_terms, threshold=threshold, **conv)
+    y_ref, macs_ref, per = ee.reference(x, w, b, mode="predictive", n_terms=n_terms, threshold=threshold,
+                                        return_elementwise=True, **conv)
+    # outputs whose S_N is within float32 rounding of the threshold may be decided either way
+    s_n = _partial_at(x, w, b, n_terms, conv)
+    near = np.abs(s_n - threshold.reshape(1, -1, 1, 1)) <= 1e-4 * (1 + np.abs(s_n))
+    ok = ~near
+    np.testing.assert_allclose(y[ok], y_ref[ok], rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(y_ref).max())))
+    if not near.any():
+        assert macs_ref <= macs <= _dense(x.shape, w.shape, y.shape)
+
+
+def test_predictive_counts_and_runtime_inputs():
+    """Threshold +inf cuts every output after N terms; -inf never cuts (then exact stops still apply).
+    n_terms / threshold are runtime inputs: one session, several settings."""
+    rng = np.random.default_rng(4)
+    x = rng.random((1, 8, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((6, 8, 3, 3)).astype(np.float32)
+    b = np.full(6, 100.0, np.float32)  # nothing stops exactly
+    s = _session(w, b, x.shape, mode="predictive", pads=(1, 1, 1, 1))
+    P = 81
+    n = np.array([0, 1, 10, 36, 71, 72], np.int64)
+    y, macs = s.run(None, {"X": x, "NT": n, "TH": np.full(6, np.inf, np.float32)})
+    assert np.all(y == 0) and int(macs) == P * int(n.sum())
+    y, macs = s.run(None, {"X": x, "NT": n, "TH": np.full(6, -np.inf, np.float32)})
+    _close(y, ee.reference(x, w, b, pads=(1, 1, 1, 1))[0])
+    assert int(macs) == P * w.size
+    th = np.array([np.inf, -np.inf] * 3, np.float32)
+    y, macs = s.run(None, {"X": x, "NT": n, "TH": th})
+    assert int(macs) == P * (int(n[0::2].sum()) + 3 * 72)
+
+
+def test_calibration_rule():
+    rng = np.random.default_rng(5)
+    x = np.maximum(rng.standard_normal((2, 8, 10, 10)), 0).astype(np.float32)
+    w = (rng.standard_normal((4, 8, 3, 3)) / 8).astype(np.float32)
+    b = np.zeros(4, np.float32)
+    n_terms, threshold = ee.calibrate_predictive(x, w, b, fraction=0.25, quantile=0.1, pads=(1, 1, 1, 1))
+    assert n_terms.dtype == np.int64 and threshold.dtype == np.float32
+    np.testing.assert_array_equal(n_terms, np.ceil(0.25 * np.count_nonzero(w.reshape(4, -1), axis=1)))
+    y_exact, _ = ee.reference(x, w, b, pads=(1, 1, 1, 1))
+    y_pred, _ = ee.reference(x, w, b, mode="predictive", n_terms=n_terms, threshold=threshold, pads=(1, 1, 1, 1))
+    lost = ((y_exact > 0) & (y_pred == 0)).sum(axis=(0, 2, 3)) / np.maximum(1, (y_exact > 0).sum(axis=(0, 2, 3)))
+    assert np.all(lost <= 0.1 + 1e-9)
+
+
+def test_concurrent_runs_on_one_session():
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((32, 16, 3, 3)) / 12).astype(np.float32)
+    b = (rng.standard_normal(32) * 0.5 - 0.5).astype(np.float32)
+    s = _session(w, b, (1, 16, 20, 20), pads=(1, 1, 1, 1))
+    xs = [np.maximum(rng.standard_normal((1, 16, 20, 20)), 0).astype(np.float32) for _ in range(8)]
+    with ThreadPoolExecutor(4) as ex:
+        ys = list(ex.map(lambda x: s.run(None, {"X": x})[0], xs))
+    for x, y in zip(xs, ys):
+        _close(y, ee.reference(x, w, b, pads=(1, 1, 1, 1))[0])
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _raw_model(w, b=None, attrs=None, *, x_shape=(1, 2, 5, 5), extra=None, runtime=("X",), w_runtime=False):
+    names = ["X", "W", "B" if b is not None else ""] + list((extra or {}).keys())
+    while names and names[-1] == "":
+        names.pop()
+    node = helper.make_node(ee.OP, names, ["Y", "macs"], domain=DOMAIN, **(attrs or {}))
+    ins = [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x_shape))]
+    inits = []
+    arrays = {"W": w, **({"B": b} if b is not None else {}), **(extra or {})}
+    for k, v in arrays.items():
+        if (k == "W" and w_runtime) or (k in (extra or {}) and k in runtime):
+            ins.append(helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
+        else:
+            inits.append(numpy_helper.from_array(v, k))
+    graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None),
+                                                 helper.make_tensor_value_info("macs", TensorProto.INT64, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OP_VERSION)])
+
+
+def _expect_error(model, match, feeds):
+    with pytest.raises(ORT_ERRORS) as ei:
+        make_session(model, threads=1).run(None, feeds)
+    msg = str(ei.value)
+    for m in ([match] if isinstance(match, str) else match):
+        assert m in msg, msg
+
+
+def test_errors_creation():
+    w = np.ones((3, 2, 3, 3), np.float32)
+    x = {"X": np.ones((1, 2, 5, 5), np.float32)}
+    _expect_error(_raw_model(w, attrs={"mode": "fast"}), ["EarlyExitConv", "attribute 'mode' is 'fast', expected 'exact' or 'predictive'"], x)
+    _expect_error(_raw_model(w, attrs={"nonneg_input": 2}), ["attribute 'nonneg_input' is 2, expected 0 or 1"], x)
+    _expect_error(_raw_model(w, attrs={"mode": "predictive"}), ["mode 'predictive' needs inputs 'n_terms' (3) and 'threshold' (4)"], x)
+    _expect_error(_raw_model(w, extra={"NT": np.zeros(3, np.int64), "TH": np.zeros(3, np.float32)}),
+                  ["only used in mode 'predictive'"], x)
+    _expect_error(_raw_model(w, w_runtime=True), ["input 'W' (1) must be a constant initializer"], {**x, "W": w})
+    _expect_error(_raw_model(w.reshape(3, 2, 9)), ["input 'W' has shape (3, 2, 9), expected rank 4"], x)
+    _expect_error(_raw_model(w, np.zeros(4, np.float32)), ["input 'B' has shape (4,), expected (3,)"], x)
+    _expect_error(_raw_model(w, attrs={"group": 2}), ["expected a multiple of group=2"], x)
+    _expect_error(_raw_model(w, attrs={"kernel_shape": [2, 2]}), ["attribute 'kernel_shape' (2, 2) does not match input 'W'"], x)
+    big = np.ones((1, 65537, 1, 1), np.float32)
+    _expect_error(_raw_model(big, x_shape=(1, 65537, 1, 1)), ["reduction length C/group*KH*KW = 65537, expected at most 65536"],
+                  {"X": np.ones((1, 65537, 1, 1), np.float32)})
+
+
+def test_errors_run_time():
+    w = np.ones((3, 2, 3, 3), np.float32)
+    x = np.ones((1, 2, 5, 5), np.float32)
+    neg = x.copy()
+    neg[0, 1, 2, 3] = -0.5
+    _expect_error(_raw_model(w), ["EarlyExitConv", "input 'X' has a negative value (-0.5 at flat index 38)",
+                                  "expected a non-negative input", "nonneg_input=1"], {"X": neg})
+    _expect_error(_raw_model(w, x_shape=(1, 3, 5, 5)), ["input 'X' has 3 channels, expected 2"], {"X": np.ones((1, 3, 5, 5), np.float32)})
+    _expect_error(_raw_model(w, x_shape=(2, 5, 5)), ["input 'X' has shape (2, 5, 5), expected rank 4"], {"X": np.ones((2, 5, 5), np.float32)})
+    _expect_error(_raw_model(w, x_shape=(1, 2, 2, 2)), ["smaller than the dilated kernel"], {"X": np.ones((1, 2, 2, 2), np.float32)})
+    pred = {"mode": "predictive"}
+    nt, th = np.array([1, 2, 3], np.int64), np.zeros(3, np.float32)
+
+    def model(nt_arr, th_arr):
+        return _raw_model(w, attrs=pred, extra={"NT": nt_arr, "TH": th_arr}, runtime=("NT", "TH"))
+
+    _expect_error(model(nt[:2], th), ["input 'n_terms' has shape (2,), expected (3,)"], {"X": x, "NT": nt[:2], "TH": th})
+    _expect_error(model(nt, th[:1]), ["input 'threshold' has shape (1,), expected (3,)"], {"X": x, "NT": nt, "TH": th[:1]})
+    bad = np.array([1, 19, 3], np.int64)
+    _expect_error(model(bad, th), ["input 'n_terms' entry 1 is 19, expected a value in [0, 18]"], {"X": x, "NT": bad, "TH": th})
+    bad = np.array([-1, 1, 3], np.int64)
+    _expect_error(model(bad, th), ["input 'n_terms' entry 0 is -1, expected a value in [0, 18]"], {"X": x, "NT": bad, "TH": th})
+    nan = np.array([0, np.nan, 0], np.float32)
+    _expect_error(model(nt, nan), ["input 'threshold' entry 1 is NaN"], {"X": x, "NT": nt, "TH": nan})
+    # predictive + nonneg_input=1 declared: a negative input is refused too
+    m = _raw_model(w, attrs={**pred, "nonneg_input": 1}, extra={"NT": nt, "TH": th}, runtime=("NT", "TH"))
+    _expect_error(m, ["input 'X' has a negative value"], {"X": neg, "NT": nt, "TH": th})
+    # ... but not by default in predictive mode: it just runs without the exact stop
+    y, macs = make_session(model(nt, np.full(3, -np.inf, np.float32)), threads=1).run(
+        None, {"X": neg, "NT": nt, "TH": np.full(3, -np.inf, np.float32)})
+    assert int(macs) == 3 * 9 * 18  # 3x3 outputs, every term

@@ -1,0 +1,302 @@
+"""LazyConv (lazy evaluation of filters) vs its numpy reference and vs onnxruntime's Conv+Relu."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxzero import DOMAIN, OP_VERSION
+from onnxzero.ops import conv_relu as cr
+from onnxzero.ops import lazy
+from onnxzero.ops.session import make_session, single_op_model
+
+EXAMPLES = int(os.environ.get("ONNXZERO_HYPOTHESIS_EXAMPLES", "50"))
+RATIO = {"ratio": (TensorProto.FLOAT, [])}
+
+
+def _model(x_shape, w, b, pw, pb, *, ratio_input=True, ratio=1.0, macs=True, **attrs):
+    node, extra = lazy.make_node("X", "W", "B" if b is not None else None, "Y", pred_w=pw, pred_b=pb, ratio=ratio,
+                                 ratio_input="ratio" if ratio_input else None,
+                                 macs_output="macs" if macs else None, **attrs)
+    inits = {"W": w, **({"B": b} if b is not None else {}), **extra}
+    return single_op_model(node, inits, x_shape, runtime_inputs=RATIO if ratio_input else None)
+
+
+def _feed(x, ratio):
+    return {"X": x, "ratio": np.array(ratio, np.float32)}
+
+
+def _close(y, ref, scale):
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * max(1.0, scale))
+
+
+def _predictor(rng, C, K):
+    # Well separated predictions (no near-ties between the kernel's and numpy's rounding).
+    return (rng.standard_normal((C, K)) * 0.1).astype(np.float32), (rng.permutation(K) * 10.0).astype(np.float32)
+
+
+@st.composite
+def lazy_case(draw):
+    n = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["dense", "dense", "depthwise", "grouped"]))
+    if kind == "dense":
+        group, cg, kg = 1, draw(st.integers(1, 8)), draw(st.integers(1, 24))
+    elif kind == "depthwise":
+        group, cg, kg = draw(st.integers(1, 12)), 1, 1
+    else:
+        group, cg, kg = draw(st.integers(2, 4)), draw(st.integers(1, 4)), draw(st.integers(1, 6))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    s, d = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"]))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4)) if auto_pad == "NOTSET" else None
+    ekh, ekw = (kh - 1) * d + 1, (kw - 1) * d + 1
+    h = draw(st.integers(max(1, ekh), ekh + 18))
+    w = draw(st.integers(max(1, ekw), ekw + 30))
+    ratio = draw(st.one_of(st.sampled_from([1.0, 0.5, 0.25, 0.1, 0.9]), st.floats(0.01, 1.0)))
+    attrs = dict(strides=(s, s), dilations=(d, d), group=group, auto_pad=auto_pad)
+    if pads is not None:
+        attrs["pads"] = pads
+    return (n, cg * group, h, w), (kg * group, cg, kh, kw), draw(st.booleans()), attrs, ratio, draw(st.integers(0, 2**31))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lazy_case())
+def test_matches_reference(case):
+    x_shape, w_shape, bias, attrs, ratio, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32) if bias else None
+    pw, pb = _predictor(rng, x_shape[1], w_shape[0])
+    sess = make_session(_model(x_shape, w, b, pw, pb, **attrs), threads=2)
+    y, macs = sess.run(None, _feed(x, ratio))
+    ref, ref_macs = lazy.reference(x, w, b, pw, pb, ratio=ratio, **attrs)
+    _close(y, ref, np.sqrt(np.prod(w_shape[1:])))
+    assert int(macs) == ref_macs
+
+
+LAYERS = [
+    ((1, 64, 56, 56), (64, 64, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ((1, 512, 7, 7), (512, 512, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ((1, 256, 56, 56), (64, 256, 1, 1), {}),
+    ((1, 3, 224, 224), (64, 3, 7, 7), dict(strides=(2, 2), pads=(3, 3, 3, 3))),
+    ((2, 16, 15, 15), (16, 1, 3, 3), dict(group=16, pads=(1, 1, 1, 1))),
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", LAYERS, ids=[str(a[1]) for a in LAYERS])
+def test_ratio_one_equals_onnxruntime_conv_relu(x_shape, w_shape, attrs):
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal(x_shape), 0).astype(np.float32)
+    w = (rng.standard_normal(w_shape) * np.sqrt(2.0 / np.prod(w_shape[1:]))).astype(np.float32)
+    b = (rng.standard_normal(w_shape[0]) * 0.1).astype(np.float32)
+    pw, pb = _predictor(rng, x_shape[1], w_shape[0])
+    y, macs = make_session(_model(x_shape, w, b, pw, pb, **attrs), threads=2).run(None, _feed(x, 1.0))
+    ref = make_session(cr.onnx_conv_relu_model(w, b, x_shape, **attrs), threads=2, library=False).run(None, {"X": x})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+    g = cr.geometry(x_shape, w_shape, **attrs)
+    assert int(macs) == x_shape[0] * g.macs  # nothing skipped at ratio 1
+
+
+def test_ratio_changes_at_run_time_without_rebuilding():
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.standard_normal((2, 32, 20, 20)), 0).astype(np.float32)
+    w = rng.standard_normal((40, 32, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    pw, pb = _predictor(rng, 32, 40)
+    sess = make_session(_model(x.shape, w, b, pw, pb, pads=(1, 1, 1, 1)), threads=2)
+    crs = 32 * 9
+    for ratio in (1.0, 0.5, 0.1, 0.75, 0.25, 1.0, 0.025):
+        y, macs = sess.run(None, _feed(x, ratio))
+        ref, _ = lazy.reference(x, w, b, pw, pb, ratio=ratio, pads=(1, 1, 1, 1))
+        _close(y, ref, 17)
+        assert int(macs) == 2 * math.ceil(ratio * 40) * 400 * crs
+        computed = np.abs(y).sum(axis=(2, 3)) > 0
+        assert (computed.sum(axis=1) <= math.ceil(ratio * 40)).all()
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.9, 0.1])
+def test_macs_exact_on_bench_shapes(ratio):
+    rng = np.random.default_rng(2)
+    N, C, K, H = 3, 128, 128, 14
+    x = np.maximum(rng.standard_normal((N, C, H, H)), 0).astype(np.float32)
+    w = (rng.standard_normal((K, C, 3, 3)) * 0.05).astype(np.float32)
+    pw, pb = _predictor(rng, C, K)
+    sess = make_session(_model(x.shape, w, None, pw, pb, pads=(1, 1, 1, 1)), threads=2)
+    y, macs = sess.run(None, _feed(x, ratio))
+    assert int(macs) == N * math.ceil(ratio * K) * H * H * C * 9
+    ref, _ = lazy.reference(x, w, None, pw, pb, ratio=ratio, pads=(1, 1, 1, 1))
+    _close(y, ref, 34)
+
+
+def test_attribute_ratio_when_input_absent():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((10, 6, 3, 3)).astype(np.float32)
+    pw, pb = _predictor(rng, 6, 10)
+    sess = make_session(_model(x.shape, w, None, pw, pb, ratio_input=False, ratio=0.3), threads=1)
+    y, macs = sess.run(None, {"X": x})
+    ref, ref_macs = lazy.reference(x, w, None, pw, pb, ratio=0.3)
+    _close(y, ref, 7)
+    assert int(macs) == ref_macs == 2 * 3 * 49 * 54  # 0.3 of 10 filters is 3 (float32 rounding forgiven)
+
+
+def test_grouped_top_n_is_over_all_filters():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
+    pw = np.zeros((8, 8), np.float32)
+    pb = np.array([0, 1, 2, 3, 7, 6, 5, 4], np.float32)  # the top 4 (ids 4..7) are all in groups 2 and 3
+    sess = make_session(_model(x.shape, w, None, pw, pb, group=4), threads=2)
+    y, macs = sess.run(None, _feed(x, 0.5))
+    assert not y[:, :4].any()
+    ref, _ = lazy.reference(x, w, None, pw, pb, ratio=0.5, group=4)
+    _close(y, ref, 5)
+    assert int(macs) == 4 * 64 * 18
+
+
+def test_ties_choose_lower_index_and_nan_input_does_not_crash():
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.standard_normal((1, 4, 8, 8))).astype(np.float32) + 0.1
+    w = np.abs(rng.standard_normal((6, 4, 1, 1))).astype(np.float32)
+    pw, pb = np.zeros((4, 6), np.float32), np.ones(6, np.float32)  # all predictions tie
+    sess = make_session(_model(x.shape, w, None, pw, pb), threads=1)
+    y, _ = sess.run(None, _feed(x, 0.5))
+    assert (np.abs(y).sum(axis=(2, 3))[0] > 0).tolist() == [True, True, True, False, False, False]
+    x[0, 1, 2, 3] = np.nan
+    y, macs = sess.run(None, _feed(x, 0.5))  # NaN strengths rank last; must not crash
+    assert int(macs) == 3 * 64 * 4
+
+
+def test_fit_predictor_recovers_linear_model_and_is_robust():
+    rng = np.random.default_rng(6)
+    S, C, K = 300, 12, 20
+    X = np.abs(rng.standard_normal((S, C))) * 50
+    W = rng.standard_normal((C, K))
+    b = rng.standard_normal(K) * 5
+    Y = X @ W + b
+    pw, pb = lazy.fit_predictor(X, Y)
+    np.testing.assert_allclose(pw, W, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(pb, b, rtol=1e-3, atol=1e-2)
+    assert lazy.top_n_hit_rate(X @ pw + pb, Y, 0.25) == 1.0
+    # 10% gross outliers: the mean-absolute-error fit stays near the truth, least squares does not.
+    Yo = Y.copy()
+    mask = rng.random(Y.shape) < 0.1
+    Yo[mask] += rng.standard_normal(mask.sum()) * 1e4
+    pw, pb = lazy.fit_predictor(X, Yo)
+    lad_err = np.abs(pw - W).max()
+    A = np.hstack([X, np.ones((S, 1))])
+    ls = np.linalg.lstsq(A, Yo, rcond=None)[0]
+    assert lad_err < 0.05 < np.abs(ls[:C] - W).max()
+
+
+def test_fit_predictor_deterministic_and_dead_channels():
+    rng = np.random.default_rng(7)
+    X = np.abs(rng.standard_normal((50, 6)))
+    X[:, 2] = 0  # a dead input channel
+    Y = X @ rng.standard_normal((6, 4)) + rng.laplace(size=(50, 4))
+    a = lazy.fit_predictor(X, Y)
+    b = lazy.fit_predictor(X, Y)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert np.isfinite(a[0]).all() and a[0].shape == (6, 4) and a[1].shape == (4,)
+    with pytest.raises(ValueError, match="expected"):
+        lazy.fit_predictor(X, Y[:10])
+
+
+def test_top_n_hit_rate():
+    true = np.array([[5.0, 4, 3, 2, 1, 0]])
+    assert lazy.top_n_hit_rate(true, true, 0.5) == 1.0
+    assert lazy.top_n_hit_rate(-true, true, 0.5) == 0.0
+    assert lazy.top_n_hit_rate(np.array([[5.0, 0, 3, 2, 1, 4]]), true, 0.5) == pytest.approx(2 / 3)
+    assert lazy.filters_computed(0.3, 10) == 3 and lazy.filters_computed(0.001, 10) == 1
+    assert lazy.filters_computed(1.0, 7) == 7 and lazy.filters_computed(0.25, 64) == 16
+
+
+# --- errors
+
+def _lazy_inputs(x_shape=(1, 4, 8, 8), K=6):
+    rng = np.random.default_rng(8)
+    return (rng.standard_normal(x_shape).astype(np.float32), rng.standard_normal((K, x_shape[1], 3, 3)).astype(np.float32),
+            *_predictor(rng, x_shape[1], K))
+
+
+@pytest.mark.parametrize("ratio,message", [
+    (0.0, r"LazyConv: input 'ratio' is 0, expected a value in \(0, 1\]"),
+    (1.5, r"LazyConv: input 'ratio' is 1.5, expected a value in \(0, 1\]"),
+    (-0.25, r"LazyConv: input 'ratio' is -0.25, expected a value in \(0, 1\]"),
+    (float("nan"), r"LazyConv: input 'ratio' is nan, expected a value in \(0, 1\]"),
+    ([0.5, 0.5], r"LazyConv: input 'ratio' has shape \(2,\), expected a scalar in \(0, 1\]"),
+])
+def test_error_bad_runtime_ratio(ratio, message):
+    x, w, pw, pb = _lazy_inputs()
+    node, extra = lazy.make_node("X", "W", None, "Y", pred_w=pw, pred_b=pb, ratio_input="ratio", macs_output="macs")
+    model = single_op_model(node, {"W": w, **extra}, x.shape, runtime_inputs={"ratio": (TensorProto.FLOAT, None)})
+    sess = make_session(model, threads=1)
+    with pytest.raises(Exception, match=message):
+        sess.run(None, {"X": x, "ratio": np.array(ratio, np.float32)})
+
+
+def _raw_node(inputs, **attrs):
+    return helper.make_node("LazyConv", inputs, ["Y", "macs"], domain=DOMAIN, **attrs)
+
+
+@pytest.mark.parametrize("pw_shape,pb_shape,attrs,message", [
+    ((4, 5), (6,), {}, r"input 'pred_W' has shape \(4, 5\), expected \(4, 6\) \(input channels x filters\)"),
+    ((6, 4), (6,), {}, r"input 'pred_W' has shape \(6, 4\), expected \(4, 6\)"),
+    ((4, 6), (5,), {}, r"input 'pred_b' has shape \(5,\), expected \(6,\)"),
+    ((4, 6), (6, 1), {}, r"input 'pred_b' has shape \(6, 1\), expected \(6,\)"),
+    ((4, 6), (6,), dict(ratio=0.0), r"attribute 'ratio' is 0, expected a value in \(0, 1\]"),
+    ((4, 6), (6,), dict(ratio=2.0), r"attribute 'ratio' is 2, expected a value in \(0, 1\]"),
+    ((4, 6), (6,), dict(group=4), r"input 'W' has shape|expected a multiple|input 'pred_W'"),
+])
+def test_errors_at_session_creation(pw_shape, pb_shape, attrs, message):
+    x, w, _, _ = _lazy_inputs()
+    inits = {"W": w, "pw": np.zeros(pw_shape, np.float32), "pb": np.zeros(pb_shape, np.float32)}
+    model = single_op_model(_raw_node(["X", "W", "", "pw", "pb"], **attrs), inits, x.shape)
+    with pytest.raises(Exception, match="LazyConv: " + message):
+        make_session(model, threads=1)
+
+
+def test_error_non_finite_predictor():
+    x, w, pw, pb = _lazy_inputs()
+    pw[0, 0] = np.inf
+    model = single_op_model(_raw_node(["X", "W", "", "pw", "pb"]), {"W": w, "pw": pw, "pb": pb}, x.shape)
+    with pytest.raises(Exception, match=r"LazyConv: input 'pred_W' has a non-finite value"):
+        make_session(model, threads=1)
+
+
+def test_error_predictor_not_constant():
+    x, w, pw, pb = _lazy_inputs()
+    graph = helper.make_graph(
+        [_raw_node(["X", "W", "", "pw", "pb"])], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x.shape)),
+         helper.make_tensor_value_info("pw", TensorProto.FLOAT, list(pw.shape))],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(pb, "pb")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, OP_VERSION)])
+    with pytest.raises(Exception, match=r"LazyConv: input 'pred_W' \(3\) must be a constant initializer"):
+        make_session(model, threads=1)
+
+
+def test_error_channel_mismatch_and_rank():
+    x, w, pw, pb = _lazy_inputs()
+    node, extra = lazy.make_node("X", "W", None, "Y", pred_w=pw, pred_b=pb, macs_output="macs")
+    sess = make_session(single_op_model(node, {"W": w, **extra}, (1, "C", "H", "W")), threads=1)
+    with pytest.raises(Exception, match=r"LazyConv: input 'X' has 5 channels, expected 4"):
+        sess.run(None, {"X": np.ones((1, 5, 8, 8), np.float32)})
+    with pytest.raises(Exception, match=r"LazyConv: input 'X' of spatial size 2x8"):
+        sess.run(None, {"X": np.ones((1, 4, 2, 8), np.float32)})
+
+
+def test_make_node_validates():
+    pw, pb = np.zeros((4, 6), np.float32), np.zeros(6, np.float32)
+    with pytest.raises(ValueError, match="ratio"):
+        lazy.make_node("X", "W", None, "Y", pred_w=pw, pred_b=pb, ratio=0.0)
+    with pytest.raises(ValueError, match="do not match"):
+        lazy.make_node("X", "W", None, "Y", pred_w=pw, pred_b=np.zeros(5, np.float32))

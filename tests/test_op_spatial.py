@@ -1,0 +1,436 @@
+"""SpatialConv kernel vs its numpy reference, onnxruntime's Conv+Relu, its MAC counter and its errors."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from onnxzero import DOMAIN
+from onnxzero.bench import op_spatial
+from onnxzero.bench.common import LAYERS
+from onnxzero.ops import conv_geometry, make_session, single_op_model
+from onnxzero.ops import spatial as sp
+
+# the ASan target (runtime_ops/asan/run.sh) lowers this
+EXAMPLES = int(os.environ.get("ONNXZERO_HYPOTHESIS_EXAMPLES", "150"))
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _session(w, b, *, patch, mask=None, runtime_mask=False, x_shape, macs=True, threads=1, **attrs):
+    """A one-node SpatialConv session; the mask is a constant, or a graph input 'M' when runtime_mask."""
+    inits = {"W": w}
+    if b is not None:
+        inits["B"] = b
+    node, extra = sp.make_node("X", "W", "B" if b is not None else None, "Y", patch=patch,
+                               mask=None if runtime_mask else mask, mask_name="M" if runtime_mask else None,
+                               macs_output="macs" if macs else None, **attrs)
+    inits.update(extra)
+    rt = {"M": (TensorProto.UINT8, None)} if runtime_mask else None
+    outputs = ["Y", "macs"] if macs else ["Y"]
+    return make_session(single_op_model(node, inits, x_shape, runtime_inputs=rt, outputs=outputs), threads=threads)
+
+
+def _run(sess, x, mask=None):
+    feeds = {"X": x}
+    if mask is not None:
+        feeds["M"] = mask
+    y, macs = sess.run(None, feeds)
+    return y, int(macs)
+
+
+def _ort_conv_relu(x, w, b, **attrs):
+    inputs = ["X", "W"] + (["B"] if b is not None else [])
+    conv = helper.make_node("Conv", inputs, ["C"], **attrs)
+    relu = helper.make_node("Relu", ["C"], ["Y"])
+    graph = helper.make_graph(
+        [conv, relu], "ref", [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel()) for n, a in (("W", w), ("B", b)) if a is not None])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return make_session(model, library=False).run(None, {"X": x})[0]
+
+
+def _ambiguous(z, full_mask, tol=1e-3):
+    """Masked pre-activations so close to 0 that float32 vs float64 could decide 'alive' differently."""
+    sel = np.broadcast_to(full_mask.astype(bool)[None], z.shape)
+    near = (np.abs(z) < tol) & (z != 0)
+    return bool((near & sel).any())
+
+
+def _check_against_reference(x, w, b, mask, *, patch, runtime_mask, **attrs):
+    y_ref, macs_ref, z = sp.reference(x, w, b, mask, patch=patch, return_preact=True, **attrs)
+    K, OH, OW = y_ref.shape[1:]
+    assume(not _ambiguous(z, sp.expand_mask(mask, K, OH, OW, patch)))
+    sess = _session(w, b, patch=patch, mask=mask, runtime_mask=runtime_mask, x_shape=x.shape, **attrs)
+    y, macs = _run(sess, x, mask if runtime_mask else None)
+    scale = max(1.0, float(np.abs(y_ref).max()))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5 * scale)
+    assert macs == macs_ref  # the kernel skips at the reference's (channel, patch) granularity
+
+
+def _random_mask(rng, form, patch, K, OH, OW, density):
+    shape = {"layer": (patch, patch), "filter": (K, patch, patch), "full": (K, OH, OW)}[form]
+    return (rng.random(shape) < density).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------ hypothesis vs numpy
+
+
+@st.composite
+def conv_cases(draw):
+    depthwise = draw(st.booleans())
+    C = draw(st.sampled_from([1, 3, 4, 8, 9, 16]))
+    if depthwise:
+        group, K = C, C * draw(st.sampled_from([1, 2]))
+    else:
+        group, K = 1, draw(st.integers(1, 20))
+    KH, KW = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    H, W = draw(st.integers(2, 13)), draw(st.integers(2, 13))
+    strides = [draw(st.integers(1, 2)), draw(st.integers(1, 2))]
+    dilations = [draw(st.integers(1, 2)), draw(st.integers(1, 2))]
+    auto_pad = draw(st.sampled_from(["NOTSET", "NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"]))
+    pads = [draw(st.integers(0, 2)) for _ in range(4)] if auto_pad == "NOTSET" else None
+    g = conv_geometry((1, C, H, W), (K, C // group, KH, KW), strides=strides, dilations=dilations,
+                      pads=pads or (0, 0, 0, 0), group=group, auto_pad=auto_pad)
+    assume(g.OH >= 1 and g.OW >= 1)
+    attrs = dict(strides=strides, dilations=dilations, group=group, auto_pad=auto_pad)
+    if pads is not None:
+        attrs["pads"] = pads
+    return dict(N=draw(st.integers(1, 2)), C=C, K=K, H=H, W=W, KH=KH, KW=KW, group=group, OH=g.OH, OW=g.OW,
+                attrs=attrs)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(case=conv_cases(), form=st.sampled_from(["layer", "filter", "full"]), patch=st.integers(2, 4),
+       density=st.sampled_from([0.2, 0.4, 0.7]), runtime_mask=st.booleans(), bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernel_matches_reference(case, form, patch, density, runtime_mask, bias, seed):
+    rng = np.random.default_rng(seed)
+    c = case
+    x = rng.standard_normal((c["N"], c["C"], c["H"], c["W"])).astype(np.float32)
+    w = rng.standard_normal((c["K"], c["C"] // c["group"], c["KH"], c["KW"])).astype(np.float32)
+    b = rng.standard_normal(c["K"]).astype(np.float32) if bias else None
+    mask = _random_mask(rng, form, patch, c["K"], c["OH"], c["OW"], density)
+    _check_against_reference(x, w, b, mask, patch=patch, runtime_mask=runtime_mask, **c["attrs"])
+
+
+@pytest.mark.parametrize("form", ["layer", "filter", "full"])
+@pytest.mark.parametrize("shape", [(2, 32, 24, 15, 17, 3), (1, 24, 40, 9, 9, 1), (1, 64, 16, 7, 7, 3)])
+def test_kernel_matches_reference_wide_channels(form, shape):
+    """Channel counts that fill whole 16-channel panels, several blocks and odd output sizes."""
+    N, C, K, H, W, k = shape
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.standard_normal((N, C, H, W)), 0).astype(np.float32)
+    w = (rng.standard_normal((K, C, k, k)) / np.sqrt(C * k * k)).astype(np.float32)
+    b = (0.3 * rng.standard_normal(K)).astype(np.float32)
+    attrs = dict(pads=[k // 2] * 4)
+    OH, OW = H, W
+    for patch in (2, 3, 4):
+        mask = _random_mask(rng, form, patch, K, OH, OW, 0.3)
+        y_ref, macs_ref, z = sp.reference(x, w, b, mask, patch=patch, return_preact=True, **attrs)
+        if _ambiguous(z, sp.expand_mask(mask, K, OH, OW, patch)):
+            continue
+        y, macs = _run(_session(w, b, patch=patch, mask=mask, x_shape=x.shape, **attrs), x)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+        assert macs == macs_ref
+
+
+# ------------------------------------------------------------------------- no-skip == ORT Conv+Relu
+
+
+@pytest.mark.parametrize("attrs,shape", [
+    (dict(pads=[1, 1, 1, 1]), (2, 16, 32, 14, 14, 3)),
+    (dict(strides=[2, 2], pads=[3, 3, 3, 3]), (1, 3, 16, 30, 30, 7)),
+    (dict(), (1, 40, 24, 12, 12, 1)),
+    (dict(pads=[1, 0, 2, 1], dilations=[2, 1]), (1, 8, 20, 11, 13, 3)),
+    (dict(group=16, pads=[1, 1, 1, 1]), (2, 16, 16, 10, 10, 3)),
+    (dict(auto_pad="SAME_UPPER", strides=[2, 1]), (1, 5, 7, 9, 8, 3)),
+])
+@pytest.mark.parametrize("mask_kind", ["ones-layer", "ones-filter", "ones-full", "zeros"])
+def test_all_ones_mask_equals_onnxruntime_conv_relu(attrs, shape, mask_kind):
+    N, C, K, H, W, k = shape
+    group = attrs.get("group", 1)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((K, C // group, k, k)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    ref = _ort_conv_relu(x, w, b, kernel_shape=[k, k], **attrs)
+    OH, OW = ref.shape[2:]
+    patch = 3
+    mask = {"ones-layer": np.ones((patch, patch), np.uint8), "ones-filter": np.ones((K, patch, patch), np.uint8),
+            "ones-full": np.ones((K, OH, OW), np.uint8), "zeros": np.zeros((patch, patch), np.uint8)}[mask_kind]
+    y, macs = _run(_session(w, b, patch=patch, mask=mask, x_shape=x.shape, kernel_shape=[k, k], **attrs), x)
+    scale = float(np.abs(ref).max())
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * scale)
+    assert macs == N * K * OH * OW * (C // group) * k * k  # nothing can be skipped
+
+
+def test_bench_layer_shapes_dense_equal_onnxruntime():
+    """The six bench layers at the no-skip setting (batch 1): exactly Conv+Relu."""
+    rng = np.random.default_rng(3)
+    for layer in LAYERS:
+        case = op_spatial.build(layer, 0.0, rng)
+        y, macs = make_session(case.model).run(None, case.feeds)
+        w = [i for i in case.model.graph.initializer if i.name == "W"][0]
+        b = [i for i in case.model.graph.initializer if i.name == "B"][0]
+        from onnx import numpy_helper
+        ref = _ort_conv_relu(case.feeds["X"], numpy_helper.to_array(w), numpy_helper.to_array(b), **layer.conv_attrs())
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+        assert int(macs) == layer.K * layer.C * layer.KH * layer.KW * ref.shape[2] * ref.shape[3]
+
+
+# --------------------------------------------------------------------------------------- MAC counter
+
+
+def test_macs_counts_exactly_the_computed_outputs():
+    """Hand-built case: 1 channel, 4x4 output, p=2, mask (0,0); bias decides which patches die."""
+    x = np.ones((1, 1, 4, 4), np.float32)
+    w = np.ones((2, 1, 1, 1), np.float32)
+    mask = sp.uniform_layer_mask(2, [(0, 0)])
+    # channel 0: x*1 + b = 1 - 2 < 0 everywhere -> every patch predicted dead: 4 patches x 1 pixel
+    # channel 1: 1 + 1 > 0 -> every patch computed in full: 16 pixels
+    b = np.array([-2.0, 1.0], np.float32)
+    y, macs = _run(_session(w, b, patch=2, mask=mask, x_shape=x.shape), x)
+    assert macs == (4 + 16) * 1
+    assert (y[0, 0] == 0).all() and (y[0, 1] == 2).all()
+    assert sp.reference(x, w, b, mask, patch=2)[1] == macs
+
+
+def test_prediction_can_be_wrong_and_that_is_the_semantics():
+    """A patch whose masked pixel is dead is zeroed even where the true output is positive."""
+    x = np.zeros((1, 1, 2, 2), np.float32)
+    x[0, 0, 1, 1] = 5.0
+    w = np.ones((1, 1, 1, 1), np.float32)
+    mask = sp.uniform_layer_mask(2, [(0, 0)])
+    y, macs = _run(_session(w, None, patch=2, mask=mask, x_shape=x.shape), x)
+    assert (y == 0).all() and macs == 1
+    diag = sp.diagonal_mask(2)  # (1,1) is masked now: computed first, alive, the patch is computed
+    y, macs = _run(_session(w, None, patch=2, mask=diag, x_shape=x.shape), x)
+    assert y[0, 0, 1, 1] == 5.0 and macs == 4
+
+
+def test_nothing_skipped_when_every_output_is_positive():
+    rng = np.random.default_rng(4)
+    x = rng.random((2, 4, 9, 9)).astype(np.float32)
+    w = rng.random((6, 4, 3, 3)).astype(np.float32)
+    b = np.ones(6, np.float32)
+    for mask in (sp.uniform_layer_mask(3, [(1, 1)]), (rng.random((6, 3, 3)) < 0.5).astype(np.uint8),
+                 (rng.random((6, 7, 7)) < 0.5).astype(np.uint8)):
+        y, macs = _run(_session(w, b, patch=3, mask=mask, x_shape=x.shape), x)
+        assert macs == 2 * 6 * 7 * 7 * 4 * 9
+        np.testing.assert_allclose(y, _ort_conv_relu(x, w, b), rtol=1e-4, atol=1e-5)
+
+
+def test_patch_with_no_selected_pixel_is_computed_in_full():
+    """Margin patches whose 1s fall outside the output, and all-zero patterns, are not predicted."""
+    x = -np.ones((1, 1, 5, 5), np.float32)  # every output negative
+    w = np.ones((1, 1, 1, 1), np.float32)
+    mask = sp.uniform_layer_mask(3, [(2, 2)])  # 5x5 output: patches 3,2 wide; (2,2) missing in margins
+    y, macs = _run(_session(w, None, patch=3, mask=mask, x_shape=x.shape), x)
+    # interior patch: 1 pixel computed, dead; the 3 margin patches (6 + 6 + 4 pixels) in full
+    assert macs == 1 + 6 + 6 + 4
+    assert sp.reference(x, w, None, mask, patch=3)[1] == macs
+
+
+# ----------------------------------------------------------------------------- runtime mask, threads
+
+
+def test_mask_changed_at_run_time_without_a_new_session():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 8, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((10, 8, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(10).astype(np.float32)
+    sess = _session(w, b, patch=2, runtime_mask=True, x_shape=x.shape, pads=[1, 1, 1, 1])
+    seen = set()
+    for mask in (np.ones((2, 2), np.uint8), sp.uniform_layer_mask(2, [(0, 0)]), sp.diagonal_mask(2),
+                 (rng.random((10, 2, 2)) < 0.5).astype(np.uint8), (rng.random((10, 12, 12)) < 0.3).astype(np.uint8),
+                 np.ones((2, 2), np.uint8)):
+        y, macs = _run(sess, x, mask)
+        y_ref, macs_ref = sp.reference(x, w, b, mask, patch=2, pads=[1, 1, 1, 1])
+        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+        assert macs == macs_ref
+        seen.add(macs)
+    assert len(seen) >= 4  # the masks really changed the work done
+
+
+def test_concurrent_runs_on_one_session():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((24, 8, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    sess = _session(w, b, patch=2, runtime_mask=True, x_shape=(1, 8, 20, 20), pads=[1, 1, 1, 1], threads=2)
+    jobs = []
+    for i in range(8):
+        x = rng.standard_normal((1, 8, 20, 20)).astype(np.float32)
+        mask = (rng.random((24, 2, 2)) < 0.3 + 0.05 * i).astype(np.uint8)
+        jobs.append((x, mask, sp.reference(x, w, b, mask, patch=2, pads=[1, 1, 1, 1])))
+    errors = []
+
+    def worker(job):
+        x, mask, (y_ref, macs_ref) = job
+        for _ in range(5):
+            y, macs = _run(sess, x, mask)
+            if macs != macs_ref or not np.allclose(y, y_ref, rtol=1e-4, atol=1e-4):
+                errors.append("mismatch")
+
+    threads = [threading.Thread(target=worker, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_macs_output_is_optional():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    sess = _session(w, None, patch=2, mask=sp.diagonal_mask(2), x_shape=x.shape, macs=False)
+    (y,) = sess.run(None, {"X": x})
+    np.testing.assert_allclose(y, sp.reference(x, w, None, sp.diagonal_mask(2), patch=2)[0], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _expect_error(match, fn):
+    with pytest.raises(Exception, match=match):
+        fn()
+
+
+def test_error_mask_shape_names_the_expected_shapes():
+    x = np.ones((1, 3, 8, 8), np.float32)
+    w = np.ones((5, 3, 3, 3), np.float32)
+    sess = _session(w, None, patch=2, runtime_mask=True, x_shape=x.shape)
+    expected = r"SpatialConv: input 'mask' has shape \(3, 3\), expected \(p, p\)=\(2, 2\), \(K, p, p\)=\(5, 2, 2\) " \
+               r"or \(K, OH, OW\)=\(5, 6, 6\)"
+    _expect_error(expected, lambda: _run(sess, x, np.ones((3, 3), np.uint8)))
+    _expect_error(r"input 'mask' has shape \(4, 6, 6\)", lambda: _run(sess, x, np.ones((4, 6, 6), np.uint8)))
+    _expect_error(r"input 'mask' has shape \(2,\)", lambda: _run(sess, x, np.ones((2,), np.uint8)))
+    _expect_error(r"input 'mask' has shape \(1, 2, 2\)", lambda: _run(sess, x, np.ones((1, 2, 2), np.uint8)))
+    _expect_error(r"input 'mask' has shape \(5, 6, 6\)",  # full mask for another input size
+                  lambda: _run(_session(w, None, patch=2, runtime_mask=True, x_shape=(1, 3, 9, 9)),
+                               np.ones((1, 3, 9, 9), np.float32), np.ones((5, 6, 6), np.uint8)))
+
+
+def test_error_mask_values_and_type():
+    x = np.ones((1, 3, 8, 8), np.float32)
+    w = np.ones((5, 3, 3, 3), np.float32)
+    sess = _session(w, None, patch=2, runtime_mask=True, x_shape=x.shape)
+    bad = np.ones((2, 2), np.uint8)
+    bad[1, 0] = 7
+    _expect_error(r"SpatialConv: input 'mask' has value 7 at flat index 2, expected 0 or 1", lambda: _run(sess, x, bad))
+    _expect_error(r"expected: \(tensor\(uint8\)\)", lambda: _run(sess, x, np.ones((2, 2), np.float32)))
+    # a constant mask is checked when the session is created
+    node = helper.make_node("SpatialConv", ["X", "W", "", "M"], ["Y"], domain=DOMAIN, patch=2)
+    _expect_error(r"SpatialConv: input 'mask' has value 2 at flat index 3",
+                  lambda: make_session(single_op_model(node, {"W": w, "M": np.array([[1, 0], [0, 2]], np.uint8)},
+                                                       x.shape)))
+    _expect_error(r"SpatialConv: input 'mask' has shape \(3, 3\), expected \(p, p\)=\(2, 2\)",
+                  lambda: make_session(single_op_model(node, {"W": w, "M": np.ones((3, 3), np.uint8)}, x.shape)))
+    with pytest.raises(ValueError, match="input 'mask' has value 3"):
+        sp.validate_mask(np.full((2, 2), 3, np.uint8), 5, 6, 6, 2)
+
+
+@pytest.mark.parametrize("patch,match", [(None, "attribute 'patch' is missing, expected 2, 3 or 4"),
+                                         (1, "attribute 'patch' is 1, expected 2, 3 or 4"),
+                                         (5, "attribute 'patch' is 5, expected 2, 3 or 4")])
+def test_error_patch_attribute(patch, match):
+    attrs = {} if patch is None else {"patch": patch}
+    node = helper.make_node("SpatialConv", ["X", "W", "", "M"], ["Y"], domain=DOMAIN, **attrs)
+    model = single_op_model(node, {"W": np.ones((2, 1, 1, 1), np.float32), "M": np.ones((2, 2), np.uint8)},
+                            (1, 1, 4, 4))
+    _expect_error("SpatialConv: " + match, lambda: make_session(model))
+
+
+def test_error_weights_bias_and_input():
+    mask = np.ones((2, 2), np.uint8)
+    node = helper.make_node("SpatialConv", ["X", "W", "B", "M"], ["Y"], domain=DOMAIN, patch=2)
+    w = np.ones((4, 3, 3, 3), np.float32)
+    # W fed at run time
+    model = single_op_model(node, {"B": np.ones(4, np.float32), "M": mask}, (1, 3, 6, 6),
+                            runtime_inputs={"W": (TensorProto.FLOAT, [4, 3, 3, 3])})
+    _expect_error(r"SpatialConv: input 'W' \(1\) must be a constant initializer", lambda: make_session(model))
+    # B fed at run time, B of the wrong shape
+    model = single_op_model(node, {"W": w, "M": mask}, (1, 3, 6, 6), runtime_inputs={"B": (TensorProto.FLOAT, [4])})
+    _expect_error(r"SpatialConv: input 'B' \(2\) must be a constant initializer", lambda: make_session(model))
+    model = single_op_model(node, {"W": w, "B": np.ones(3, np.float32), "M": mask}, (1, 3, 6, 6))
+    _expect_error(r"SpatialConv: input 'B' has shape \(3,\), expected \(4,\)", lambda: make_session(model))
+    # W of the wrong rank, kernel_shape disagreeing, 3-D conv, unknown auto_pad
+    model = single_op_model(node, {"W": np.ones((4, 3, 3), np.float32), "B": np.ones(4, np.float32), "M": mask},
+                            (1, 3, 6, 6))
+    _expect_error(r"SpatialConv: input 'W' has shape \(4, 3, 3\), expected rank 4", lambda: make_session(model))
+    bad = helper.make_node("SpatialConv", ["X", "W", "B", "M"], ["Y"], domain=DOMAIN, patch=2, kernel_shape=[2, 2])
+    model = single_op_model(bad, {"W": w, "B": np.ones(4, np.float32), "M": mask}, (1, 3, 6, 6))
+    _expect_error(r"SpatialConv: attribute 'kernel_shape' \(2, 2\) does not match input 'W'", lambda: make_session(model))
+    bad = helper.make_node("SpatialConv", ["X", "W", "B", "M"], ["Y"], domain=DOMAIN, patch=2, auto_pad="FOO")
+    model = single_op_model(bad, {"W": w, "B": np.ones(4, np.float32), "M": mask}, (1, 3, 6, 6))
+    _expect_error(r"SpatialConv: attribute 'auto_pad' is 'FOO'", lambda: make_session(model))
+    # X: wrong rank, channel mismatch, smaller than the kernel (X declared without a shape, so the op checks)
+    model = single_op_model(node, {"W": w, "B": np.ones(4, np.float32), "M": mask}, (1, 3, 6, 6))
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    sess = make_session(model)
+    _expect_error(r"SpatialConv: input 'X' has shape \(1, 3, 6\), expected rank 4",
+                  lambda: sess.run(None, {"X": np.ones((1, 3, 6), np.float32)}))
+    _expect_error(r"SpatialConv: input 'X' has 2 channels, expected 3",
+                  lambda: sess.run(None, {"X": np.ones((1, 2, 6, 6), np.float32)}))
+    _expect_error(r"SpatialConv: input 'X' of spatial size 2x2 .* smaller than the dilated kernel 3x3",
+                  lambda: sess.run(None, {"X": np.ones((1, 3, 2, 2), np.float32)}))
+
+
+def test_empty_batch():
+    w = np.ones((4, 3, 3, 3), np.float32)
+    sess = _session(w, None, patch=2, mask=sp.diagonal_mask(2), x_shape=(1, 3, 6, 6))
+    y, macs = _run(sess, np.ones((0, 3, 6, 6), np.float32))
+    assert y.shape == (0, 4, 4, 4) and macs == 0
+
+
+# ------------------------------------------------------------------------------- python-side helpers
+
+
+def test_mask_helpers():
+    assert (sp.uniform_layer_mask(2, [(0, 0), (1, 1)]) == sp.diagonal_mask(2)).all()
+    f = sp.uniform_filter_mask([[(0, 0)], [(1, 1)], np.array([[0, 1], [1, 0]], np.uint8)], p=2)
+    assert f.shape == (3, 2, 2) and f.dtype == np.uint8 and f[1, 1, 1] == 1 and f[2, 0, 1] == 1
+    full = sp.expand_mask(f, 3, 5, 5, 2)
+    assert full.shape == (3, 5, 5) and (full[:, 0:2, 2:4] == f).all() and (full[:, 4, 4] == f[:, 0, 0]).all()
+    assert (sp.expand_mask(full, 3, 5, 5, 2) == full).all()
+    lay = sp.expand_mask(sp.diagonal_mask(3), 2, 4, 7, 3)
+    assert lay.shape == (2, 4, 7) and lay[1, 3, 3] == 1 and lay[1, 3, 4] == 0
+    pats = np.random.default_rng(8).integers(0, 2, (3, 3, 3, 2, 2)).astype(np.uint8)
+    pm = sp.per_patch_mask(pats, (5, 6))
+    assert pm.shape == (3, 5, 6) and (pm[:, 2:4, 4:6] == pats[:, 1, 2]).all() and (pm[:, 4, 0:2] == pats[:, 2, 0, 0]).all()
+    assert sp.mask_form((2, 2), 3, 5, 5, 2) == "layer" and sp.mask_form((3, 5, 5), 3, 5, 5, 2) == "full"
+    with pytest.raises(ValueError, match=r"expected \(p, p\)=\(2, 2\), \(K, p, p\)=\(3, 2, 2\) or \(K, OH, OW\)=\(3, 5, 5\)"):
+        sp.mask_form((3, 3), 3, 5, 5, 2)
+    with pytest.raises(ValueError, match="patch is 5"):
+        sp.uniform_layer_mask(5, [])
+
+
+def test_make_node_attributes_and_initializers():
+    node, inits = sp.make_node("X", "W", None, "Y", patch=3, mask=sp.diagonal_mask(3), macs_output="m",
+                               strides=[2, 2], pads=[1, 1, 1, 1])
+    assert node.op_type == "SpatialConv" and node.domain == DOMAIN
+    assert list(node.input) == ["X", "W", "", "Y_spatial_mask"] and list(node.output) == ["Y", "m"]
+    assert set(inits) == {"Y_spatial_mask"}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["patch"] == 3 and attrs["strides"] == [2, 2] and attrs["pads"] == [1, 1, 1, 1]
+    node, inits = sp.make_node("X", "W", "B", "Y", patch=2, mask_name="M")
+    assert inits == {} and node.input[3] == "M"
+    with pytest.raises(ValueError):
+        sp.make_node("X", "W", "B", "Y", patch=2)
+
+
+def test_bench_case_reaches_its_skip_target():
+    layer = [lay for lay in LAYERS if lay.name.startswith("3x3 256")][0]
+    for skip in (0.25, 0.5, 0.9):
+        case = op_spatial.build(layer, skip, np.random.default_rng(9))
+        _, macs = make_session(case.model).run(None, case.feeds)
+        dense = layer.K * layer.C * layer.KH * layer.KW * layer.H * layer.W
+        assert abs((1 - int(macs) / dense) - skip) < 0.05, (skip, 1 - int(macs) / dense)
