@@ -54,13 +54,12 @@ def profile(model: str, data: Path | None, runs: int, json_out: Path | None, plo
     from rich.console import Console
 
     from onnxzero.emit import atomic_write_json
-    from onnxzero.load import resolve_model_path
+    from onnxzero.load import check_output_path, input_files
     from onnxzero.profile import profile_model
 
-    src = resolve_model_path(model)
-    protect = (src,) + ((data,) if data else ())
-    if json_out and json_out.exists() and json_out.is_dir():
-        raise UserError(f"--json {json_out} is a directory, expected a file path")
+    protect = input_files(model) + ((data,) if data else ())
+    if json_out:
+        check_output_path(json_out, protect)
     if plots and plots.exists() and not plots.is_dir():
         raise UserError(f"--plots {plots} is a file, expected a directory")
     report = profile_model(model, data=data, runs=runs, progress=sys.stderr.isatty())
@@ -96,14 +95,16 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
     from onnxzero import zoo as z
     from onnxzero.data import check_fits, load_dataset
     from onnxzero.emit import atomic_write_bytes
-    from onnxzero.load import load_model, resolve_model_path
+    from onnxzero.load import check_output_path, input_files, load_model, resolve_model_path
     from onnxzero.passes.normalize import normalize
     from onnxzero.passes.rewrite import rewrite as rewrite_model
     from onnxzero.passes.sites import explain as explain_sites
 
     src = resolve_model_path(model)
-    if output is not None and output.exists() and output.resolve() == src.resolve():
-        raise UserError(f"refusing to overwrite the input {src}: expected a different output path")
+    data_path = data or z.default_data(model)
+    protect = input_files(model) + ((Path(data_path),) if data_path else ())
+    if output is not None:
+        check_output_path(output, protect)
     if output is None and not explain:
         raise UserError("no output given: expected -o OUT.onnx (or --explain to only list the sites)")
     config = None
@@ -115,7 +116,6 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
         if not isinstance(config, dict):
             raise UserError(f"--config {config_path} holds a {type(config).__name__}, expected a JSON object")
     m = load_model(model)
-    data_path = data or z.default_data(model)
     ds = None
     if data_path:
         ds = load_dataset(data_path)
@@ -140,7 +140,7 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
                                      for k, v in s.stats.items() if not isinstance(v, (list, dict)))
         t.add_row(s.site.name, s.technique or "-", json.dumps(s.setting)[:60], f"{s.site.macs:,}" if s.site.macs else "?", note)
     console.print(t)
-    atomic_write_bytes(output, out.SerializeToString(), protect=(src,) + ((data_path,) if data_path else ()))
+    atomic_write_bytes(output, out.SerializeToString(), protect=protect)
     console.print(f"wrote {output}")
 
 
@@ -187,7 +187,7 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
     from onnxzero import zoo as z
     from onnxzero.data import check_fits, load_dataset
     from onnxzero.emit import atomic_write_bytes, atomic_write_json
-    from onnxzero.load import load_model, resolve_model_path
+    from onnxzero.load import check_output_path, input_files, load_model, resolve_model_path
     from onnxzero.search import SearchOptions
     from onnxzero.search import optimize as run_search
     from onnxzero.search.greedy import Progress as SearchProgress
@@ -199,10 +199,12 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
     opts.validate()
     src = resolve_model_path(model)
     out = output or (Path.cwd() if model.startswith(z.PREFIX) else src.parent) / f"{src.stem}.onnxzero.onnx"
-    if out.exists() and out.resolve() == src.resolve():
-        raise UserError(f"refusing to overwrite the input {src}: expected a different output path")
-    m = load_model(model)
     data_path = data or z.default_data(model)
+    protect = input_files(model) + ((Path(data_path),) if data_path else ())
+    check_output_path(out, protect)
+    if report_path:
+        check_output_path(report_path, protect)
+    m = load_model(model)
     if data_path is None:
         raise UserError("no data: expected --data FILE.npz with 'inputs' (and 'labels') to measure accuracy on")
     ds = load_dataset(data_path)
@@ -236,7 +238,6 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
             console.print(f"interrupted: what was measured is kept in {cache}; rerun with --resume to continue")
             raise
     render(result.report, console)
-    protect = (src, Path(data_path))
     if report_path:
         atomic_write_json(report_path, result.report, protect=protect)
         console.print(f"wrote {report_path}")

@@ -16,12 +16,9 @@ from onnxzero.errors import UserError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, protect: tuple[Path, ...] = ()) -> Path:
-    path = Path(path)
-    for p in protect:
-        if p.exists() and path.exists() and path.resolve() == p.resolve():
-            raise UserError(f"refusing to overwrite the input {p}: expected a different output path")
-    if path.is_dir():
-        raise UserError(f"output path {path} is a directory, expected a file path")
+    from onnxzero.load import check_output_path
+
+    path = check_output_path(path, protect)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:

@@ -43,3 +43,29 @@ def load_model(spec: str | Path, *, load_external_data: bool = True) -> onnx.Mod
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{p} failed the ONNX checker: {first}") from None
     return model
+
+
+def input_files(spec: str | Path) -> tuple[Path, ...]:
+    """The model file and every external-data file it references: the files no output may replace."""
+    p = resolve_model_path(spec)
+    files = [p]
+    try:
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception:
+        return tuple(files)
+    for t in m.graph.initializer:
+        for kv in t.external_data:
+            if kv.key == "location":
+                files.append(p.parent / kv.value)
+    return tuple(dict.fromkeys(files))
+
+
+def check_output_path(output: str | Path, protect: tuple[Path, ...]) -> Path:
+    """Refuse, before any work, an output that is a directory or would replace an input file."""
+    out = Path(output)
+    if out.is_dir():
+        raise UserError(f"output path {out} is a directory, expected a file path")
+    for p in protect:
+        if out.exists() and p.exists() and out.resolve() == p.resolve():
+            raise UserError(f"refusing to overwrite the input {p}: expected a different output path")
+    return out

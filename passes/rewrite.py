@@ -74,16 +74,29 @@ def parse_config(config: Mapping[str, Any] | None, technique: str | None) -> tup
     Config JSON: {"technique": "lazy", "default": {"ratio": 0.5}, "sites": {"conv1": {"ratio": 0.9},
     "conv2": {"technique": "early-exit", "mode": "exact"}, "conv3": null}} — null leaves a site alone.
     """
-    config = dict(config or {})
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise UserError(f"{PASS}: config is a {type(config).__name__}, expected a JSON object")
+    config = dict(config)
     unknown = set(config) - {"technique", "default", "sites"}
     if unknown:
         raise UserError(f"{PASS}: config has unknown key {sorted(unknown)[0]!r}, expected technique, default, sites")
-    default = dict(config.get("default") or {})
+    default = config.get("default") or {}
+    if not isinstance(default, Mapping):
+        raise UserError(f"{PASS}: config 'default' is a {type(default).__name__}, expected an object of settings")
+    default = dict(default)
     default.setdefault("technique", config.get("technique") or technique)
-    for name, t in [("default", default.get("technique"))] + [(k, (v or {}).get("technique")) for k, v in (config.get("sites") or {}).items()]:
+    sites = config.get("sites") or {}
+    if not isinstance(sites, Mapping):
+        raise UserError(f"{PASS}: config 'sites' is a {type(sites).__name__}, expected an object {{site: settings}}")
+    for name, v in sites.items():
+        if v is not None and not isinstance(v, Mapping):
+            raise UserError(f"{PASS}: config site {name!r} is a {type(v).__name__}, expected an object of settings or null")
+    for name, t in [("default", default.get("technique"))] + [(k, (v or {}).get("technique")) for k, v in sites.items()]:
         if t is not None and t not in TECHNIQUES:
             raise UserError(f"{PASS}: technique {t!r} (in {name}) is not one of {', '.join(TECHNIQUES)}")
-    return default, dict(config.get("sites") or {})
+    return default, {k: (dict(v) if v is not None else None) for k, v in sites.items()}
 
 
 def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Mapping[str, Any] | None = None,
@@ -126,13 +139,19 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
         if site.name in per_site and per_site[site.name] is None:
             results.append(SiteResult(site, None, reason="left alone by the config"))
             continue
-        setting = {**default, **(per_site.get(site.name) or {})}
+        own = per_site.get(site.name) or {}
+        # the default's settings belong to the default technique; a site naming another keeps only its own
+        setting = {**own} if own.get("technique", default.get("technique")) != default.get("technique") else {**default, **own}
         tech = setting.pop("technique", None)
         if tech is None:
             results.append(SiteResult(site, None, reason="no technique for this site in the config"))
             continue
         rule = rules.get(tech) or rules.setdefault(tech, RULES[tech](base, calib))
-        setting = {**rule.default_setting(site), **setting}
+        unknown = set(setting) - set(rule.keys)
+        if unknown:
+            raise UserError(f"{PASS}: setting {sorted(unknown)[0]!r} (for {site.name}) is not a {tech} setting, "
+                            f"expected some of {', '.join(rule.keys)}")
+        setting = {**rule.default_setting(site, setting), **setting}
         reason = rule.check(site, setting)
         if reason:
             results.append(SiteResult(site, None, setting, reason=reason))
@@ -190,8 +209,10 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
 
 
 def _set_metadata(model: onnx.ModelProto, results: list[SiteResult]) -> None:
+    earlier = (provenance(model) or {}).get("sites", {})  # a rewritten model rewritten again keeps its history
     prov = {"version": __version__, "domain": DOMAIN,
-            "sites": {r.site.name: {"technique": r.technique, "setting": _jsonable(r.setting)} for r in results if r.technique}}
+            "sites": {**earlier, **{r.site.name: {"technique": r.technique, "setting": _jsonable(r.setting)}
+                                    for r in results if r.technique}}}
     kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

@@ -109,13 +109,15 @@ class SiteRule(ABC):
     """A technique: `check` a site (and setting), then `rewrite` it. One instance per rewrite call."""
 
     technique: ClassVar[str]
+    keys: ClassVar[tuple[str, ...]] = ()  # the settings this technique understands
     needs_data: ClassVar[bool] = False
 
     def __init__(self, model: onnx.ModelProto, calibration: Calibration | None):
         self.model = model
         self.calibration = calibration
 
-    def default_setting(self, site: Site) -> dict[str, Any]:
+    def default_setting(self, site: Site, given: dict[str, Any]) -> dict[str, Any]:
+        """Settings to fill in where `given` (the config's) is silent."""
         return {}
 
     def check(self, site: Site, setting: dict[str, Any]) -> str | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from onnxzero.ops import early_exit as op
 from onnxzero.passes.rules.base import Replacement, SiteRule, conv_kwargs, weight
 from onnxzero.passes.sites import Site
@@ -11,8 +13,9 @@ from onnxzero.passes.sites import Site
 
 class EarlyExitRule(SiteRule):
     technique = "early-exit"
+    keys = ("mode", "fraction", "quantile", "n_terms", "threshold")
 
-    def default_setting(self, site: Site) -> dict[str, Any]:
+    def default_setting(self, site: Site, given: dict[str, Any]) -> dict[str, Any]:
         return {"mode": "exact"}
 
     def check(self, site: Site, setting: dict[str, Any]) -> str | None:
@@ -21,7 +24,23 @@ class EarlyExitRule(SiteRule):
             return f"early-exit mode {mode!r} is not one of {', '.join(op.MODES)}"
         if mode == "exact" and not site.input_nonneg:
             return f"exact early exit needs a non-negative input, and this one may be negative ({site.nonneg_reason})"
-        if mode == "predictive" and self.calibration is None and "n_terms" not in setting:
+        if mode != "predictive":
+            return None
+        explicit = [k for k in ("n_terms", "threshold") if k in setting]
+        if len(explicit) == 1:
+            missing = ({"n_terms", "threshold"} - set(explicit)).pop()
+            return f"predictive early exit got {explicit[0]} without {missing}: expected both or neither"
+        k = site.w_shape[0]
+        if explicit:
+            for name in explicit:
+                if np.shape(setting[name]) != (k,):
+                    return f"predictive {name} has shape {np.shape(setting[name])}, expected ({k},): one per filter"
+            return None
+        for name in ("fraction", "quantile"):
+            v = setting.get(name, 0.25)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+                return f"predictive {name} is {v!r}, expected a number in [0, 1]"
+        if self.calibration is None:
             return "predictive early exit needs calibration data (--data) or explicit n_terms/threshold"
         return None
 
@@ -35,7 +54,9 @@ class EarlyExitRule(SiteRule):
         quantile = float(setting.get("quantile", 0.05))
         if "n_terms" in setting:
             n_terms, threshold = setting["n_terms"], setting["threshold"]
+            recorded = {"mode": "predictive", "n_terms": np.asarray(n_terms).tolist(), "threshold": np.asarray(threshold).tolist()}
         else:
+            recorded = {"mode": "predictive", "fraction": fraction, "quantile": quantile}
             x = self.calibration.tensors([site.x])[site.x][:64]
             cal_kw = {k: v for k, v in kw.items() if k != "kernel_shape"}
             n_terms, threshold = op.calibrate_predictive(x, weight(self.model, site.w), weight(self.model, site.b),
@@ -45,8 +66,6 @@ class EarlyExitRule(SiteRule):
         node, inits = op.make_node(site.x, site.w, site.b, out_name, mode="predictive",
                                    nonneg_input=int(site.input_nonneg), n_terms=nt_name, threshold=th_name,
                                    name=f"{site.name}__early_exit", **kw)
-        import numpy as np
-
         return Replacement([node], inits,
                            runtime_inputs={nt_name: np.asarray(n_terms, np.int64), th_name: np.asarray(threshold, np.float32)},
-                           setting={"mode": "predictive", "fraction": fraction, "quantile": quantile})
+                           setting=recorded)

@@ -13,9 +13,10 @@ from onnxzero.passes.sites import Site
 
 class LazyRule(SiteRule):
     technique = "lazy"
+    keys = ("ratio",)
     needs_data = True
 
-    def default_setting(self, site: Site) -> dict[str, Any]:
+    def default_setting(self, site: Site, given: dict[str, Any]) -> dict[str, Any]:
         return {"ratio": 0.75}
 
     def check(self, site: Site, setting: dict[str, Any]) -> str | None:

@@ -21,11 +21,16 @@ PRUNE_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 
 class SparseQuantRule(SiteRule):
     technique = "sparse-quant"
+    keys = ("threshold", "prune", "max_loss")
 
-    def default_setting(self, site: Site) -> dict[str, Any]:
+    def default_setting(self, site: Site, given: dict[str, Any]) -> dict[str, Any]:
         return {"max_loss": 1.0}
 
     def check(self, site: Site, setting: dict[str, Any]) -> str | None:
+        for k, lo, hi in (("threshold", 0, float("inf")), ("prune", 0, 1), ("max_loss", 0, 100)):
+            v = setting.get(k)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi):
+                return f"sparse-quant {k} is {v!r}, expected a number in [{lo}, {hi}]"
         if "threshold" not in setting and "prune" not in setting and self.calibration is None:
             return "sparse-quant needs calibration data (--data) for its sensitivity analysis, or a threshold/prune setting"
         return None
@@ -51,7 +56,8 @@ class SparseQuantRule(SiteRule):
         w = weight(self.model, site.w)
         thr, extra = self.threshold_for(site, setting)
         comp = op.compress(w, threshold=thr)
-        node, inits = op.make_node(site.x, site.w, site.b, out_name, compressed=comp, name=f"{site.name}__sparse_quant",
+        # initializers named after the site, not the weight: two sites may share one weight
+        node, inits = op.make_node(site.x, f"{site.name}__w", site.b, out_name, compressed=comp, name=f"{site.name}__sparse_quant",
                                    **conv_kwargs(site))
         stats = op.compression_stats(w, comp)
         return Replacement([node], inits, drop_initializers=[site.w],

@@ -16,9 +16,11 @@ DEFAULT_PATCH = 2
 
 class SpatialRule(SiteRule):
     technique = "spatial"
+    keys = ("patch", "mask")
 
-    def default_setting(self, site: Site) -> dict[str, Any]:
-        return {"patch": DEFAULT_PATCH, "mask": op.diagonal_mask(DEFAULT_PATCH).tolist()}
+    def default_setting(self, site: Site, given: dict[str, Any]) -> dict[str, Any]:
+        p = given.get("patch", DEFAULT_PATCH)
+        return {"patch": p, "mask": op.diagonal_mask(p).tolist()} if p in op.PATCH_SIZES else {"patch": p}
 
     def _mask(self, site: Site, setting: dict[str, Any]) -> np.ndarray:
         return np.asarray(setting.get("mask", op.diagonal_mask(int(setting.get("patch", DEFAULT_PATCH)))), np.uint8)
@@ -34,7 +36,7 @@ class SpatialRule(SiteRule):
             return None
         try:
             op.validate_mask(self._mask(site, setting), K, OH, OW, p)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             return str(e)
         return None
 
