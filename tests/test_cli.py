@@ -110,7 +110,8 @@ def test_profile_lenet5_writes_json_and_plots(tmp_path):
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
+    # cwd=tmp_path: `python -m` puts the cwd on sys.path, and the checkout's onnxzero/ is not the installed package
     p = subprocess.run([sys.executable, "-m", "onnxzero.cli.main", "profile", str(tmp_path / "x.onnx")],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 1
     assert p.stderr.strip() == f"onnxzero: error: model file not found: {tmp_path / 'x.onnx'} (expected an .onnx file or zoo:NAME)"
