@@ -88,6 +88,9 @@ def make_session(model: onnx.ModelProto, *, threads: int = 0,
     # Settings fed at run time are initializers listed as graph inputs on purpose; onnxruntime
     # warns about each of them, so only errors are logged.
     so.log_severity_level = 3
+    # Measurements alternate between sessions (op vs onnxruntime, optimized vs original); a
+    # session whose pool keeps spinning after its run steals the other's cores on a 2-core box.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if library:
         so.register_custom_ops_library(get_library_path())
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
