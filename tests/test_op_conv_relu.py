@@ -277,3 +277,29 @@ def test_empty_batch():
     sess = _session(_model((1, 3, 8, 8), w, None))
     y, macs = sess.run(None, {"X": np.ones((0, 3, 8, 8), np.float32)})
     assert y.shape == (0, 4, 6, 6) and int(macs) == 0
+
+
+def test_bench_framework_smoke():
+    """onnxzero.bench.ops end to end on one layer (no timing asserted: the ratio is only reported)."""
+    import io
+
+    from rich.console import Console
+
+    from onnxzero.bench.ops import TARGETS, discover, missed_targets, render_table, run_ops_bench
+
+    assert {"ConvRelu", "LazyConv"} <= set(discover())
+    records = run_ops_bench(ops=["ConvRelu", "lazy"], layers=["512x7x7"], skips=[0.0, 0.5], runs=2, threads=1)
+    by = {(r["op"], r["skip_target"]): r for r in records}
+    assert set(by) == {("ConvRelu", 0.0), ("LazyConv", 0.0), ("LazyConv", 0.5)}  # ConvRelu: skip 0 only
+    for r in records:
+        assert "error" not in r, r
+        assert {"op", "layer", "skip_target", "skip", "ratio", "op_ms", "ort_ms", "setting"} <= set(r)
+        assert r["ratio"] > 0 and r["layer"] == "3x3 512x7x7"
+    assert by[("ConvRelu", 0.0)]["skip"] == 0.0 and by[("LazyConv", 0.5)]["skip"] == 0.5
+    out = io.StringIO()
+    render_table(records, Console(file=out, width=160))
+    assert "LazyConv" in out.getvalue() and "512x7x7" in out.getvalue()
+    assert TARGETS["LazyConv"][0.9] == 0.25
+    assert all(m["op"] in TARGETS for m in missed_targets(records))
+    with pytest.raises(ValueError, match="unknown op"):
+        run_ops_bench(ops=["nope"], runs=1)

@@ -9,12 +9,14 @@ supports), at each skip target:
     both with default graph optimizations (ORT_ENABLE_ALL, so onnxruntime uses its best Conv) and the
     same intra-op thread count;
   * the skip actually reached, read from the op's own `macs` output: 1 - macs / dense MACs;
-  * timing: warm-up runs, then `runs` rounds that each time one op run and one reference run, in
-    alternating order, so machine noise (this is a shared 2-core box) hits both alike; the ratio is
+  * timing: warm-up runs, then `runs` timed runs of each, interleaved in alternating blocks so machine
+    noise (this is a shared 2-core box) hits both alike, each block after a short pause that lets the
+    other session's spinning pool threads go to sleep (see time_interleaved); the ratio is
     median(op) / median(reference).
 
 Records: {"op", "layer", "skip_target", "skip", "ratio", "op_ms", "ort_ms", "setting", "macs",
-"dense_macs", "threads", "runs"} (+ "error" when a case could not run). `render_table` prints
+"dense_macs", "threads", "runs", "op_min_ms", "ort_min_ms", "ratio_min"} (+ "error" when a case could
+not run). `render_table` prints
 ratio per op x layer x skip and marks the issue's targets (TARGETS) met or missed.
 """
 
@@ -115,19 +117,34 @@ def _session(model: onnx.ModelProto, threads: int, library: bool) -> ort.Inferen
 
 
 def time_interleaved(run_a: Callable[[], object], run_b: Callable[[], object], runs: int,
-                     warmup: int = 3) -> tuple[list[float], list[float]]:
-    """Seconds per run of a and b, measured in alternating order (a b, b a, a b, ...)."""
+                     warmup: int = 3, block: int = 5, gap_s: float = 0.003) -> tuple[list[float], list[float]]:
+    """Seconds per run of a and b: `runs` timed runs each, in alternating blocks of `block` runs
+    (a-block b-block, then b-block a-block, ...), so slow drifts of a noisy machine hit both alike.
+
+    Each block starts with a pause of gap_s and one untimed run: onnxruntime's intra-op threads spin
+    after a run (its default), and on a 2-core machine the other session's spinning threads would
+    otherwise steal a core from the first runs of this block (measured: onnxruntime's Conv right
+    after a custom-op run took 5x longer without the pause). The untimed run brings this session's
+    own threads back from sleep, so timed runs see the steady state of back-to-back inference."""
     for _ in range(warmup):
         run_a()
         run_b()
     ta: list[float] = []
     tb: list[float] = []
-    for i in range(runs):
+    i = 0
+    while len(ta) < runs or len(tb) < runs:
         for which in ((0, 1) if i % 2 == 0 else (1, 0)):
             fn, out = (run_a, ta) if which == 0 else (run_b, tb)
-            t0 = time.perf_counter()
+            n = min(block, runs - len(out))
+            if n <= 0:
+                continue
+            time.sleep(gap_s)
             fn()
-            out.append(time.perf_counter() - t0)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+        i += 1
     return ta, tb
 
 
@@ -155,8 +172,11 @@ def run_case(op: str, module: ModuleType, layer: Layer, skip: float, *, runs: in
     t_op, t_ref = time_interleaved(lambda: op_sess.run(None, case.feeds), lambda: ref_sess.run(None, ref_feeds),
                                    runs, warmup=max(3, runs // 10))
     op_ms, ort_ms = statistics.median(t_op) * 1e3, statistics.median(t_ref) * 1e3
+    # ratio_min (best run over best run) is reported beside the median ratio: on an overloaded machine
+    # the best runs are the ones no other process preempted.
     rec.update(skip=1.0 - macs / dense, ratio=op_ms / ort_ms, op_ms=op_ms, ort_ms=ort_ms, macs=macs,
-               dense_macs=dense, op_min_ms=min(t_op) * 1e3, ort_min_ms=min(t_ref) * 1e3)
+               dense_macs=dense, op_min_ms=min(t_op) * 1e3, ort_min_ms=min(t_ref) * 1e3,
+               ratio_min=min(t_op) / min(t_ref))
     return rec
 
 

@@ -5,8 +5,8 @@ Semantics (this module's `reference` defines them; the C++ kernel follows it):
 
 * Term order. Each filter's nonzero weights are ordered once, at session creation: the positive
   weights first, in increasing flattened (c, kh, kw) position, then the negative weights by
-  decreasing magnitude, in bands: the largest 1/8 of them, the next 1/8, the next 1/4, the last
-  1/2 (NEG_BAND_EDGES), each band in increasing position. (SnaPEA orders negatives strictly by
+  decreasing magnitude, in bands: the largest 1/4 of them, the next 1/4, the last 1/2
+  (NEG_BAND_EDGES), each band in increasing position. (SnaPEA orders negatives strictly by
   magnitude; the bands keep most of that while letting the kernel sweep a band over the im2col
   chunk by chunk, in L1, for all filters at once: a strict order means random reads from L2 that
   run at half speed. Any order of the negatives keeps exact mode exact.) Zero weights are never
@@ -27,10 +27,11 @@ Semantics (this module's `reference` defines them; the C++ kernel follows it):
 * Output 1 `macs` (int64 scalar): the multiply-accumulates actually performed. The reference counts
   them per output element (the element's stop index); the kernel works on blocks of up to 64
   output positions of one filter and checks its stop conditions only at block level: after the
-  positive terms, after each piece of a negative band that falls in one im2col chunk of 128 rows
-  (every ~band/(CRS/128) terms), and at N in predictive mode; a block stops when all its positions
-  are stopped, and counts (terms done) x (positions in the block). So
-  reference macs <= kernel macs <= dense macs, and y is the same.
+  positive terms, after each piece of a negative band (the band's terms whose rows fall in one
+  128-row chunk of the im2col, or in a few chunks for a small band: about 32 terms or more), and
+  at N in predictive mode; a block stops when all its positions are stopped, and counts
+  (terms done) x (positions in the block). So reference macs <= kernel macs <= dense macs, and y
+  is the same.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ OP = "EarlyExitConv"
 MODES = ("exact", "predictive")
 # Negative terms, ranked by decreasing magnitude, are cut into bands at these fractions of their count;
 # each band is taken in increasing position (the kernel sweeps a band chunk by chunk over its im2col).
-NEG_BAND_EDGES = (0.0, 0.125, 0.25, 0.5, 1.0)
+NEG_BAND_EDGES = (0.0, 0.25, 0.5, 1.0)
 
 __all__ = ["NEG_BAND_EDGES", "OP", "MODES", "calibrate_predictive", "conv_relu_reference", "im2col", "make_node", "reference",
            "term_order"]

@@ -20,12 +20,7 @@ constexpr int64_t kChunkRows = 128;   // rows of Col swept across the filters of
 // Negative terms by decreasing magnitude, cut into bands at these fractions of a
 // filter's negative terms; inside a band, row order (so the band can be swept
 // chunk by chunk over Col, which then stays in L1).
-constexpr double kBandEdges[] = {0.0, 0.125, 0.25, 0.5, 1.0};
-
-int64_t EnvInt(const char* name, int64_t dflt) {
-  if (const char* e = std::getenv(name)) return std::atol(e);
-  return dflt;
-}
+constexpr double kBandEdges[] = {0.0, 0.25, 0.5, 1.0};  // = NEG_BAND_EDGES in early_exit.py
 
 struct RunParams {
   bool exits = false;         // X >= 0: exact stop enabled
@@ -51,6 +46,8 @@ struct EarlyExitKernel {
   std::vector<uint32_t> cp;
   std::vector<double> edges;  // negative band edges (fractions)
   std::vector<int64_t> bstep; // chunks per piece of each band: small bands take several chunks at once
+  std::vector<int64_t> pbase; // first piece of each band
+  std::vector<size_t> soff;   // storage offset of (piece, filter); see BuildTerms
   int nbands = 1;             // bands incl. the positive one
 
   EarlyExitKernel() = default;  // for the standalone benchmark harness
@@ -91,22 +88,11 @@ struct EarlyExitKernel {
   void BuildTerms(const float* W) {
     // Term lists: positives in row order, then the negative bands (decreasing
     // magnitude), each in row order; chunk offsets of every band.
-    kce = std::min<int64_t>(std::max<int64_t>(8, EnvInt("ONNXZERO_EE_KC", kChunkRows)), 65536);
+    kce = kChunkRows;
     nch = (CRS + kce - 1) / kce;
     tptr.assign(K + 1, 0);
     npos.assign(K, 0);
     edges.assign(std::begin(kBandEdges), std::end(kBandEdges));
-    if (const char* e = std::getenv("ONNXZERO_EE_BANDS")) {  // tuning only: "0.25,0.5" -> {0, .25, .5, 1}
-      edges = {0.0};
-      for (const char* q = e; *q;) {
-        char* end = nullptr;
-        const double v = std::strtod(q, &end);
-        if (end == q) break;
-        if (v > edges.back() && v < 1.0) edges.push_back(v);
-        q = *end ? end + 1 : end;
-      }
-      edges.push_back(1.0);
-    }
     nbands = static_cast<int>(edges.size());  // (edges-1) negative bands + the positive band
     cp.assign(static_cast<size_t>(nbands * (nch + 1) * K), 0);
     rows.reserve(static_cast<size_t>(K * CRS) + 2);
@@ -155,8 +141,33 @@ struct EarlyExitKernel {
       const double per_chunk = terms / double(K * nch);
       bstep[bi] = std::max<int64_t>(1, std::min<int64_t>(nch, static_cast<int64_t>(std::ceil(32.0 / std::max(per_chunk, 1e-9)))));
     }
-    rows.resize(rows.size() + 2, 0);  // the 2-term loads never read past a list, but keep slack
-    wts.resize(wts.size() + 2, 0.f);
+    // Store the terms in the order the kernel reads them: band by band, piece by
+    // piece (bstep chunks), filter by filter inside a piece, so that every task
+    // streams them sequentially. soff[(pbase[b] + piece)*K + k]: where filter k's
+    // terms of that piece start; tptr / cp keep indices in each filter's own order.
+    pbase.assign(nbands + 1, 0);
+    for (int bi = 0; bi < nbands; ++bi) pbase[bi + 1] = pbase[bi] + (nch + bstep[bi] - 1) / bstep[bi];
+    soff.assign(static_cast<size_t>(pbase[nbands] * K + 1), 0);
+    std::vector<uint16_t> srows(rows.size() + 2, 0);
+    std::vector<float> swts(wts.size() + 2, 0.f);
+    size_t at = 0;
+    for (int bi = 0; bi < nbands; ++bi) {
+      const int64_t step = bstep[bi];
+      for (int64_t c = 0, pc = pbase[bi]; c < nch; c += step, ++pc) {
+        const uint32_t* cp0 = cp.data() + static_cast<size_t>((bi * (nch + 1) + c) * K);
+        const uint32_t* cp1 = cp.data() + static_cast<size_t>((bi * (nch + 1) + std::min(nch, c + step)) * K);
+        for (int64_t k = 0; k < K; ++k) {
+          soff[static_cast<size_t>(pc * K + k)] = at;
+          for (uint32_t j = cp0[k]; j < cp1[k]; ++j, ++at) {
+            srows[at] = rows[static_cast<size_t>(tptr[k] + j)];
+            swts[at] = wts[static_cast<size_t>(tptr[k] + j)];
+          }
+        }
+      }
+    }
+    soff.back() = at;
+    rows.swap(srows);  // + 2 entries of slack: the 2-term loads never read past a piece, kept for safety
+    wts.swap(swts);
   }
 
   // Whether any lane is still running: valid, not killed, and (if `exit_check`) > 0.
@@ -243,8 +254,10 @@ struct EarlyExitKernel {
           int64_t lo = cp0[k];
           const int64_t hi = cp1[k];
           if (hi <= lo) continue;
-          const uint16_t* rk = rows.data() + tptr[k];
-          const float* wk = wts.data() + tptr[k];
+          // term j of filter k (lo <= j < hi) is stored at soff + (j - lo)
+          const size_t so = soff[static_cast<size_t>((pbase[bi] + c / step) * K + k)];
+          const uint16_t* rk = rows.data() + so - lo;
+          const float* wk = wts.data() + so - lo;
           float* acc = tile + i * LD;
           float* lv = livebuf + i * LD;
           const int64_t N = thr_at[i];
@@ -376,17 +389,19 @@ struct EarlyExitKernel {
   int64_t Run(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
               int64_t N) const {
     const int64_t P = g.P(), G = g.G, Kg = g.Kg();
-    // The block's full Col is built once (it stays in L2) and swept once per band: reading
-    // the rows in place (sr::ShiftedInput, as SparseQuantConv does) would fetch them from L3
-    // on every band pass instead.
+    // The block's full Col is built once (it stays in L2) and swept once per band.
     sr::PaddedInput pi;
     if (!sr::BuildPaddedInput(context, g, X, N, &pi)) Fail(kOp, "out of memory for the padded input copy");
     // Blocks of up to 64 positions; a block's Col (CRS rows) is swept chunk by chunk.
-    const int64_t max_bs = std::max<int64_t>(8, EnvInt("ONNXZERO_EE_BS", sr::kMaxTP));
+    const int64_t max_bs = sr::kMaxTP;
     const sr::PosBlocks pb = sr::ChoosePosBlocks(P, max_bs);
     const int64_t base = N * G * pb.count;
     const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-    int64_t nkb = std::max<int64_t>((Kg + 127) / 128, std::min<int64_t>((Kg + 15) / 16, (4 * hw + base - 1) / base));
+    // Filter blocks of at most 256 filters (tile + live masks: 2 x 64 KiB, in L2); enough
+    // of them for four tasks per thread when there are few position blocks (stops make
+    // the work uneven).
+    const int64_t per_thread = 4;
+    int64_t nkb = std::max<int64_t>((Kg + 255) / 256, std::min<int64_t>((Kg + 15) / 16, (per_thread * hw + base - 1) / base));
     nkb = std::max<int64_t>(1, std::min(nkb, Kg));
     const int64_t kbs = (Kg + nkb - 1) / nkb;
     nkb = (Kg + kbs - 1) / kbs;

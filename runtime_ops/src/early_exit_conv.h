@@ -8,16 +8,19 @@
 // `nonneg_input` (int, default 1 in exact mode, 0 in predictive mode).
 //
 // Session creation: each filter's nonzero weights become a term list (uint16
-// reduction row + float weight): the positive ones first in row order, then the
-// negative ones by decreasing magnitude, plus per-chunk offsets of the positives.
+// reduction row + float weight) in the op's order: the positives in row order,
+// then the negatives by decreasing magnitude in bands (largest 1/4, next 1/4, last
+// 1/2), each band in row order; stored band by band, piece by piece, filter by
+// filter (the order the kernel reads them), with per-(band, chunk, filter) offsets.
 //
-// Run: per task, a block of up to 64 output positions (one image, one group) and
-// a block of filters. The block's im2col Col[CRS][TP] is built once (it stays in
-// L2); the positive terms of all filters of the block are swept chunk by chunk
-// over Col rows (each chunk in L1, accumulators in a tile); then each filter runs
-// its negative terms in magnitude order with its accumulators in registers,
-// checking every 16 terms whether every position of the block is <= 0 (exact stop,
-// when X >= 0) and, in predictive mode, applying the threshold after n_terms.
+// Run: per task, a block of up to 64 output positions (one image, one group) and a
+// block of filters. The block's im2col Col[CRS][TP] is built once (it stays in L2,
+// or is shared by the filter blocks of a lone position block); every band is swept
+// chunk by chunk over Col rows (chunk-outer, filter-inner: the chunk stays in L1),
+// a filter's accumulators and live-lane masks sitting in a tile between its pieces.
+// After the positives and after every piece of a negative band, a filter's block
+// stops when every position is <= 0 (exact stop, X >= 0); in predictive mode the
+// threshold applies after exactly n_terms terms. A stopped block writes zeros.
 // Output 1 `macs`: sum over (filter, block) of terms done x positions in the block.
 #pragma once
 

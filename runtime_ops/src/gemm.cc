@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -12,6 +13,21 @@
 
 namespace oz {
 namespace gemm {
+
+namespace {
+#ifndef OZ_KC_MAX
+#define OZ_KC_MAX 320
+#endif
+#ifndef OZ_BBLOCK_KB
+#define OZ_BBLOCK_KB 160
+#endif
+constexpr int64_t kKcMax = OZ_KC_MAX;                 // reduction block
+constexpr int64_t kBBlockBytes = OZ_BBLOCK_KB << 10;  // packed B block (kc x nc) budget in L2
+constexpr int64_t kFlatDirectRows = 24;  // direct mode for 1x1 tiles of at most this many rows
+constexpr double kPackCycles = 0.3;
+constexpr double kDirectPenalty = 0.08;  // direct mode's slower B reads (unaligned, L2), as a waste fraction   // cost of packing one B float (cycles), for the mode choice
+constexpr int64_t kSlack = 64;  // zero floats before/after a slab: windowed loads stay inside
+}  // namespace
 
 void AlignedFree::operator()(float* p) const noexcept { std::free(p); }
 
@@ -28,14 +44,16 @@ AlignedFloats AllocFloats(size_t n) {
 ConvWeights::ConvWeights(const float* w, const float* bias, int64_t K, int64_t Cg, int64_t KH, int64_t KW,
                          int64_t group)
     : K_(K), G_(group), CRS_(Cg * KH * KW) {
+  const int64_t nkb = (CRS_ + kKcMax - 1) / kKcMax;
+  kc_ = (CRS_ + nkb - 1) / nkb;
   ld_ = (CRS_ + 15) / 16 * 16;  // rows start on a cache line
   data_ = AllocFloats(static_cast<size_t>(K_ * ld_ + 16));  // +16: vector reads may run past the last row
-  std::fill(data_.get() + K_ * ld_, data_.get() + K_ * ld_ + 16, 0.f);
   for (int64_t k = 0; k < K_; ++k) {
     float* dst = data_.get() + k * ld_;
     std::memcpy(dst, w + k * CRS_, sizeof(float) * CRS_);
     std::fill(dst + CRS_, dst + ld_, 0.f);
   }
+  std::fill(data_.get() + K_ * ld_, data_.get() + K_ * ld_ + 16, 0.f);
   has_bias_ = bias != nullptr;
   bias_.assign(static_cast<size_t>(K_), 0.f);
   if (bias) std::copy(bias, bias + K_, bias_.begin());
@@ -46,28 +64,10 @@ ConvWeights::ConvWeights(const float* w, const float* bias, int64_t K, int64_t C
 // ---------------------------------------------------------------------------------------------
 // Plan
 
-namespace {
-#ifndef OZ_KC_MAX
-#define OZ_KC_MAX 320
-#endif
-#ifndef OZ_BBLOCK_KB
-#define OZ_BBLOCK_KB 160
-#endif
-constexpr int64_t kKcMax = OZ_KC_MAX;                 // reduction block
-constexpr int64_t kBBlockBytes = OZ_BBLOCK_KB << 10;  // packed B block (kc x nc) budget in L2
-constexpr int64_t kKcDirect = 512;  // direct mode: 6 A rows x 512 = 12 KiB of L1
-constexpr int64_t kFlatDirectRows = 24;  // direct mode for 1x1 tiles of at most this many rows
-constexpr double kPackCycles = 0.3;
-constexpr double kDirectPenalty = 0.08;  // direct mode's slower B reads (unaligned, L2), as a waste fraction   // cost of packing one B float (cycles), for the mode choice
-constexpr int64_t kSlack = 64;  // zero floats before/after a slab: windowed loads stay inside
-}  // namespace
 
 ConvPlan::ConvPlan(const ConvGeom& geom, const ConvWeights& w) : g(geom) {
-  (void)w;
   flat = g.KH == 1 && g.KW == 1 && g.SH == 1 && g.SW == 1 && g.PT == 0 && g.PL == 0 && g.PB == 0 && g.PR == 0;
-  const int64_t crs = g.CRS();
-  const int64_t nkb = (crs + kKcMax - 1) / kKcMax;
-  kc = (crs + nkb - 1) / nkb;
+  kc = w.kc();
   int64_t max_panels = std::max<int64_t>(1, kBBlockBytes / (kc * kNR * 4));
   const int64_t panels = (g.P() + kNR - 1) / kNR;
   const int64_t nblocks = (panels + max_panels - 1) / max_panels;
@@ -75,8 +75,6 @@ ConvPlan::ConvPlan(const ConvGeom& geom, const ConvWeights& w) : g(geom) {
   direct_ok = g.SH <= 4 && g.SW <= 4;
   const int64_t wph = flat ? g.P() : g.OW + (g.KW - 1) * g.DW / g.SW;
   direct_waste = flat ? 0.0 : static_cast<double>(wph - g.OW) / static_cast<double>(wph);
-  const int64_t nkd = (crs + kKcDirect - 1) / kKcDirect;
-  kc_direct = (crs + nkd - 1) / nkd;
 }
 
 // OZ_GEMM_MODE=packed|direct forces a mode (benchmarks of the mode choice); unset: the cost model.
@@ -522,6 +520,15 @@ void PackDispatch(const Source& src, const int64_t* qoff, int64_t q0, int64_t kc
   PackB<SW>(src, qoff, q0, kcb, panels, npanels, segs, Bp);
 }
 
+// Prefetch (into L2) the A slices [q0, q0+n) of rows[i0 .. i0+m): the next row panel's weights,
+// requested a whole kernel call ahead (large layers' weights do not stay in cache between runs).
+inline void PrefetchRows(const ConvWeights& w, const int32_t* rows, int64_t i0, int64_t m, int64_t q0, int64_t n) {
+  for (int64_t i = i0; i < i0 + m; ++i) {
+    const char* p = reinterpret_cast<const char*>(w.Slice(rows[i], q0));
+    for (int64_t off = 0; off < n * 4; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+  }
+}
+
 void ComputePacked(const ConvPlan& plan, const ConvWeights& w, const float* x_image, float* y_image, int64_t grp,
                    const int32_t* rows, int64_t nrows, const Cols& cols, Epilogue ep) {
   const ConvGeom& g = plan.g;
@@ -680,10 +687,11 @@ void ComputePacked(const ConvPlan& plan, const ConvWeights& w, const float* x_im
         float biasv[kMR];
         for (int i = 0; i < m; ++i) {
           const int64_t k = rows[i_begin + i];
-          a[i] = w.Row(k) + q0;
+          a[i] = w.Slice(k, q0);
           biasv[i] = bias[k];
           c[i] = cols.list ? Ct + (i_begin + i) * nc : y_image + k * P + cols.p0 + j0;
         }
+        PrefetchRows(w, rows, i0, std::min<int64_t>(kMR, nrows - i0), q0, kcb);
         KernelArgs ka{kcb, a, Bp, nullptr, c, jmain, ep.bias ? biasv : nullptr, first, last, ep.relu};
         if (jmain > 0) kKernels[m - 1](ka);
         if (jtail > 0) kDotKernels[jtail - 1](ka, m, Bt, ldbt, jmain);
@@ -745,7 +753,7 @@ void ComputeDirect(const ConvPlan& plan, const ConvWeights& w, const float* x_im
   const ConvGeom& g = plan.g;
   Scratch& sc = TlsScratch();
   const int64_t Cg = g.Cg(), CRS = g.CRS(), P = g.P(), OW = g.OW;
-  const int64_t kc = plan.kc_direct;
+  const int64_t kc = plan.kc;
   const float* bias = w.Bias();
   sc.qoff.resize(static_cast<size_t>(CRS));
   int64_t* qoff = sc.qoff.data();
@@ -775,12 +783,13 @@ void ComputeDirect(const ConvPlan& plan, const ConvWeights& w, const float* x_im
           float biasv[kMR];
           for (int i = 0; i < m; ++i) {
             const int64_t k = rows[i0 + i];
-            a[i] = w.Row(k) + q0;
+            a[i] = w.Slice(k, q0);
             biasv[i] = bias[k];
             c[i] = y_image + k * P + cc0;
           }
           i0 += m;
           const float* bp = ep.bias ? biasv : nullptr;
+          PrefetchRows(w, rows, i0, std::min<int64_t>(kMR, nrows - i0), q0, kcb);
           if (nfull) {
             KernelArgs ka{kcb, a, src + cc0, qoff + q0, c, nfull, bp, first, last, ep.relu};
             kKernels[m - 1](ka);
@@ -844,11 +853,12 @@ void ComputeDirect(const ConvPlan& plan, const ConvWeights& w, const float* x_im
         float biasv[kMR];
         for (int i = 0; i < m; ++i) {
           const int64_t k = rows[i0 + i];
-          a[i] = w.Row(k) + q0;
+          a[i] = w.Slice(k, q0);
           biasv[i] = bias[k];
           c[i] = Ct + (i0 + i) * chunk;
         }
         i0 += m;
+        PrefetchRows(w, rows, i0, std::min<int64_t>(kMR, nrows - i0), q0, kcb);
         KernelArgs ka{kcb, a, slab + cc0, qoff + q0, c, cn, ep.bias ? biasv : nullptr, first, last, ep.relu};
         kKernels[m - 1](ka);
       }
@@ -905,18 +915,24 @@ struct Split {
 // ppb_max so the packed B block stays in L2). A rough cycle model picks the split: every column block
 // re-reads the rows' A (weights) from L3, every row block packs its own B (packed mode) or copies its
 // own input slab with a halo of kernel rows (direct mode); the makespan on T threads counts the largest
-// task ceil(tasks / T) times.
+// task ceil(tasks / T) + 0.1 times.
 Split ChooseSplit(const ConvPlan& plan, int64_t ng, int64_t M) {
   const ConvGeom& g = plan.g;
   const int64_t P = g.P(), CRS = g.CRS();
   const bool direct = plan.UseDirect(M);
   const int64_t panels = (P + kNR - 1) / kNR;
-  const int64_t ppb_max = direct ? panels : std::max<int64_t>(1, plan.nc / kNR);
+  // Tasks may be wider than a packed block (nc): ComputePacked walks the task's blocks over one slab,
+  // re-reading the rows' A slice per block from L2 (kAlphaL2), while the slab halo is paid once.
+  const int64_t ppb_max = panels;
   const double T = static_cast<double>(std::max(1u, std::thread::hardware_concurrency()));
-  constexpr double kAlpha = 0.3, kCopy = 0.5, kTask = 3000;  // cycles per A float, per slab float, per task
+  // cycles per A float read from L3 / from L2, per slab float copied, per task
+  // (measured on the bench layers: repacking B / refilling the slab per extra row block costs about
+  // 0.5 cycle per packed float and 1 cycle per slab float plus ~20 per slab row)
+  constexpr double kAlpha = 0.3, kAlphaL2 = 0.05, kCopy = 1.0, kRow = 20, kPack = 0.5, kTask = 3000;
   const double waste = direct ? plan.direct_waste : 0.0;
   const double halo = plan.flat ? 0.0 : static_cast<double>((g.KH - 1) * g.DH / g.SH + 1);
-  const double slab_row = plan.flat ? 0.0 : static_cast<double>(g.Cg() * g.SH * g.SW * (g.OW + (g.KW - 1) * g.DW / g.SW));
+  const double slab_row = plan.flat ? 0.0 : static_cast<double>(g.Cg() * g.SH * g.SW) *
+                                                 (kCopy * static_cast<double>(g.OW + (g.KW - 1) * g.DW / g.SW) + kRow);
   Split best{1, panels * kNR, 1, std::max<int64_t>(kMR, (M + kMR - 1) / kMR * kMR)};
   double best_t = 1e300;
   const int64_t cb_min = (panels + ppb_max - 1) / ppb_max;
@@ -933,11 +949,14 @@ Split ChooseSplit(const ConvPlan& plan, int64_t ng, int64_t M) {
       const double cols = static_cast<double>(std::min(ppb * kNR, P));
       double task = rows * cols * (1.0 + waste) * CRS / 16.0 + kAlpha * rows * CRS + kTask;
       if (direct)
-        task += kCopy * slab_row * (cols / static_cast<double>(g.OW) + halo);
+        task += slab_row * (cols / static_cast<double>(g.OW) + halo);
       else
-        task += kPackCycles * CRS * cols + kCopy * slab_row * (cols / static_cast<double>(g.OW) + halo) / g.SH / g.SW;
+        task += kPack * CRS * cols + slab_row * (cols / static_cast<double>(g.OW) + halo) / g.SH / g.SW +
+                kAlphaL2 * rows * CRS * std::ceil(cols / static_cast<double>(plan.nc));
       const double ntasks = static_cast<double>(ng * rb * cb);
-      const double t = std::ceil(ntasks / T) * task;
+      // + a tenth of a task: on a shared machine threads run at uneven speeds, so the run waits on average
+      // a part of a task for the last one (few big tasks cannot be balanced dynamically).
+      const double t = (std::ceil(ntasks / T) + 0.1) * task;
       if (t < best_t * 0.999) {
         best_t = t;
         best = Split{cb, ppb * kNR, rb, rblock};
@@ -981,6 +1000,12 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvPlan& plan, const ConvWeights& 
   if (max_rows == 0 && others.empty()) return 0;
   const Split sp = ChooseSplit(plan, N * G, max_rows);
   const int64_t ncb = sp.col_blocks, cwidth = sp.col_width, rb = sp.row_blocks, rblock = sp.row_block;
+  static const bool trace = std::getenv("OZ_GEMM_TRACE") != nullptr;  // debugging aid: the tiling chosen
+  if (trace)
+    std::fprintf(stderr, "oz::gemm::RunConv K=%ld CRS=%ld P=%ld rows<=%ld %s: %ld col blocks of %ld x %ld row blocks of %ld\n",
+                 static_cast<long>(g.K), static_cast<long>(g.CRS()), static_cast<long>(P), static_cast<long>(max_rows),
+                 plan.UseDirect(max_rows) ? "direct" : "packed", static_cast<long>(ncb), static_cast<long>(cwidth),
+                 static_cast<long>(rb), static_cast<long>(rblock));
   const int64_t base = N * G * ncb;
   std::atomic<bool> failed{false};
   const size_t ntasks = static_cast<size_t>(base * rb);

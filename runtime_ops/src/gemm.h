@@ -35,6 +35,9 @@
 //   (b) columns: ComputeTile takes a column range [p0, p1); ComputeTileCols an explicit list of output
 //       pixels (any order, no duplicates) whose results are scattered into Y.
 // MACs performed by a tile = rows * columns * CRS (columns actually requested, not padded panels).
+//
+// Debugging aids (environment, read once): OZ_GEMM_TRACE=1 prints RunConv's tiling to stderr;
+// OZ_GEMM_MODE=packed|direct forces a B mode (benchmarks of the mode choice).
 #pragma once
 
 #include <cstddef>
@@ -58,6 +61,9 @@ using AlignedFloats = std::unique_ptr<float[], AlignedFree>;
 AlignedFloats AllocFloats(size_t n);  // throws std::bad_alloc; contents uninitialised
 
 // Conv weights prepared once at session creation (immutable afterwards: safe to share between runs).
+// Layout: one 64-byte aligned row of CRS floats per output channel (q = (c, r, s) order, stride ld()),
+// so any subset of rows is addressable without repacking (Slice). (A block-major layout -- every
+// row's slice of one reduction block contiguous -- measured slower: 70 vs 86 GFLOP/s on 512x7x7.)
 class ConvWeights {
  public:
   ConvWeights() = default;
@@ -68,15 +74,18 @@ class ConvWeights {
   int64_t G() const { return G_; }
   int64_t Kg() const { return K_ / G_; }
   int64_t CRS() const { return CRS_; }
-  int64_t ld() const { return ld_; }                                   // floats between rows
-  const float* Row(int64_t k) const { return data_.get() + k * ld_; }  // CRS floats of output channel k
-  const float* Bias() const { return bias_.data(); }                   // K floats (zeros when no bias)
+  int64_t kc() const { return kc_; }  // reduction block of the micro-kernel (CRS split into equal blocks)
+  int64_t ld() const { return ld_; }  // floats between rows (CRS rounded up to 16, zero padded)
+  // Output channel k's weights from reduction index q0 on (contiguous to the row's end). Reading up to
+  // 16 floats past the row stays inside the allocation (finite values).
+  const float* Slice(int64_t k, int64_t q0) const { return data_.get() + k * ld_ + q0; }
+  const float* Bias() const { return bias_.data(); }  // K floats (zeros when no bias)
   bool HasBias() const { return has_bias_; }
   // The output channels of group grp in order: Kg() ids starting at grp*Kg() (for dense tiles).
   const int32_t* GroupRows(int64_t grp) const { return iota_.data() + grp * Kg(); }
 
  private:
-  int64_t K_ = 0, G_ = 1, CRS_ = 0, ld_ = 0;
+  int64_t K_ = 0, G_ = 1, CRS_ = 0, kc_ = 0, ld_ = 0;
   AlignedFloats data_;
   std::vector<float> bias_;
   std::vector<int32_t> iota_;
@@ -95,7 +104,7 @@ struct ConvPlan {
   ConvPlan(const ConvGeom& g, const ConvWeights& w);
   ConvGeom g;
   bool flat = false;  // 1x1, stride 1, no pad: B packed from X directly (the image is one long row)
-  int64_t kc = 0;     // reduction block (CRS split into equal blocks)
+  int64_t kc = 0;     // reduction block: ConvWeights::kc() (CRS split into equal blocks)
   int64_t nc = 0;     // columns per block (multiple of kNR): one task's natural width
   int64_t ColumnBlocks() const { return (g.P() + nc - 1) / nc; }
   // Pack-free ("direct") mode: B rows read in place from a per-task copy of the input rearranged
@@ -105,14 +114,13 @@ struct ConvPlan {
   // would cost more than the waste); see UseDirect.
   bool direct_ok = false;     // strides <= 4
   double direct_waste = 0;    // fraction of computed columns thrown away
-  int64_t kc_direct = 0;      // reduction block in direct mode
   bool UseDirect(int64_t rows) const;
 };
 
 // One tile of one image: rows[0..nrows) (global output channel ids, all in group grp) x output columns
 // [p0, p1) (flat p = oh*OW + ow). x_image: that image's (C, H, W); y_image: that image's (K, OH*OW).
 // Writes exactly those outputs. Thread-safe; scratch is thread-local. Never throws; returns false on
-// allocation failure (nothing written then is guaranteed).
+// allocation failure (the tile's outputs are then unspecified).
 bool ComputeTile(const ConvPlan& plan, const ConvWeights& w, const float* x_image, float* y_image, int64_t grp,
                  const int32_t* rows, int64_t nrows, int64_t p0, int64_t p1, Epilogue ep = {}) noexcept;
 

@@ -110,6 +110,31 @@ struct LazyConvKernel {
                                 w.shape[3], attrs.group);
   }
 
+  // s = pred_b + sprev . pred_W in double, 16 filters at a time held in registers while the
+  // channels stream past (pred_W is read once; s is not reloaded per channel).
+  void Predict(const double* sprev, int64_t C, int64_t K, double* s) const {
+    int64_t k0 = 0;
+    for (; k0 + 16 <= K; k0 += 16) {
+      __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t c = 0; c < C; ++c) {
+        const __m256d v = _mm256_set1_pd(sprev[c]);
+        const float* pw = pred_w.data() + c * K + k0;
+        a0 = _mm256_fmadd_pd(v, _mm256_cvtps_pd(_mm_loadu_ps(pw)), a0);
+        a1 = _mm256_fmadd_pd(v, _mm256_cvtps_pd(_mm_loadu_ps(pw + 4)), a1);
+        a2 = _mm256_fmadd_pd(v, _mm256_cvtps_pd(_mm_loadu_ps(pw + 8)), a2);
+        a3 = _mm256_fmadd_pd(v, _mm256_cvtps_pd(_mm_loadu_ps(pw + 12)), a3);
+      }
+      _mm256_storeu_pd(s + k0, a0);
+      _mm256_storeu_pd(s + k0 + 4, a1);
+      _mm256_storeu_pd(s + k0 + 8, a2);
+      _mm256_storeu_pd(s + k0 + 12, a3);
+    }
+    for (int64_t k = k0; k < K; ++k) s[k] = 0;
+    for (int64_t c = 0; c < C && k0 < K; ++c)
+      for (int64_t k = k0; k < K; ++k) s[k] += sprev[c] * static_cast<double>(pred_w[c * K + k]);
+    for (int64_t k = 0; k < K; ++k) s[k] += pred_b[k];
+  }
+
   float Ratio(Ort::KernelContext& ctx) const {
     if (ctx.GetInputCount() <= 5) return ratio_attr;
     Ort::ConstValue r = ctx.GetInput(5);
@@ -156,12 +181,7 @@ struct LazyConvKernel {
           std::vector<double> s(static_cast<size_t>(K));
           std::vector<int32_t> idx(static_cast<size_t>(K));
           for (int64_t n = 0; n < N; ++n) {
-            for (int64_t k = 0; k < K; ++k) s[k] = pred_b[k];
-            for (int64_t c = 0; c < C; ++c) {
-              const double v = sprev[n * C + c];
-              const float* pw = pred_w.data() + c * K;
-              for (int64_t k = 0; k < K; ++k) s[k] += v * pw[k];
-            }
+            Predict(sprev.data() + n * C, C, K, s.data());
             for (auto& v : s)
               if (std::isnan(v)) v = -INFINITY;  // NaN strengths rank last (strict weak order kept)
             std::iota(idx.begin(), idx.end(), 0);

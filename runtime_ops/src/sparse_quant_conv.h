@@ -15,13 +15,21 @@
 //   appears only in fillers. Every position must be < CRS.
 //
 // Run-time form (built once at session creation, validated first): the reduction
-// is cut into chunks of kc <= 256 rows; per filter the kept (non-filler) entries
-// become 2-byte terms (row within its chunk: uint8, value: int8) plus, per
-// (filter, chunk), the offset of its first term. That is 2 bytes per nonzero
-// weight (+ 4 bytes per filter and chunk): as compact as the input stream and
-// half of an int8 dense tensor at 50% pruning; no dense weight tensor is built.
-// The kernel accumulates q * x in float (the 2^-fl scale and the bias are
-// applied once per output), chunk by chunk so the im2col chunk stays in L1.
+// is cut into chunks of kc = 128 rows; the kept (non-filler) entries become 2-byte
+// terms (row within its chunk: uint8, value: int8), stored chunk by chunk and,
+// inside a chunk, filter by filter (the order the kernel reads them), plus the
+// offset of each (chunk, filter) run. That is 2 bytes per nonzero weight (+ 4 bytes
+// per filter and chunk): as compact as the input stream, half of an int8 dense
+// tensor at 50% pruning; no dense weight tensor is ever built.
+//
+// Kernel: per task, a block of up to 64 output positions x a block of filters.
+// Chunk-outer (the chunk's Col rows stay in L1), filter-inner, accumulators of
+// the block in a tile between chunks; q * x accumulated in float, the 2^-fl scale
+// and the bias applied once per output. Col rows come from an im2col chunk built
+// on the fly, in L1 (or built once and shared by the filter blocks of a lone
+// position block).
+// At 0% pruning this is slower than a dense GEMM: one Col load per FMA, no reuse
+// of a load across filters.
 //
 // Output 1 `macs` (optional int64 scalar) = N * OH * OW * (nonzero weights):
 // every kept term is multiplied at every output position; fillers never are.

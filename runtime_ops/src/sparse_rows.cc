@@ -69,29 +69,100 @@ ColBuilder::ColBuilder(const ConvGeom& g, const PaddedInput& pi, const float* xg
     const int64_t p = p0 + j;
     const int64_t oh = p / g.OW, ow = p % g.OW;
     const int len = static_cast<int>(std::min<int64_t>(np - j, g.OW - ow));
-    seg_[nseg_++] = Seg{oh * g.SH * pi.row + ow, j, len};
+    seg_[nseg_++] = Seg{oh * g.SH * pi.row + ow, oh, ow, j, len};
     j += len;
   }
 }
 
-void ColBuilder::Build(int64_t r0, int64_t r1, float* col) const {
+void ColBuilder::BuildDirect(int64_t r0, int64_t r1, float* col) const {
   const ConvGeom& g = g_;
   const int64_t khw = g.KH * g.KW;
   int64_t c = r0 / khw, kh = (r0 / g.KW) % g.KH, kw = r0 % g.KW;
+  const __m256 z = _mm256_setzero_ps();
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t r = r0; r < r1; ++r) {
     float* out = col + (r - r0) * ld_;
-    const int64_t tap = kw * g.DW;
-    const float* base = x_ + c * pi_.chan + kh * g.DH * pi_.row + (tap % pi_.SW) * pi_.Wq + tap / pi_.SW;
+    const float* xc = x_ + c * g.H * g.W;
     for (int s = 0; s < nseg_; ++s) {
+      const Seg& sg = seg_[s];
+      float* o = out + sg.j0;
+      const int len = sg.len;
+      const int64_t ih = sg.oh * g.SH - g.PT + kh * g.DH;
+      int lo = len, hi = len;  // lanes [lo, hi) read X; the rest are padding
+      const float* src = nullptr;
+      if (ih >= 0 && ih < g.H) {
+        const int64_t iw0 = sg.ow0 - g.PL + kw * g.DW;  // SW == 1
+        lo = static_cast<int>(std::min<int64_t>(len, std::max<int64_t>(0, -iw0)));
+        hi = static_cast<int>(std::max<int64_t>(lo, std::min<int64_t>(len, g.W - iw0)));
+        src = xc + ih * g.W + iw0;
+      }
+      int j = 0;
+      for (; j + 8 <= lo; j += 8) _mm256_storeu_ps(o + j, z);
+      for (; j < lo; ++j) o[j] = 0.f;
+      for (; j + 32 <= hi; j += 32) {
+        const __m256 v0 = _mm256_loadu_ps(src + j), v1 = _mm256_loadu_ps(src + j + 8);
+        const __m256 v2 = _mm256_loadu_ps(src + j + 16), v3 = _mm256_loadu_ps(src + j + 24);
+        _mm256_storeu_ps(o + j, v0);
+        _mm256_storeu_ps(o + j + 8, v1);
+        _mm256_storeu_ps(o + j + 16, v2);
+        _mm256_storeu_ps(o + j + 24, v3);
+      }
+      for (; j + 8 <= hi; j += 8) _mm256_storeu_ps(o + j, _mm256_loadu_ps(src + j));
+      if (j < hi) {  // masked: never reads past the row (or X)
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(hi - j), lane);
+        _mm256_maskstore_ps(o + j, m, _mm256_maskload_ps(src + j, m));
+        j = hi;
+      }
+      for (; j < len; ++j) o[j] = 0.f;
+    }
+    for (int j = np_; j < ld_; ++j) out[j] = 0.f;
+    if (++kw == g.KW) {
+      kw = 0;
+      if (++kh == g.KH) {
+        kh = 0;
+        ++c;
+      }
+    }
+  }
+}
+
+void ColBuilder::Build(int64_t r0, int64_t r1, float* col) const {
+  if (pi_.direct) {
+    BuildDirect(r0, r1, col);
+    return;
+  }
+  const ConvGeom& g = g_;
+  const int64_t khw = g.KH * g.KW;
+  int64_t c = r0 / khw, kh = (r0 / g.KW) % g.KH, kw = r0 % g.KW;
+  // Offsets of (c, kh) and of kw's stride phase, updated incrementally (no division per row).
+  const float* ckh = x_ + c * pi_.chan + kh * g.DH * pi_.row;
+  const int64_t kw_step_mod = g.DW % pi_.SW, kw_step_div = g.DW / pi_.SW;
+  const int64_t tap0 = kw * g.DW;
+  int64_t tmod = tap0 % pi_.SW, tdiv = tap0 / pi_.SW;
+  const int nseg = nseg_;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* out = col + (r - r0) * ld_;
+    const float* base = ckh + tmod * pi_.Wq + tdiv;
+    for (int s = 0; s < nseg; ++s) {
       const float* src = base + seg_[s].src;
       const int j0 = seg_[s].j0, len = seg_[s].len;
       float* o = out + j0;
       int j = 0;
+      // loads first, then stores: no store is followed by a load that could
+      // falsely alias it (same address bits below 4 KiB)
+      for (; j + 32 <= len; j += 32) {
+        const __m256 v0 = _mm256_loadu_ps(src + j), v1 = _mm256_loadu_ps(src + j + 8);
+        const __m256 v2 = _mm256_loadu_ps(src + j + 16), v3 = _mm256_loadu_ps(src + j + 24);
+        _mm256_storeu_ps(o + j, v0);
+        _mm256_storeu_ps(o + j + 8, v1);
+        _mm256_storeu_ps(o + j + 16, v2);
+        _mm256_storeu_ps(o + j + 24, v3);
+      }
       for (; j + 8 <= len; j += 8) _mm256_storeu_ps(o + j, _mm256_loadu_ps(src + j));
       if (j < len) {
         // A partial last vector may spill into the next segment's lanes (written after
         // this one) or into lanes >= np (zeroed below), never past this row.
-        if (pi_.slack && j0 + j + 8 <= ld_) {
+        if (j0 + j + 8 <= ld_) {
           _mm256_storeu_ps(o + j, _mm256_loadu_ps(src + j));
         } else {
           for (; j < len; ++j) o[j] = src[j];
@@ -101,9 +172,20 @@ void ColBuilder::Build(int64_t r0, int64_t r1, float* col) const {
     for (int j = np_; j < ld_; ++j) out[j] = 0.f;
     if (++kw == g.KW) {
       kw = 0;
+      tmod = 0;
+      tdiv = 0;
+      ckh += g.DH * pi_.row;
       if (++kh == g.KH) {
         kh = 0;
         ++c;
+        ckh = x_ + c * pi_.chan;
+      }
+    } else {
+      tmod += kw_step_mod;
+      tdiv += kw_step_div;
+      if (tmod >= pi_.SW) {
+        tmod -= pi_.SW;
+        ++tdiv;
       }
     }
   }
@@ -140,9 +222,11 @@ bool InputPresent(const OrtKernelInfo* info, size_t index) {
 
 bool BuildPaddedInput(OrtKernelContext* ctx, const ConvGeom& g, const float* X, int64_t N, PaddedInput* pi) {
   pi->Plan(g, N);
-  if (g.PT == 0 && g.PL == 0 && g.PB == 0 && g.PR == 0 && g.SW == 1) {  // the layout is X itself
-    pi->slack = false;
+  if (g.SW == 1) {  // the im2col reads X directly
+    pi->direct = true;
     pi->data = X;
+    pi->row = g.W;
+    pi->chan = g.H * g.W;
     return true;
   }
   float* buf = Scratch(3, pi->floats);
@@ -161,66 +245,6 @@ bool BuildPaddedInput(OrtKernelContext* ctx, const ConvGeom& g, const float* X, 
     }
   });
   pi->data = buf;
-  return true;
-}
-
-bool ShiftedInput::Build(OrtKernelContext* ctx, const ConvGeom& g, const float* X, int64_t N, uint32_t* tab) {
-  const int64_t Hp = g.H + g.PT + g.PB;
-  SH = g.SH;
-  KW = g.KW;
-  C = g.C;
-  E = g.OW;
-  Hq = (Hp + SH - 1) / SH;
-  image = KW * C * SH * Hq * E;
-  const int64_t Cg = g.Cg(), khw = g.KH * g.KW;
-  for (int64_t r = 0; r < Cg * khw; ++r) {
-    const int64_t c = r / khw, kh = (r / g.KW) % g.KH, kw = r % g.KW;
-    const int64_t o = ((kw * C + c) * SH + (kh * g.DH) % SH) * Hq * E + (kh * g.DH / SH) * E;
-    tab[r] = static_cast<uint32_t>(o);
-  }
-  in_place = g.KW == 1 && g.KH == 1 && g.SH == 1 && g.SW == 1 && g.PT == 0 && g.PL == 0 && g.PB == 0 && g.PR == 0 &&
-             g.OW == g.W && reinterpret_cast<uintptr_t>(X) % 32 == 0;
-  if (in_place) {  // Z[n][0][c][0][h][w] is X itself
-    data = X;
-    return true;
-  }
-  const size_t floats = static_cast<size_t>(N * image);
-  float* buf = Scratch(3, floats + 8);
-  if (!buf) return false;
-  // one item per (n, kw, c, ph) plane
-  const size_t items = static_cast<size_t>(N * KW * C * SH);
-  const size_t tasks = std::min(items, std::max<size_t>(1, TaskCount(items) / 2));
-  ForTasks(ctx, tasks, [&](size_t t) {
-    for (size_t it = t * items / tasks; it < (t + 1) * items / tasks; ++it) {
-      int64_t rem = static_cast<int64_t>(it);
-      const int64_t ph = rem % SH; rem /= SH;
-      const int64_t c = rem % C; rem /= C;
-      const int64_t kw = rem % KW; const int64_t n = rem / KW;
-      float* z = buf + n * image + ((kw * C + c) * SH + ph) * Hq * E;
-      const float* xc = X + (n * C + c) * g.H * g.W;
-      const int64_t x0 = kw * g.DW - g.PL;  // input column of x = 0
-      // columns x with 0 <= x*SW + x0 < W
-      const int64_t lo = std::min<int64_t>(E, x0 >= 0 ? 0 : (-x0 + g.SW - 1) / g.SW);
-      const int64_t hi = std::max(lo, std::min<int64_t>(E, x0 >= g.W ? 0 : (g.W - x0 + g.SW - 1) / g.SW));
-      for (int64_t i = 0; i < Hq; ++i) {
-        float* zr = z + i * E;
-        const int64_t ih = i * SH + ph - g.PT;
-        if (ih < 0 || ih >= g.H) {
-          std::memset(zr, 0, sizeof(float) * E);
-          continue;
-        }
-        const float* xr = xc + ih * g.W + x0;
-        std::memset(zr, 0, sizeof(float) * lo);
-        if (g.SW == 1) {
-          std::memcpy(zr + lo, xr + lo, sizeof(float) * (hi - lo));
-        } else {
-          for (int64_t x = lo; x < hi; ++x) zr[x] = xr[x * g.SW];
-        }
-        std::memset(zr + hi, 0, sizeof(float) * (E - hi));
-      }
-    }
-  });
-  data = buf;
   return true;
 }
 

@@ -55,17 +55,18 @@ PosBlocks ChoosePosBlocks(int64_t P, int64_t max_bs = kMaxTP);
 
 // ---- im2col of one position block --------------------------------------------
 
-// A zero-padded copy of the input with each row split into its SW stride phases,
-// so that the input values of consecutive output columns are contiguous for every
-// kernel column: element (c, ih, iw) of the padded image (ih in [0, Hp), iw in
-// [0, Wp), the original at (ih-PT, iw-PL)) lives at
-//   data[(n*C + c)*chan + ih*row + (iw % SW)*Wq + iw / SW].
-// Built once per run (in parallel over images x channels), read by every task.
+// Where the im2col reads the input from. Stride 1 (direct): X itself, padding
+// handled per segment. Stride > 1: a zero-padded copy of the input with each row
+// split into its SW stride phases, so that the input values of consecutive output
+// columns are contiguous for every kernel column: element (c, ih, iw) of the
+// padded image (ih in [0, Hp), iw in [0, Wp), the original at (ih-PT, iw-PL)) is
+//   data[(n*C + c)*chan + ih*row + (iw % SW)*Wq + iw / SW],
+// built once per run (in parallel over images x channels), read by every task.
 struct PaddedInput {
   int64_t Hp = 0, Wp = 0, Wq = 0, SW = 1;
   int64_t row = 0, chan = 0;  // strides in floats
   size_t floats = 0;          // buffer size incl. slack for vector over-reads
-  bool slack = true;          // false: data is X itself (no padding, stride 1), no over-reads allowed
+  bool direct = false;        // stride 1: data is X, no padding in it, no over-reads allowed
   const float* data = nullptr;
   void Plan(const ConvGeom& g, int64_t N);
   // Fills channels [c0, c1) of image n from X (N, C, H, W) into buf.
@@ -83,9 +84,11 @@ class ColBuilder {
 
  private:
   struct Seg {
-    int64_t src;  // offset of the segment's first input value for kernel tap (0, 0, 0)
+    int64_t src;  // padded layout: offset of the segment's first input value for tap (0, 0, 0)
+    int64_t oh, ow0;  // direct: output row and first output column
     int j0, len;  // lanes [j0, j0+len) of the block
   };
+  void BuildDirect(int64_t r0, int64_t r1, float* col) const;
   const ConvGeom& g_;
   const PaddedInput& pi_;
   const float* x_;
@@ -93,41 +96,12 @@ class ColBuilder {
   Seg seg_[kMaxTP];
 };
 
-// ---- implicit im2col ---------------------------------------------------------------
-//
-// When OW is a multiple of 8, Col is never built: row r = (c, kh, kw) of a block
-// starting at output position p0 is read in place at base + tab[r] + p0 from Z,
-// KW shifted, stride-phase-split copies of the padded input:
-//   Z[n][kw][c][ph][i][x] = Xpad[c][i*SH + ph][x*SW + kw*DW],  i < Hq, x < OW,
-// so that for output (oh, ow) the tap (c, kh, kw) is Z[n][kw][c][(kh*DH)%SH]
-// [oh + (kh*DH)/SH][ow]: consecutive output positions are consecutive floats, rows
-// are 32-byte aligned. Z is built once per run (about KW x the input) and shared
-// by every task; a 1x1 stride-1 unpadded layer uses X itself.
-struct ShiftedInput {
-  int64_t Hq = 0, E = 0, KW = 1, C = 0, SH = 1;
-  int64_t image = 0;          // floats per image
-  const float* data = nullptr;
-  bool in_place = false;
-  static bool Applies(const ConvGeom& g) { return g.OW % 8 == 0; }
-  // Plans and fills Z (in parallel on the pool; buffer: the calling thread's scratch
-  // slot 3) and the row offset table tab (CRS entries, relative to group 0).
-  bool Build(OrtKernelContext* ctx, const ConvGeom& g, const float* X, int64_t N, uint32_t* tab);
-  const float* Group(int64_t n, int64_t grp, const ConvGeom& g) const {
-    return data + n * image + grp * g.Cg() * SH * Hq * E;
-  }
-};
-
-// Row addressing for the micro-kernels: a Col tile (row stride LD) or rows read
-// in place through a table of offsets.
+// Row addressing for the micro-kernels: a Col tile with row stride ld (a
+// compile-time constant 8*NA at the calls, so the multiply is a shift).
 struct StridedRows {
   const float* col;
   size_t ld;
   OZ_SR_INLINE const float* operator()(size_t r) const { return col + r * ld; }
-};
-struct TableRows {
-  const float* base;
-  const uint32_t* tab;
-  OZ_SR_INLINE const float* operator()(size_t r) const { return base + tab[r]; }
 };
 
 // ---- per-thread scratch --------------------------------------------------------
@@ -143,8 +117,9 @@ float* Scratch(int slot, size_t floats);
 // Whether the node has input `index` (an optional input left out has an empty name).
 bool InputPresent(const OrtKernelInfo* info, size_t index);
 
-// Plans and fills the padded input of a run in parallel on the session's pool
-// (buffer: the calling thread's scratch slot 3). Returns false if out of memory.
+// Plans the input of a run (stride 1: X itself) or fills the padded copy in
+// parallel on the session's pool (buffer: the calling thread's scratch slot 3).
+// Returns false if out of memory.
 bool BuildPaddedInput(OrtKernelContext* ctx, const ConvGeom& g, const float* X, int64_t N, PaddedInput* pi);
 
 // oz::ParallelFor on the session's pool; with ctx == nullptr (the standalone
@@ -179,9 +154,7 @@ OZ_SR_INLINE void Fill(float* p, float v) {
   OZ_SR_UNROLL for (int i = 0; i < NA; ++i) _mm256_store_ps(p + 8 * i, b);
 }
 
-// acc += sum_t q_t * Col[row_t], Col row stride LD floats (8*NA for an im2col
-// tile, a compile-time constant at the call; the image's P for a 1x1 layer read
-// in place; rows 32-byte aligned either way); terms are 2-byte
+// acc += sum_t q_t * Col[row(t)] (row(): StridedRows, 32-byte aligned rows); terms are 2-byte
 // pairs (row within the chunk: uint8, weight: int8), SparseQuantConv's form.
 template <int NA, class Rows>
 OZ_SR_INLINE void FmaRowsQ(float* acc, const Rows& row, const uint8_t* terms, size_t n) {

@@ -1,18 +1,23 @@
-// SpatialConv: Conv(+bias)+ReLU with spatial zero prediction (onnxzero/ops/spatial.py defines the
-// semantics; docs/ops.md documents the op).
+// SpatialConv: Conv(+bias)+ReLU with spatial zero prediction. onnxzero/ops/spatial.py defines and
+// documents the semantics (its `reference` is what the tests compare against).
 //
 // Per run:
-//   1. X is copied channels-last and zero-padded per (image, group) (see spatial_conv.h).
-//   2. An all-ones (or all-zeros) mask means no prediction: every output is computed (dense tiles).
-//   3. Otherwise the output is cut into p x p patches and work is split into tasks over
-//      (image, group, output-channel block, range of patches). Inside a task, patches of the same
-//      shape (interior / right margin / bottom margin / corner) share every channel's pattern for the
-//      layer- and filter-wide masks; channels are grouped by pattern, and for each group
-//        phase 1: the masked pixels of all those patches x the group's channels (one dot-product
-//                 block: tiles of 4 channels x 3 pixels, W tile in L1 while pixels stream);
-//        phase 2: per patch, the channels whose masked outputs were not all zero ("alive") x the
-//                 patch's remaining pixels; the dead channels' remaining pixels are written as 0.
-//      A full (K, OH, OW) mask gives every patch its own patterns: same steps, patch by patch.
+//   1. X is copied channels-last and zero-padded per (image, group) (layout: spatial_conv.h), either
+//      once for the whole batch or, when every task reads distinct rows (one channel block, small
+//      halo), by each task for its own rows so the copy is hot in L2 when used. A dense 1x1 conv
+//      without padding skips the copy and broadcasts straight from NCHW X.
+//   2. An all-ones (or all-zeros) mask means no prediction: every output is computed with the
+//      outer-product panel kernel (6 pixels x 16 channels, W pre-packed in 16-channel panels).
+//   3. Otherwise the output is cut into p x p patches; tasks cover (image, group, channel block,
+//      range of patch rows) and first zero their output region (so predicted-zero outputs cost no
+//      scattered stores). Then
+//        phase 1: the masked pixels x the block's channels. Layer-wide mask: one panel job over the
+//                 masked pixels of all the task's patches (or dot tiles when W is so large that
+//                 phase 2 should find the same W rows in cache); per-filter / full masks: channels
+//                 grouped by pattern, dot tiles (4 channels x 3 pixels). The tiles record, per
+//                 (patch, channel), whether any masked output is > 0 ("alive").
+//        phase 2: per patch, the alive channels x the patch's remaining pixels (dot tiles); the
+//                 dead channels' remaining outputs stay zero and are never computed.
 //   Skipping is per (image, channel, patch) and every computed output costs exactly C/group*KH*KW
 //   MACs, so the `macs` output equals the reference's element-granular count.
 #include "spatial_conv.h"
@@ -43,6 +48,12 @@ using spatial::SegLayout;
 constexpr const char* kOp = "SpatialConv";
 constexpr int64_t kWBlockBytes = 192 * 1024;  // packed W rows of one task's channel block (L2-resident)
 constexpr int64_t kTargetTasks = 8;          // tasks per run: enough for the pool to balance skipped work
+constexpr int64_t kTaskBytes = 256 * 1024;    // a task's output region + input copy (L2-resident)
+// Layer-wide phase 1 runs on the W panels unless a group's W exceeds this: then phase 1 reads the same
+// W rows as phase 2 (dot tiles), so W streams from memory once per run instead of twice.
+constexpr int64_t kPanelPhase1MaxW = 4 << 20;
+// Kernel rows shorter than this (KW * C/group floats) switch to the row-merged layout.
+constexpr int64_t kMergeBelow = 32;
 
 struct FreeDel {
   void operator()(float* p) const noexcept { std::free(p); }
@@ -113,6 +124,24 @@ void PackRow(const float* src_c0, int64_t plane, const ConvGeom& g, int64_t Wp, 
     for (int64_t w0 = 0; w0 < g.W; ++w0) d[w0 * Cg + c0] = s[c0 * plane + w0];
 }
 
+// Row-merged layout for output row oh: dst[iw][r][c] = padded X[c][oh*SH + r*DH][iw], iw < Wp, so the
+// receptive field of (oh, ow) is the KW*KH*Cg contiguous floats at (ow*SW)*KH*Cg (dilation_w == 1).
+// Built from channels-last padded rows `cl` (row ihp at cl + (ihp - ihp0)*Wp*Cg, 4 floats of slack).
+void MergeRow(const float* cl, int64_t ihp0, const ConvGeom& g, int64_t Wp, int64_t oh, float* dst) {
+  const int64_t Cg = g.Cg(), KH = g.KH;
+  const float* src[64];
+  for (int64_t r = 0; r < KH; ++r) src[r] = cl + (oh * g.SH + r * g.DH - ihp0) * Wp * Cg;
+  if (Cg <= 4) {
+    // one 16-byte copy per (iw, r): the spill past Cg floats is overwritten by the next copy (or
+    // lands in the buffer's slack after the last one)
+    for (int64_t iw = 0; iw < Wp; ++iw)
+      for (int64_t r = 0; r < KH; ++r, dst += Cg) _mm_storeu_ps(dst, _mm_loadu_ps(src[r] + iw * Cg));
+  } else {
+    for (int64_t iw = 0; iw < Wp; ++iw)
+      for (int64_t r = 0; r < KH; ++r, dst += Cg) std::memcpy(dst, src[r] + iw * Cg, sizeof(float) * Cg);
+  }
+}
+
 // ------------------------------------------------------------------------------------------- kernel
 struct Shared {  // one run, read-only for all tasks
   const ConvGeom* g = nullptr;
@@ -120,6 +149,8 @@ struct Shared {  // one run, read-only for all tasks
   int64_t N = 0, PH = 0, PW = 0, Hp = 0, Wp = 0, img = 0;  // img: floats per channels-last image/group
   SegLayout L;
   const float* xcl = nullptr;  // shared channels-last copy, or null: tasks pack their own rows
+  bool direct = false;         // dense 1x1 without padding: no copy, panels broadcast from NCHW X
+  bool merged = false;         // row-merged layout (MergeRow), always task-local
   const float* X = nullptr;
   float* Y = nullptr;
   const float* wpk = nullptr;
@@ -144,7 +175,8 @@ struct Scratch {
   std::vector<int32_t> order, list;
   std::vector<const float*> x2;
   std::vector<int64_t> ycol2;
-  std::vector<float> xbuf;  // task-local channels-last input rows
+  std::vector<float> xbuf;   // task-local channels-last (or row-merged) input rows
+  std::vector<float> xbuf2;  // channels-last rows the row-merged copy is built from
   std::vector<uint8_t> flags;
   std::vector<int64_t> fcol;
 };
@@ -159,31 +191,65 @@ class Task {
     f0_ = fb * s.FB;
     f1_ = std::min(Kg, f0_ + s.FB);
     yimg_ = s.Y + n * g_.K * g_.P();
+    if (s.direct) {  // 1x1, no padding: pixels read straight from NCHW X (L.xstep = H*W)
+      xcl_ = s.X + (n * g_.C + grp * g_.Cg()) * g_.H * g_.W;
+      return;
+    }
+    if (s.merged) {  // row-merged copy of the task's output rows, via channels-last input rows
+      const int64_t Cg = g_.Cg(), row = s.Wp * g_.KH * Cg, plane = g_.H * g_.W, clrow = s.Wp * Cg;
+      const int64_t a = r0 * g_.SH, b = std::min(s.Hp, RowsFor(r1));
+      sc.xbuf2.resize(static_cast<size_t>((b - a) * clrow + 16));
+      const float* src = s.X + (n * g_.C + grp * Cg) * plane;
+      for (int64_t ihp = a; ihp < b; ++ihp) PackRow(src, plane, g_, s.Wp, ihp, sc.xbuf2.data() + (ihp - a) * clrow);
+      std::fill(sc.xbuf2.data() + (b - a) * clrow, sc.xbuf2.data() + (b - a) * clrow + 16, 0.f);
+      mr0_ = r0;
+      sc.xbuf.resize(static_cast<size_t>((r1 - r0) * row + 16));
+      float* buf = sc.xbuf.data();
+      for (int64_t oh = r0; oh < r1; ++oh) MergeRow(sc.xbuf2.data(), a, g_, s.Wp, oh, buf + (oh - r0) * row);
+      std::fill(buf + (r1 - r0) * row, buf + (r1 - r0) * row + 16, 0.f);
+      xcl_ = buf;
+      return;
+    }
     if (s.xcl) {
       xcl_ = s.xcl + (n * g_.G + grp) * s.img;
       return;
     }
+    // Task-local copy of the input rows [ihp0_, ihp1_) of output rows [r0, r1), packed by EnsureRows.
     const int64_t Cg = g_.Cg(), row = s.Wp * Cg;
     ihp0_ = r0 * g_.SH;
-    const int64_t ihp1 = std::min(s.Hp, (r1 - 1) * g_.SH + (g_.KH - 1) * g_.DH + 1);
-    sc.xbuf.resize(static_cast<size_t>((ihp1 - ihp0_) * row + 16));
+    ihp1_ = std::min(s.Hp, (r1 - 1) * g_.SH + (g_.KH - 1) * g_.DH + 1);
+    packed_ = ihp0_;
+    sc.xbuf.resize(static_cast<size_t>((ihp1_ - ihp0_) * row + 16));
     float* buf = sc.xbuf.data();
-    std::fill(buf + (ihp1 - ihp0_) * row, buf + (ihp1 - ihp0_) * row + 16, 0.f);
-    const int64_t plane = g_.H * g_.W;
-    for (int64_t ihp = ihp0_; ihp < ihp1; ++ihp)
-      PackRow(s.X + (n * g_.C + grp * Cg) * plane, plane, g_, s.Wp, ihp, buf + (ihp - ihp0_) * row);
+    std::fill(buf + (ihp1_ - ihp0_) * row, buf + (ihp1_ - ihp0_) * row + 16, 0.f);
+    xsrc_ = s.X + (n * g_.C + grp * Cg) * g_.H * g_.W;
     xcl_ = buf;
+    local_ = true;
   }
+
+  // The local copy holds padded input rows up to (excluding) ihp: pack what is missing.
+  void EnsureRows(int64_t ihp) {
+    if (!local_) return;
+    ihp = std::min(ihp, ihp1_);
+    const int64_t plane = g_.H * g_.W, row = s_.Wp * g_.Cg();
+    for (; packed_ < ihp; ++packed_)
+      PackRow(xsrc_, plane, g_, s_.Wp, packed_, sc_.xbuf.data() + (packed_ - ihp0_) * row);
+  }
+  // Input rows needed by output rows < r (padded coordinates, exclusive).
+  int64_t RowsFor(int64_t r) const { return (r - 1) * g_.SH + (g_.KH - 1) * g_.DH + 1; }
 
   int64_t Channels() const { return f1_ - f0_; }
   int64_t Global(int64_t f) const { return grp_ * g_.Kg() + f0_ + f; }  // f: index in block
 
   const float* XBase(int64_t oh, int64_t ow) const {
+    if (s_.direct) return xcl_ + oh * g_.SH * g_.W + ow * g_.SW;
+    if (s_.merged) return xcl_ + ((oh - mr0_) * s_.Wp + ow * g_.SW) * g_.KH * g_.Cg();
     return xcl_ + ((oh * g_.SH - ihp0_) * s_.Wp + ow * g_.SW) * g_.Cg();
   }
 
   // All pixels of output rows [r0, r1), every channel of the block.
   int64_t Dense(int64_t r0, int64_t r1) {
+    EnsureRows(RowsFor(r1));
     const int64_t nf = Channels();
     SetChannels(nullptr, nf);
     sc_.x.clear();
@@ -208,6 +274,8 @@ class Task {
       for (int64_t f = 0; f < Channels(); ++f)
         std::memset(yimg_ + Global(f) * g_.P() + r0 * g_.OW, 0, sizeof(float) * (r1 - r0) * g_.OW);
     }
+    EnsureRows(RowsFor(std::min<int64_t>(u1 * p, g_.OH)));
+    if (s_.form == MaskForm::kLayer) return LayerPatches(pa, pb);
     if (s_.form == MaskForm::kFull) {
       for (int64_t t = pa; t < pb; ++t) {
         const uint32_t vb = ValidBits(t);
@@ -228,7 +296,6 @@ class Task {
       }
       return done;
     }
-    if (s_.form == MaskForm::kLayer) return LayerPatches(pa, pb);
     // filter masks: patches of the same shape share every channel's pattern
     for (int kind = 0; kind < 4; ++kind) {
       sc_.list.clear();
@@ -457,7 +524,9 @@ class Task {
   const Shared& s_;
   const ConvGeom& g_;
   Scratch& sc_;
-  int64_t n_, grp_, f0_ = 0, f1_ = 0, ihp0_ = 0;
+  int64_t n_, grp_, f0_ = 0, f1_ = 0, ihp0_ = 0, ihp1_ = 0, packed_ = 0, mr0_ = 0;
+  bool local_ = false;
+  const float* xsrc_ = nullptr;  // this image/group's NCHW planes (local copies)
   const float* xcl_ = nullptr;
   float* yimg_ = nullptr;
 };
@@ -471,6 +540,7 @@ struct SpatialConvKernel {
   bool mask_const = false;
   int64_t K = 0, Cg = 0, KH = 0, KW = 0, G = 1;
   int64_t nseg = 0, len = 0, lpad = 0;
+  bool merged = false;  // row-merged input layout (see MergeRow)
   FloatBuf wpk;
   FloatBuf wpan;              // 16-channel panels per group: [G][npg][nseg*len][16]
   std::vector<float> bias16;  // [G][npg*16]
@@ -512,7 +582,13 @@ struct SpatialConvKernel {
       CheckValues(mask.as<uint8_t>(), mask.numel());
     }
     // Packed W rows: segments of the channels-last receptive field, each padded to lpad floats.
-    if (attrs.dilations[1] == 1) {
+    // Short kernel rows (e.g. 7x7 on 3 channels: 21 floats) use the row-merged input layout instead:
+    // one segment of KW*KH*Cg floats in (s, r, c) order.
+    merged = attrs.dilations[1] == 1 && KH > 1 && KH <= 64 && KW * Cg < kMergeBelow;
+    if (merged) {
+      nseg = 1;
+      len = KW * KH * Cg;
+    } else if (attrs.dilations[1] == 1) {
       nseg = KH;
       len = KW * Cg;
     } else {
@@ -528,8 +604,8 @@ struct SpatialConvKernel {
       for (int64_t c = 0; c < Cg; ++c)
         for (int64_t r = 0; r < KH; ++r)
           for (int64_t s = 0; s < KW; ++s) {
-            const int64_t seg = attrs.dilations[1] == 1 ? r : r * KW + s;
-            const int64_t at = attrs.dilations[1] == 1 ? s * Cg + c : c;
+            const int64_t seg = merged ? 0 : attrs.dilations[1] == 1 ? r : r * KW + s;
+            const int64_t at = merged ? (s * KH + r) * Cg + c : attrs.dilations[1] == 1 ? s * Cg + c : c;
             wpk[k * row + seg * lpad + at] = W[((k * Cg + c) * KH + r) * KW + s];
           }
     // Panels: the same segment order, unpadded, 16 channels of one group interleaved per row.
@@ -616,12 +692,14 @@ struct SpatialConvKernel {
     s.img = s.Hp * s.Wp * g.Cg();
     s.PH = (g.OH + p - 1) / p;
     s.PW = (g.OW + p - 1) / p;
-    std::vector<int64_t> off(nseg);
-    for (int64_t r = 0; r < KH; ++r)
-      for (int64_t sw = 0; sw < (attrs.dilations[1] == 1 ? 1 : KW); ++sw) {
-        const int64_t seg = attrs.dilations[1] == 1 ? r : r * KW + sw;
-        off[seg] = (r * g.DH * s.Wp + sw * g.DW) * g.Cg();
-      }
+    std::vector<int64_t> off(nseg, 0);
+    if (!merged)
+      for (int64_t r = 0; r < KH; ++r)
+        for (int64_t sw = 0; sw < (attrs.dilations[1] == 1 ? 1 : KW); ++sw) {
+          const int64_t seg = attrs.dilations[1] == 1 ? r : r * KW + sw;
+          off[seg] = (r * g.DH * s.Wp + sw * g.DW) * g.Cg();
+        }
+    s.merged = merged;
     s.L.nseg = nseg;
     s.L.len = len;
     s.L.lpad = lpad;
@@ -632,16 +710,13 @@ struct SpatialConvKernel {
     s.wpan = wpan.get();
     s.bias16 = bias16.data();
     s.npg = npg;
-    {
-      const char* e = std::getenv("OZ_P1_MAXW");
-      const int64_t maxw = e ? std::atoll(e) : (4 << 20);
-      s.panel_phase1 = g.Kg() * nseg * lpad * 4 <= maxw;
-    }
+    s.panel_phase1 = g.Kg() * nseg * lpad * 4 <= kPanelPhase1MaxW;
     s.form = form;
     s.mask = mdata;
     for (int q = 0; q < p * p; ++q) {
       s.dcol[q] = (q / p) * g.OW + q % p;
-      s.dx[q] = ((q / p) * g.SH * s.Wp + (q % p) * g.SW) * g.Cg();
+      s.dx[q] = merged ? ((q / p) * s.Wp + (q % p) * g.SW) * g.KH * g.Cg()
+                       : ((q / p) * g.SH * s.Wp + (q % p) * g.SW) * g.Cg();
     }
     s.Y = Y;
 
@@ -651,7 +726,15 @@ struct SpatialConvKernel {
     s.FB = ((Kg + s.nFB - 1) / s.nFB + 15) / 16 * 16;  // whole panels
     s.nFB = (Kg + s.FB - 1) / s.FB;
     s.units = dense ? g.OH : s.PH;
-    s.chunks = std::clamp<int64_t>((kTargetTasks + N * g.G * s.nFB - 1) / (N * g.G * s.nFB), 1, s.units);
+    {
+      // enough tasks for the pool, and few enough output rows per task that its output region and
+      // input copy stay in L2
+      const int64_t by_tasks = (kTargetTasks + N * g.G * s.nFB - 1) / (N * g.G * s.nFB);
+      const int64_t xrow = merged ? s.Wp * g.KH * g.Cg() : s.Wp * g.Cg() * g.SH;  // input floats per output row
+      const int64_t row_bytes = 4 * (std::min(s.FB, Kg) * g.OW + xrow);
+      const int64_t by_bytes = (g.OH * row_bytes + kTaskBytes - 1) / kTaskBytes;
+      s.chunks = std::clamp<int64_t>(std::max(by_tasks, by_bytes), 1, s.units);
+    }
     const int64_t ntask = N * g.G * s.nFB * s.chunks;
     const int64_t unit_rows = dense ? 1 : p;
     auto rows_of = [&](int64_t chunk, int64_t* r0, int64_t* r1) {
@@ -666,8 +749,10 @@ struct SpatialConvKernel {
     const double band = static_cast<double>(g.OH) / s.chunks;  // output rows per task (about)
     const bool local = s.nFB == 1 && ((band - 1) * g.SH + ekh) <= 1.25 * band * g.SH;
     s.X = X;
+    s.direct = dense && g.KH == 1 && g.KW == 1 && g.PT == 0 && g.PL == 0 && g.PB == 0 && g.PR == 0;
+    if (s.direct) s.L.xstep = g.H * g.W;
     FloatBuf xcl;
-    if (!local) {
+    if (!local && !s.direct && !s.merged) {
       const int64_t nimg = N * g.G;
       xcl = AllocFloats(static_cast<size_t>(nimg * s.img + 16));
       std::fill(xcl.get() + nimg * s.img, xcl.get() + nimg * s.img + 16, 0.f);

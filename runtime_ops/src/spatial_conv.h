@@ -1,20 +1,27 @@
-// SpatialConv internals: the channels-last "segment" layout and the dot-product micro-kernels that
-// compute any set of (output channel, output pixel) pairs at element granularity.
+// SpatialConv internals: input layouts and the two micro-kernels that compute any set of
+// (output channel, output pixel) pairs.
 //
-// Layout (prepared once per run for X, once per session for W):
-//   * X of one image and group is copied channels-last and zero-padded: Xcl[Hp][Wp][Cg] with
-//     Hp = H + pads, Wp = W + pads. The receptive field of output (oh, ow) then starts at
-//     base = (oh*SH*Wp + ow*SW)*Cg and is a fixed list of contiguous "segments":
-//       dilation_w == 1: one segment per kernel row r, KW*Cg floats at r*DH*Wp*Cg;
-//       otherwise:       one per (r, s), Cg floats at (r*DH*Wp + s*DW)*Cg.
-//   * W row k is the same segments, each zero-padded to a multiple of 8 floats (lpad), so a dot
-//     product is nseg x lpad/8 full ymm steps. The padding reads up to 7 floats past a segment's end
-//     (always inside the buffer, which carries 8 zero floats of slack) and multiplies them by 0.
+// Layouts (prepared once per run for X, once per session for W):
+//   * channels-last: X of one image and group copied zero-padded as Xcl[Hp][Wp][Cg]. The receptive
+//     field of output (oh, ow) starts at base = (oh*SH*Wp + ow*SW)*Cg and is a fixed list of
+//     contiguous "segments": dilation_w == 1: one per kernel row r, KW*Cg floats at r*DH*Wp*Cg;
+//     otherwise one per (r, s), Cg floats at (r*DH*Wp + s*DW)*Cg.
+//   * row-merged (short kernel rows, KW*Cg < 32, e.g. a 7x7 stem on 3 channels): per output row,
+//     [Wp][KH][Cg], so the whole field is one segment of KW*KH*Cg floats in (s, r, c) order.
+//   * NCHW itself for a dense 1x1 without padding (panel kernel only, xstep = H*W).
+//   * W rows: the same segments, each zero-padded to lpad (multiple of 8) floats, for the dot kernel;
+//     W panels: 16 channels interleaved per reduction element, unpadded, for the panel kernel.
+//     The dot kernel's padded reads run up to 7 floats past a segment (inside the buffer, which has
+//     16 zero floats of slack) and multiply them by 0. Caveat: an Inf/NaN in X can therefore also
+//     reach a neighbouring output (0 * Inf = NaN) where plain Conv would keep it finite.
 //
-// The micro-kernel computes MF output channels x MP pixels (MF*MP <= 12 ymm accumulators, a second
-// accumulator set when the tile is small so FMA latency stays covered), then reduces horizontally and
-// writes max(sum + bias, 0). Because every tile names its channels and pixels through pointer lists,
-// the same kernel serves dense tiles, gathered first-phase pixels and per-patch second-phase work.
+// Kernels:
+//   * DotTile: MF channels x MP pixels (MF*MP <= 12 ymm accumulators, a second set for small tiles),
+//     any channel list and any pixel list, horizontal reduction at the end: phase 2 (per patch: alive
+//     channels x remaining pixels) and phase 1 of per-filter / full masks.
+//   * PanelTile: 6 pixels broadcast x 16 channels of one panel (12 accumulators, no reduction): dense
+//     tiles and phase 1 of layer-wide masks.
+// Both write max(sum + bias, 0) and can OR per-(patch, channel) "alive" flags (output > 0).
 #pragma once
 
 #include <cstddef>
@@ -28,6 +35,8 @@ struct SegLayout {
   int64_t len = 0;             // floats per segment (real)
   int64_t lpad = 0;            // floats per segment in W rows (multiple of 8)
   const int64_t* off = nullptr;  // nseg offsets (floats) from a pixel's base in Xcl
+  int64_t xstep = 1;           // floats between consecutive reduction elements (panel tiles only;
+                               // H*W when broadcasting a 1x1 convolution straight from NCHW X)
   int64_t row() const { return nseg * lpad; }  // floats per packed W row
 };
 

@@ -20,12 +20,11 @@ inline __m128 HSum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1));
 }
 
-// LP > 0: segments of exactly LP ymm steps, fully unrolled (short segments, e.g. a 7x7 kernel on 3 channels).
-template <int MF, int MP, int LP = 0>
+template <int MF, int MP>
 void DotTile(const DotJob& job, const int32_t* ks, const float* const* x, const int64_t* ycol, uint8_t* flags,
              const int64_t* fcol, const SegLayout& L) noexcept {
   constexpr int NA = MF * MP;
-  constexpr int U = (NA <= 6 && LP == 0) ? 2 : 1;  // small tiles: two accumulator sets cover the FMA latency
+  constexpr int U = NA <= 6 ? 2 : 1;  // small tiles: two accumulator sets cover the FMA latency
   __m256 acc[U][MF][MP];
   for (int u = 0; u < U; ++u)
     for (int f = 0; f < MF; ++f)
@@ -56,19 +55,14 @@ void DotTile(const DotJob& job, const int32_t* ks, const float* const* x, const 
     const float* xp[MP];
     const int64_t o = L.off[s];
     for (int j = 0; j < MP; ++j) xp[j] = x[j] + o;
-    if constexpr (LP > 0) {
-#pragma GCC unroll 8
-      for (int i = 0; i < LP; ++i) step(0, xp, wp, 8 * i);
-    } else {
-      int64_t i = 0;
-      if constexpr (U == 2) {
-        for (; i + 16 <= lpad; i += 16) {
-          step(0, xp, wp, i);
-          step(1, xp, wp, i + 8);
-        }
+    int64_t i = 0;
+    if constexpr (U == 2) {
+      for (; i + 16 <= lpad; i += 16) {
+        step(0, xp, wp, i);
+        step(1, xp, wp, i + 8);
       }
-      for (; i < lpad; i += 8) step(0, xp, wp, i);
     }
+    for (; i < lpad; i += 8) step(0, xp, wp, i);
     for (int f = 0; f < MF; ++f) wp[f] += lpad;
   }
 
@@ -102,12 +96,12 @@ using TileFn = void (*)(const DotJob&, const int32_t*, const float* const*, cons
 constexpr int kMaxMP = 6;
 constexpr int kMaxMF[kMaxMP + 1] = {0, 8, 6, 4, 3, 2, 2};
 
-template <int MP, int LP = 0>
+template <int MP>
 constexpr std::array<TileFn, 9> MakeRow() {
   std::array<TileFn, 9> r{};
   auto one = [&](auto mf_c) {
     constexpr int MF = decltype(mf_c)::value;
-    if constexpr (MF <= kMaxMF[MP]) r[MF] = &DotTile<MF, MP, LP>;
+    if constexpr (MF <= kMaxMF[MP]) r[MF] = &DotTile<MF, MP>;
   };
   one(std::integral_constant<int, 1>{});
   one(std::integral_constant<int, 2>{});
@@ -123,8 +117,7 @@ constexpr std::array<TileFn, 9> MakeRow() {
 using TileTable = std::array<std::array<TileFn, 9>, kMaxMP + 1>;
 const TileTable kTilesAny = {
     {std::array<TileFn, 9>{}, MakeRow<1>(), MakeRow<2>(), MakeRow<3>(), MakeRow<4>(), MakeRow<5>(), MakeRow<6>()}};
-const TileTable kTiles3 = {{std::array<TileFn, 9>{}, MakeRow<1, 3>(), MakeRow<2, 3>(), MakeRow<3, 3>(), MakeRow<4, 3>(),
-                            MakeRow<5, 3>(), MakeRow<6, 3>()}};
+
 
 // Pixel chunks: 3 at a time; a remainder of 1 (when there are >= 4) becomes 2 + 2.
 inline int64_t ChunkAt(int64_t j0, int64_t np) {
@@ -138,7 +131,7 @@ inline int64_t ChunkAt(int64_t j0, int64_t np) {
 
 void DotBlock(const DotJob& job, const SegLayout& L, bool filters_outer) noexcept {
   if (job.nf <= 0 || job.np <= 0) return;
-  const TileTable& kTiles = L.lpad == 24 ? kTiles3 : kTilesAny;
+  const TileTable& kTiles = kTilesAny;
   if (filters_outer) {
     constexpr int64_t MF = 4;
     for (int64_t f0 = 0; f0 < job.nf; f0 += MF) {
@@ -176,16 +169,16 @@ void PanelTile(const float* wp, const float* const* x, const SegLayout& L, const
     acc[j][0] = b0;
     acc[j][1] = b1;
   }
-  const int64_t len = L.len;
+  const int64_t len = L.len, xs = L.xstep;
   for (int64_t s = 0; s < L.nseg; ++s) {
     const float* xp[MP];
     for (int j = 0; j < MP; ++j) xp[j] = x[j] + L.off[s];
-    for (int64_t i = 0; i < len; ++i) {
+    for (int64_t i = 0, o = 0; i < len; ++i, o += xs) {
       const __m256 w0 = _mm256_loadu_ps(wp), w1 = _mm256_loadu_ps(wp + 8);
       wp += 16;
 #pragma GCC unroll 8
       for (int j = 0; j < MP; ++j) {
-        const __m256 xv = _mm256_broadcast_ss(xp[j] + i);
+        const __m256 xv = _mm256_broadcast_ss(xp[j] + o);
         acc[j][0] = _mm256_fmadd_ps(w0, xv, acc[j][0]);
         acc[j][1] = _mm256_fmadd_ps(w1, xv, acc[j][1]);
       }
