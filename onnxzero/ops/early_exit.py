@@ -28,7 +28,7 @@ Semantics (this module's `reference` defines them; the C++ kernel follows it):
   them per output element (the element's stop index); the kernel works on blocks of up to 64
   output positions of one filter and checks its stop conditions only at block level: after the
   positive terms, after each piece of a negative band (the band's terms whose rows fall in one
-  128-row chunk of the im2col, or in a few chunks for a small band: about 32 terms or more), and
+  96-row chunk of the im2col, or in a few chunks for a small band: about 32 terms or more), and
   at N in predictive mode; a block stops when all its positions are stopped, and counts
   (terms done) x (positions in the block). So reference macs <= kernel macs <= dense macs, and y
   is the same.

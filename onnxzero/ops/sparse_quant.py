@@ -37,7 +37,7 @@ import onnx
 from onnx import helper
 
 from onnxzero import DOMAIN
-from onnxzero.ops.early_exit import conv_relu_reference, im2col
+from onnxzero.ops.early_exit import conv_relu_reference
 
 OP = "SparseQuantConv"
 MAX_GAP = 255

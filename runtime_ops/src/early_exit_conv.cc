@@ -16,7 +16,7 @@ namespace oz {
 namespace {
 
 constexpr const char* kOp = "EarlyExitConv";
-constexpr int64_t kChunkRows = 128;   // rows of Col swept across the filters of a block at a time
+constexpr int64_t kChunkRows = 96;    // rows of Col swept across the filters of a block at a time (measured: 64-128 alike)
 // Negative terms by decreasing magnitude, cut into bands at these fractions of a
 // filter's negative terms; inside a band, row order (so the band can be swept
 // chunk by chunk over Col, which then stays in L1).
@@ -29,6 +29,23 @@ struct RunParams {
   const float* threshold = nullptr;
 };
 
+// A block's Col built chunk by chunk just before the first sweep reads it (so that
+// sweep finds it in L1), or already complete (shared Col: cb == nullptr).
+struct LazyCol {
+  const sr::ColBuilder* cb = nullptr;
+  float* col = nullptr;
+  int64_t ld = 0, rows_per_chunk = 0, CRS = 0;
+  int64_t* built = nullptr;  // rows built so far
+  void Ensure(int64_t chunk_end) const {
+    if (!cb) return;
+    const int64_t r1 = std::min(CRS, chunk_end * rows_per_chunk);
+    if (r1 > *built) {
+      cb->Build(*built, r1, col + *built * ld);
+      *built = r1;
+    }
+  }
+};
+
 struct EarlyExitKernel {
   ConvAttrs attrs;
   std::vector<int64_t> w_shape;
@@ -36,7 +53,8 @@ struct EarlyExitKernel {
   bool predictive = false;
   int nonneg = 1;
   std::vector<float> bias;
-  // Term lists, filter by filter: rows (uint16) and weights; tptr[k] = first term of filter k.
+  // Terms (uint16 Col row, float weight), stored in sweep order (see BuildTerms);
+  // tptr: prefix sums of the filters' term counts (T_k = tptr[k+1] - tptr[k]).
   std::vector<uint16_t> rows;
   std::vector<float> wts;
   std::vector<int64_t> tptr;   // (K+1)
@@ -185,10 +203,11 @@ struct EarlyExitKernel {
   // One block of positions x filters [k0, k1): every band swept chunk by chunk over
   // Col (chunk-outer, filter-inner); a filter's accumulators and live-lane masks sit
   // in tile / livebuf between its pieces. Returns the MACs done.
-  template <int NA, class Rows>
+  template <int NA>
   int64_t Item(const ConvGeom& g, const RunParams& rp, float* Y, int64_t n, int64_t p0, int np, int64_t k0,
-               int64_t k1, const Rows& col, float* tile, float* livebuf, int64_t* state) const {
+               int64_t k1, const float* colp, const LazyCol& lazy, float* tile, float* livebuf, int64_t* state) const {
     constexpr int LD = 8 * NA;
+    const sr::StridedRows col{colp, LD};  // row stride a compile-time constant: a shift
     const int64_t Kb = k1 - k0, P = g.P();
     const size_t cstride = static_cast<size_t>(nch + 1);
     // state per filter: [0] terms done (-1 = still running), [1] threshold point N (or -1: none / done)
@@ -248,6 +267,7 @@ struct EarlyExitKernel {
       for (int64_t c = 0; c < nch && running > 0; c += step) {
         const uint32_t* cp0 = cp.data() + static_cast<size_t>((bi * cstride + c) * K);
         const uint32_t* cp1 = cp.data() + static_cast<size_t>((bi * cstride + std::min(nch, c + step)) * K);
+        lazy.Ensure(c + step);
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t i = k - k0;
           if (done[i] >= 0) continue;
@@ -269,7 +289,11 @@ struct EarlyExitKernel {
             OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, a[v]);
             continue;
           }
-          OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_load_ps(lv + 8 * v);
+          if (rp.predictive) {  // live lanes change only at a threshold; else they are the valid ones
+            OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_load_ps(lv + 8 * v);
+          } else {
+            OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = valid[v];
+          }
           bool stopped = false;
           if (thr_here) {
             sr::FmaRowsF<NA>(a, col, rk + lo, wk + lo, static_cast<size_t>(N - lo));
@@ -398,9 +422,9 @@ struct EarlyExitKernel {
     const int64_t base = N * G * pb.count;
     const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
     // Filter blocks of at most 256 filters (tile + live masks: 2 x 64 KiB, in L2); enough
-    // of them for four tasks per thread when there are few position blocks (stops make
-    // the work uneven).
-    const int64_t per_thread = 4;
+    // of them for two tasks per thread when there are few position blocks (every filter
+    // block sweeps the block's Col once per band: more blocks, more Col traffic).
+    const int64_t per_thread = 2;
     int64_t nkb = std::max<int64_t>((Kg + 255) / 256, std::min<int64_t>((Kg + 15) / 16, (per_thread * hw + base - 1) / base));
     nkb = std::max<int64_t>(1, std::min(nkb, Kg));
     const int64_t kbs = (Kg + nkb - 1) / nkb;
@@ -438,7 +462,7 @@ struct EarlyExitKernel {
         oom = true;
         return;
       }
-      int64_t built = -1, macs = 0;
+      int64_t built = -1, built_rows = 0, macs = 0;
       for (size_t it = i0; it < i1; ++it) {
         int64_t rem = static_cast<int64_t>(it);
         const int64_t kbi = rem % nkb; rem /= nkb;
@@ -449,28 +473,29 @@ struct EarlyExitKernel {
         const int64_t p0 = pb.begin(b);
         const int np = pb.size(b), LD = 8 * ((np + 7) / 8);
         int64_t* state = reinterpret_cast<int64_t*>(livebuf + kbs * sr::kMaxTP);
-        auto run = [&](const auto& rows) {
-          switch (LD / 8) {
-#define OZ_EE_CASE(na) \
-  case na: macs += Item<na>(g, rp, Y, n, p0, np, k0, k1, rows, tile, livebuf, state); break;
-            OZ_EE_CASE(1) OZ_EE_CASE(2) OZ_EE_CASE(3) OZ_EE_CASE(4)
-            OZ_EE_CASE(5) OZ_EE_CASE(6) OZ_EE_CASE(7) OZ_EE_CASE(8)
-#undef OZ_EE_CASE
-            default: break;
-          }
-        };
+        // Own Col: built lazily, chunk by chunk, by the first item of this block
+        // (kept for the following items of the same block in this task).
+        const sr::ColBuilder cb(g, pi, pi.data + (n * g.C + grp * g.Cg()) * pi.chan, p0, np, LD);
+        LazyCol lazy;
         const float* col;
         if (shared) {
           col = shared + bi * blk_floats;
         } else {
           if (built != bi) {
-            sr::ColBuilder cb(g, pi, pi.data + (n * g.C + grp * g.Cg()) * pi.chan, p0, np, LD);
-            cb.Build(0, CRS, own);
             built = bi;
+            built_rows = 0;
           }
+          lazy = LazyCol{&cb, own, LD, kce, CRS, &built_rows};
           col = own;
         }
-        run(sr::StridedRows{col, static_cast<size_t>(LD)});
+        switch (LD / 8) {
+#define OZ_EE_CASE(na) \
+  case na: macs += Item<na>(g, rp, Y, n, p0, np, k0, k1, col, lazy, tile, livebuf, state); break;
+          OZ_EE_CASE(1) OZ_EE_CASE(2) OZ_EE_CASE(3) OZ_EE_CASE(4)
+          OZ_EE_CASE(5) OZ_EE_CASE(6) OZ_EE_CASE(7) OZ_EE_CASE(8)
+#undef OZ_EE_CASE
+          default: break;
+        }
       }
       task_macs[t] = macs;
     });

@@ -3,6 +3,8 @@
 
 #include <immintrin.h>
 
+#include <cstdint>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
@@ -384,6 +386,16 @@ inline void CopyFloats(float* dst, const float* src, int64_t n) {
   }
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_loadu_ps(src + i));
   for (; i < n; ++i) dst[i] = src[i];
+}
+
+// Zeroes n floats with non-temporal stores for the aligned middle (no read-for-ownership of lines
+// nobody reads back: the rows a skipping op leaves at 0). Caller fences (_mm_sfence) before handing
+// the memory to other threads.
+inline void StreamZeroFloats(float* dst, int64_t n) {
+  int64_t i = 0;
+  while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0) dst[i++] = 0.f;
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_setzero_ps());
+  for (; i < n; ++i) dst[i] = 0.f;
 }
 
 inline void ZeroFloats(float* dst, int64_t n) {
@@ -1017,8 +1029,10 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvPlan& plan, const ConvWeights& 
     const RowSet& rs = sets[ng];
     const int64_t p0 = cb * cwidth, p1 = std::min(P, p0 + cwidth);
     float* y = Y + n * img_out;
-    if (r == 0 && !others.empty())
-      for (int32_t k : others[ng]) ZeroFloats(y + k * P + p0, p1 - p0);
+    if (r == 0 && !others.empty()) {
+      for (int32_t k : others[ng]) StreamZeroFloats(y + k * P + p0, p1 - p0);
+      _mm_sfence();
+    }
     const int64_t r0 = r * rblock, r1 = std::min(rs.count, r0 + rblock);
     if (r0 >= r1) return;
     if (!ComputeTile(plan, w, X + n * img_in, y, grp, rs.rows + r0, r1 - r0, p0, p1, ep))

@@ -17,9 +17,15 @@ namespace {
 
 constexpr const char* kOp = "SparseQuantConv";
 
-// Rows of the reduction swept across all filters of a block at a time: 128 rows x
-// 64 positions x 4 B = 32 KiB of Col (L1-sized; measured better than 64 and 256).
-constexpr int64_t kChunkRows = 128;
+// Rows of the reduction swept across all filters of a block at a time (<= 256: the
+// terms hold a row within its chunk in 8 bits). A chunk of 64 rows x 64 positions
+// is 16 KiB of Col; a sparser layer takes bigger chunks so that a filter still has
+// ~20-30 terms per chunk (the per-chunk cost of a filter is then small). Measured:
+// 64 rows is best at >= 50% density, 128-192 at 25% and 10%.
+int64_t ChunkRowsFor(int64_t nonzeros, int64_t dense) {
+  const double d = dense > 0 ? double(nonzeros) / double(dense) : 1.0;
+  return d >= 0.375 ? 64 : d >= 0.15 ? 128 : 192;
+}
 
 struct SparseQuantKernel {
   ConvAttrs attrs;
@@ -123,7 +129,7 @@ struct SparseQuantKernel {
 
   // The run-time form (see the header) from a validated stream.
   void BuildRuntime(const int8_t* val, const uint8_t* idx, const int64_t* rp, int64_t L) {
-    kc = kChunkRows;
+    kc = ChunkRowsFor(std::count_if(val, val + L, [](int8_t v) { return v != 0; }), K * CRS);
     nch = (CRS + kc - 1) / kc;
     // Terms stored in the order the kernel reads them: chunk by chunk, and inside a
     // chunk filter by filter, so every task streams them sequentially.

@@ -15,7 +15,7 @@
 //   appears only in fillers. Every position must be < CRS.
 //
 // Run-time form (built once at session creation, validated first): the reduction
-// is cut into chunks of kc = 128 rows; the kept (non-filler) entries become 2-byte
+// is cut into chunks of kc rows (64 / 128 / 192 by density); the kept (non-filler) entries become 2-byte
 // terms (row within its chunk: uint8, value: int8), stored chunk by chunk and,
 // inside a chunk, filter by filter (the order the kernel reads them), plus the
 // offset of each (chunk, filter) run. That is 2 bytes per nonzero weight (+ 4 bytes

@@ -14,13 +14,15 @@
 //
 // There is no reuse of a Col load across filters (each filter has its own rows),
 // so the kernel does one load per FMA: it runs at FMA speed only when the Col rows
-// it touches are in L1. Callers therefore either sweep the reduction in row chunks
-// small enough for L1, across all filters of a filter block ("chunk-outer", with
-// the accumulators kept in a tile in memory between chunks), or, where the term
-// order is data-dependent (early exit's negatives), read Col from L2.
+// it touches are in L1. Both ops therefore sweep the reduction in row chunks small
+// enough for L1, across all filters of a filter block ("chunk-outer", with the
+// accumulators kept in a tile in memory between chunks); their term lists are
+// stored in that traversal order. (Measured on the 2-core Zen box: ~75-80 GFLOP/s
+// per core in L1, about half that when the rows come from L2; pairing filters to
+// share loads of common rows did not help: the loop is not load-port bound there.)
 //
 // The kernels keep at least 8 independent FMA chains (FMA latency 4 x 2 pipes):
-// with NA < 8 they split the terms over two (NA <= 4) accumulator sets.
+// with NA <= 4 they split the terms over two accumulator sets.
 #pragma once
 
 #include <immintrin.h>
@@ -55,8 +57,8 @@ PosBlocks ChoosePosBlocks(int64_t P, int64_t max_bs = kMaxTP);
 
 // ---- im2col of one position block --------------------------------------------
 
-// Where the im2col reads the input from. Stride 1 (direct): X itself, padding
-// handled per segment. Stride > 1: a zero-padded copy of the input with each row
+// Where the im2col reads the input from. Stride 1 and no padding (direct): X
+// itself. Otherwise: a zero-padded copy of the input with each row
 // split into its SW stride phases, so that the input values of consecutive output
 // columns are contiguous for every kernel column: element (c, ih, iw) of the
 // padded image (ih in [0, Hp), iw in [0, Wp), the original at (ih-PT, iw-PL)) is
@@ -65,9 +67,10 @@ PosBlocks ChoosePosBlocks(int64_t P, int64_t max_bs = kMaxTP);
 struct PaddedInput {
   int64_t Hp = 0, Wp = 0, Wq = 0, SW = 1;
   int64_t row = 0, chan = 0;  // strides in floats
-  size_t floats = 0;          // buffer size incl. slack for vector over-reads
-  bool direct = false;        // stride 1: data is X, no padding in it, no over-reads allowed
+  size_t floats = 0;          // padded copy: buffer size incl. slack for vector over-reads
+  bool direct = false;        // stride 1, no padding: data is X, no over-reads allowed
   const float* data = nullptr;
+  const float* end = nullptr;  // direct: the end of X (no read may reach past it)
   void Plan(const ConvGeom& g, int64_t N);
   // Fills channels [c0, c1) of image n from X (N, C, H, W) into buf.
   void Fill(const ConvGeom& g, const float* X, int64_t n, int64_t c0, int64_t c1, float* buf) const;
@@ -92,6 +95,7 @@ class ColBuilder {
   const ConvGeom& g_;
   const PaddedInput& pi_;
   const float* x_;
+  const float* x_end_;
   int np_, ld_, nseg_ = 0;
   Seg seg_[kMaxTP];
 };
@@ -107,9 +111,11 @@ struct StridedRows {
 // ---- per-thread scratch --------------------------------------------------------
 
 // A 64-byte aligned buffer of at least `floats` floats owned by the calling
-// thread (grow-only, reused across runs; nullptr if out of memory). `slot` selects one of a few
-// independent buffers. Each pool thread runs one task at a time, so a task may
-// use its thread's buffers freely; nothing is shared between threads.
+// thread (grow-only, reused across runs; nullptr if out of memory). `slot` selects
+// one of 4 independent buffers: tasks use slots 0-2; slot 3 (and 2 for a shared
+// Col) belongs to the thread running Compute, which fills it before the parallel
+// section and only reads it during. Each pool thread runs one task at a time, so
+// a task may use its thread's buffers freely.
 float* Scratch(int slot, size_t floats);
 
 // ---- kernel info ---------------------------------------------------------------------
