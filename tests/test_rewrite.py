@@ -636,7 +636,11 @@ def test_zoo_model_rewritten_runs_with_sane_accuracy(name, technique, mnist):
         assert [s.technique for s in sites] == [None] + ["early-exit"] * (len(sites) - 1)
         assert "non-negative" in sites[0].reason
         assert_close(r.logits, base_logits)
-        assert acc == base and 0 < r.macs < dense
+        # The kernel stops a block of up to 64 output positions only when all of them are done;
+        # lenet's conv2 has exactly one such block per filter, so its savings can be nil.
+        assert acc == base and 0 < r.macs <= dense
+        if name == "resnet-mnist":
+            assert r.macs < dense
         return
     assert all(s.technique == technique for s in sites)
     assert acc >= MIN_TOP1[name, technique], f"{name} {technique}: top-1 {acc:.3f} (float {base:.3f})"
