@@ -241,6 +241,8 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
     if report_path:
         atomic_write_json(report_path, result.report, protect=protect)
         console.print(f"wrote {report_path}")
+    if "note" in result.report:
+        raise UserError(f"{result.report['note']}; no model written (try --objective macs)")
     if result.model is None or (not result.met_eps and not best_effort):
         raise UserError(f"no configuration met eps = {eps:g}; no model written (use --best-effort to write the best found)")
     if not result.met_eps:

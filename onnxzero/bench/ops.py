@@ -32,6 +32,8 @@ from types import ModuleType
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+from onnxzero.ops.session import make_session
 from onnx import helper, numpy_helper
 
 import onnxzero.bench as bench_pkg
@@ -106,14 +108,9 @@ def reference_model(case: BenchCase, layer: Layer) -> onnx.ModelProto:
 
 
 def _session(model: onnx.ModelProto, threads: int, library: bool) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if library:
-        so.register_custom_ops_library(get_library_path())
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # make_session turns intra-op spinning off: two sessions alternating on 2 cores would
+    # otherwise measure each other's spinning threads
+    return make_session(model, threads=threads, library=library)
 
 
 def time_interleaved(run_a: Callable[[], object], run_b: Callable[[], object], runs: int,

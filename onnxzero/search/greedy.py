@@ -177,35 +177,47 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
     cand_by_key = {c.key: c for c in cands}
 
     # ---- 2. per-site options within eps, best first -----------------------------------------
-    options_by_site: dict[str, list[Measured]] = {}
+    ranked: dict[str, list[Measured]] = {}
     for s in sites:
         ok = [m for m in measured if m.site == s.name and m.loss <= options.eps and m.saved(options.objective) > 0]
         ok.sort(key=lambda m: (-m.saved(options.objective), m.loss))
         if ok:
-            options_by_site[s.name] = ok[:options.top_m]
+            ranked[s.name] = ok
+    # Seeds for the network level: the best options over all techniques, and, when several are
+    # enabled, each technique's own best options (a site's single best choice can combine worse
+    # than a uniform technique; we want the fastest passing model, not the first).
+    seeds = [{s: ms[:options.top_m] for s, ms in ranked.items()}]
+    if len(options.techniques) > 1:
+        for t in options.techniques:
+            seed = {s: [m for m in ms if m.technique == t][:options.top_m] for s, ms in ranked.items()}
+            seed = {s: v for s, v in seed.items() if v}
+            if seed and seed not in seeds:
+                seeds.append(seed)
 
     # ---- 3. network level with back-off -------------------------------------------------------
     base_lat = _model_latency(base, inputs[:1], library=False, runs=options.latency_runs, threads=threads)
     base_macs = dense_model_macs(base)
     site_dense = {s.name: int(s.macs) for s in sites}
-    choice = {s: 0 for s in options_by_site}
     combined: list[Combined] = []
-    progress.start(options.max_rounds, "network-level combinations")
-    for _ in range(options.max_rounds):
-        if not choice:
-            break
-        cfg = {s: _site_config(options_by_site[s][i], cand_by_key) for s, i in choice.items()}
-        c = _evaluate_combined(base, cfg, engine, base_macs, site_dense, inputs[:1], options, threads)
-        combined.append(c)
-        cache["combined"].append(c.to_json())
-        progress.advance()
-        if c.loss <= options.eps:
-            break
-        # back off the site whose current option costs the most accuracy on its own
-        worst = max(choice, key=lambda s: (options_by_site[s][choice[s]].loss, -options_by_site[s][choice[s]].saved(options.objective)))
-        choice[worst] += 1
-        if choice[worst] >= len(options_by_site[worst]):
-            del choice[worst]
+    progress.start(options.max_rounds * len(seeds), "network-level combinations")
+    for options_by_site in seeds:
+        choice = {s: 0 for s in options_by_site}
+        for _ in range(options.max_rounds):
+            if not choice:
+                break
+            cfg = {s: _site_config(options_by_site[s][i], cand_by_key) for s, i in choice.items()}
+            c = _evaluate_combined(base, cfg, engine, base_macs, site_dense, inputs[:1], options, threads)
+            combined.append(c)
+            cache["combined"].append(c.to_json())
+            progress.advance()
+            if c.loss <= options.eps:
+                break
+            # back off the site whose current option costs the most accuracy on its own
+            worst = max(choice, key=lambda s: (options_by_site[s][choice[s]].loss,
+                                               -options_by_site[s][choice[s]].saved(options.objective)))
+            choice[worst] += 1
+            if choice[worst] >= len(options_by_site[worst]):
+                del choice[worst]
     save()
 
     passing = [c for c in combined if c.loss <= options.eps]
@@ -238,6 +250,9 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
         report["optimized"] = None
         report["sites"] = [_site_row(s, None, None) for s in sites]
     report["met_eps"] = bool(passing)
+    if not ranked:
+        report["note"] = (f"no site setting saved {options.objective} within eps on its own: "
+                          "the original model is the best this search found")
     report["search"] = {"candidates_evaluated": len(measured) + len(combined), "first_level": len(measured),
                         "combinations": len(combined), "seconds": time.time() - t0}
     report["pareto"] = pareto([{"accuracy": engine.base_accuracy, "macs": base_macs, "latency_ms": base_lat, "label": "float model"}]

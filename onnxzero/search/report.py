@@ -38,5 +38,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(f"search: {sr['candidates_evaluated']} candidates measured ({sr['first_level']} first-level, "
                   f"{sr['combinations']} combinations) in {sr['seconds']:.0f} s; "
                   f"{len(report['pareto'])} points on the accuracy/MACs/latency Pareto front", highlight=False)
-    if not report["met_eps"]:
+    if "note" in report:
+        console.print(f"[bold yellow]{report['note']}[/]")
+    elif not report["met_eps"]:
         console.print(f"[bold red]no configuration met eps = {report['eps']:g} on the calibration split[/]")
