@@ -200,5 +200,7 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (list, tuple, np.ndarray)):
         return np.asarray(v).tolist()
     if isinstance(v, np.generic):
-        return v.item()
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None if np.isnan(v) else (1e308 if v > 0 else -1e308)  # strict JSON has no inf
     return v

@@ -35,7 +35,7 @@ from onnxzero.passes.rewrite import rewrite
 from onnxzero.passes.rules import TECHNIQUES
 from onnxzero.passes.sites import Site, find_sites
 from onnxzero.search.candidates import Candidate, first_level
-from onnxzero.search.engine import Engine, Measured
+from onnxzero.search.engine import Engine, Measured, _jsonable
 from onnxzero.search.spatial_modes import layer_mask
 
 MODES = ("uniform-layer", "uniform-filter", "uniform-patch", "max-granularity")
@@ -87,7 +87,7 @@ class Combined:
     latency_ms: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": self.config, "accuracy": self.accuracy, "loss": self.loss, "macs": self.macs,
+        return {"config": _jsonable(self.config), "accuracy": self.accuracy, "loss": self.loss, "macs": self.macs,
                 "latency_ms": self.latency_ms}
 
 
