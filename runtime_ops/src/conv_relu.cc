@@ -2,6 +2,7 @@
 // skipping op is measured against. Optional output 1 `macs` (int64 scalar): MACs performed.
 #include "common.h"
 #include "gemm.h"
+#include "op_def.h"
 #include "ops.h"
 
 namespace oz {
@@ -60,29 +61,10 @@ struct ConvReluKernel {
   }
 };
 
-struct ConvReluOpDef : Ort::CustomOpBase<ConvReluOpDef, ConvReluKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return Guard([&] { *kernel = new ConvReluKernel(info); });
-  }
-  const char* GetName() const { return kOp; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const {
-    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
-    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-};
-
 }  // namespace
 
 const OrtCustomOp* ConvReluOp() {
-  static ConvReluOpDef op;
+  static ConvOpDef<ConvReluKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}});
   return &op;
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "op_def.h"
 #include "sparse_rows.h"
 
 namespace oz {
@@ -505,31 +506,10 @@ struct EarlyExitKernel {
 
 };
 
-struct EarlyExitConvOpDef : Ort::CustomOpBase<EarlyExitConvOpDef, EarlyExitKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return Guard([&] { *kernel = new EarlyExitKernel(info); });
-  }
-  const char* GetName() const { return kOp; }
-  size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i <= 1 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const {
-    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
-    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-};
-
 }  // namespace
 
 const OrtCustomOp* EarlyExitConvOp() {
-  static EarlyExitConvOpDef op;
+  static ConvOpDef<EarlyExitKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, true}, {kFloat, true}});
   return &op;
 }
 

@@ -18,6 +18,7 @@
 
 #include "common.h"
 #include "gemm.h"
+#include "op_def.h"
 #include "ops.h"
 
 namespace oz {
@@ -207,29 +208,10 @@ struct LazyConvKernel {
   }
 };
 
-struct LazyConvOpDef : Ort::CustomOpBase<LazyConvOpDef, LazyConvKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return Guard([&] { *kernel = new LazyConvKernel(info); });
-  }
-  const char* GetName() const { return kOp; }
-  size_t GetInputTypeCount() const { return 6; }
-  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 2 || i == 5 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const {
-    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
-    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-};
-
 }  // namespace
 
 const OrtCustomOp* LazyConvOp() {
-  static LazyConvOpDef op;
+  static ConvOpDef<LazyConvKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, false}, {kFloat, false}, {kFloat, true}});
   return &op;
 }
 

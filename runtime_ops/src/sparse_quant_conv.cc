@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "op_def.h"
 #include "sparse_rows.h"
 
 namespace oz {
@@ -281,36 +282,10 @@ struct SparseQuantKernel {
   }
 };
 
-struct SparseQuantConvOpDef : Ort::CustomOpBase<SparseQuantConvOpDef, SparseQuantKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return Guard([&] { *kernel = new SparseQuantKernel(info); });
-  }
-  const char* GetName() const { return kOp; }
-  size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    switch (i) {
-      case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-      case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-      case 3: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    }
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const {
-    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
-    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-};
-
 }  // namespace
 
 const OrtCustomOp* SparseQuantConvOp() {
-  static SparseQuantConvOpDef op;
+  static ConvOpDef<SparseQuantKernel> op(kOp, {{kFloat, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, false}, {kFloat, true}});
   return &op;
 }
 

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "common.h"
+#include "op_def.h"
 #include "ops.h"
 
 namespace oz {
@@ -795,31 +796,10 @@ struct SpatialConvKernel {
   }
 };
 
-struct SpatialConvOpDef : Ort::CustomOpBase<SpatialConvOpDef, SpatialConvKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
-    return Guard([&] { *kernel = new SpatialConvKernel(info); });
-  }
-  const char* GetName() const { return kOp; }
-  size_t GetInputTypeCount() const { return 4; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetOutputType(size_t i) const {
-    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
-    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-};
-
 }  // namespace
 
 const OrtCustomOp* SpatialConvOp() {
-  static SpatialConvOpDef op;
+  static ConvOpDef<SpatialConvKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false}});
   return &op;
 }
 
