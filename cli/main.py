@@ -140,6 +140,10 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
                                      for k, v in s.stats.items() if not isinstance(v, (list, dict)))
         t.add_row(s.site.name, s.technique or "-", json.dumps(s.setting)[:60], f"{s.site.macs:,}" if s.site.macs else "?", note)
     console.print(t)
+    total = report.sparse_quant_total()
+    if total:
+        console.print(f"sparse-quant, whole model: %W_Z {total['%W_Z']:.1f}, CR {total['CR']:.2f} "
+                      f"over {total['weights']:,} conv weights")
     atomic_write_bytes(output, out.SerializeToString(), protect=protect)
     console.print(f"wrote {output}")
 

@@ -53,6 +53,15 @@ class RewriteReport:
     def rewritten(self) -> list[SiteResult]:
         return [s for s in self.sites if s.technique]
 
+    def sparse_quant_total(self) -> dict[str, float] | None:
+        """Model-level %W_Z and CR over the sparse-quant sites (the pruning paper's Table II total)."""
+        rows = [s.stats for s in self.rewritten if s.technique == "sparse-quant" and "weights" in s.stats]
+        weights = sum(r["weights"] for r in rows)
+        if not weights:
+            return None
+        pct = 100.0 * sum(r["entries"] for r in rows) / weights
+        return {"%W_Z": pct, "CR": 100.0 / (pct * (8 + 8) / 32) if pct else float("inf"), "weights": weights}
+
     def explain_lines(self) -> list[str]:
         """Every Conv: the site it became (and what happened to it) or why it is not one."""
         by_conv = {s.site.name: s for s in self.sites}

@@ -269,3 +269,18 @@ def test_output_is_a_directory_is_refused(tmp_path):
 def test_output_is_a_directory_is_refused_up_front(tmp_path):
     (tmp_path / "d").mkdir()
     one_line_error(invoke("zoo:lenet5", "-o", str(tmp_path / "d"), "--technique", "early-exit"), "is a directory")
+
+
+def _config(tmp_path):
+    p = tmp_path / "half.json"
+    p.write_text('{"default": {"prune": 0.5}}')
+    return str(p)
+
+
+def test_sparse_quant_reports_the_model_total(tmp_path):
+    out = tmp_path / "sq.onnx"
+    r = CliRunner().invoke(cli, ["rewrite", "zoo:lenet5", "--technique", "sparse-quant", "--config", _config(tmp_path),
+                                 "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    # lenet5 has 150 + 2400 conv weights, each pruned to half by the config: %W_Z 50, CR = 100 / (50 * 16 / 32) = 4
+    assert "sparse-quant, whole model: %W_Z 50.0, CR 4.00 over 2,550 conv weights" in r.output
