@@ -47,8 +47,8 @@ def load_dataset(path: str | Path) -> Dataset:
     return Dataset(inputs=x, labels=y, path=p)
 
 
-def check_fits(ds: Dataset, model: onnx.ModelProto) -> None:
-    """Raise UserError unless every sample fits the model's first graph input."""
+def image_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
+    """(name, dims) of the model's one float image input; dims None where not fixed."""
     init_names = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in init_names]
     if len(inputs) != 1:
@@ -56,11 +56,16 @@ def check_fits(ds: Dataset, model: onnx.ModelProto) -> None:
     t = inputs[0].type.tensor_type
     if t.elem_type != onnx.TensorProto.FLOAT:
         raise UserError(f"model input '{inputs[0].name}' is {onnx.TensorProto.DataType.Name(t.elem_type)}, expected FLOAT")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return inputs[0].name, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
+
+
+def check_fits(ds: Dataset, model: onnx.ModelProto) -> None:
+    """Raise UserError unless every sample fits the model's first graph input."""
+    name, dims = image_input(model)
     got = list(ds.inputs.shape)
     if len(dims) != len(got):
         raise UserError(f"{ds.path}: 'inputs' has shape {tuple(got)}, expected rank {len(dims)} for model input "
-                        f"'{inputs[0].name}' of shape {_fmt(dims)}")
+                        f"'{name}' of shape {_fmt(dims)}")
     for i, (want, have) in enumerate(zip(dims[1:], got[1:]), start=1):
         if want is not None and want != have:
             raise UserError(f"{ds.path}: 'inputs' has shape {tuple(got)}, expected {_fmt(dims)} "

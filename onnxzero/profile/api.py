@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from onnxzero import zoo
-from onnxzero.data import Dataset, check_fits, load_dataset
+from onnxzero.data import Dataset, _fmt, check_fits, image_input, load_dataset
 from onnxzero.errors import UserError
 from onnxzero.load import load_model
 from onnxzero.profile import runtime
@@ -172,18 +172,9 @@ def profile_model(model: str | Path, *, data: str | Path | None = None, runs: in
 
 
 def _random_dataset(model: onnx.ModelProto) -> Dataset:
-    init_names = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in init_names]
-    if len(inputs) != 1:
-        raise UserError(f"model has {len(inputs)} graph inputs, expected exactly 1 image input to feed data to")
-    t = inputs[0].type.tensor_type
-    if t.elem_type != onnx.TensorProto.FLOAT:
-        raise UserError(f"model input '{inputs[0].name}' is {onnx.TensorProto.DataType.Name(t.elem_type)}, "
-                        "expected FLOAT")
-    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
+    name, dims = image_input(model)
     if not dims or any(d is None for d in dims[1:]):
-        shown = "(" + ", ".join("N" if i == 0 else ("?" if d is None else str(d)) for i, d in enumerate(dims)) + ")"
-        raise UserError(f"model input '{inputs[0].name}' has shape {shown}: random inputs need every dimension "
+        raise UserError(f"model input '{name}' has shape {_fmt(dims)}: random inputs need every dimension "
                         "but the batch fixed, expected data=... with real inputs")
     x = np.random.default_rng(RANDOM_SEED).standard_normal((dims[0] or 1, *dims[1:]), dtype=np.float32)
     return Dataset(inputs=x, labels=None, path=Path("random"))
