@@ -66,6 +66,10 @@ class Site:
     macs: int | None  # OH*OW*KH*KW*(C/group)*K per sample; None when H or W is symbolic
     input_nonneg: bool  # x is provably >= 0 (early-exit exact mode needs it)
     nonneg_reason: str  # the chain that proves it, or what breaks it
+    # Residual site: Conv -> Add(conv, residual) -> Relu. The op takes `residual` as one more input
+    # and outputs ReLU(conv + bias + residual); the Add node disappears in the rewrite too.
+    residual: str | None = None  # the Add's other operand (same shape as the conv output)
+    add: str | None = None  # the Add node's name
 
     @property
     def kernel_shape(self) -> tuple[int, int]:
