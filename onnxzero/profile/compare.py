@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxzero import zoo
-from onnxzero.data import Dataset, check_fits, load_dataset
+from onnxzero.data import Dataset, check_fits, image_input, load_dataset
 from onnxzero.errors import UserError
 from onnxzero.load import load_model
 from onnxzero.profile.cost import model_params, node_macs
@@ -173,10 +173,7 @@ def _dataset(spec: str, proto: onnx.ModelProto, data) -> tuple[Dataset | None, s
 
 
 def _static_batch(proto: onnx.ModelProto) -> int | None:
-    init = {t.name for t in proto.graph.initializer}
-    inp = next(i for i in proto.graph.input if i.name not in init)
-    d0 = inp.type.tensor_type.shape.dim[0]
-    return d0.dim_value if d0.HasField("dim_value") and d0.dim_value > 0 else None
+    return image_input(proto)[1][0]
 
 
 def _tensor_sizes(proto: onnx.ModelProto, sample: np.ndarray, threads: int) -> tuple[dict[str, int], dict[str, tuple]]:

@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxzero import DOMAIN, zoo
-from onnxzero.data import Dataset, check_fits, load_dataset
+from onnxzero.data import Dataset, check_fits, image_input, load_dataset
 from onnxzero.errors import UserError
 from onnxzero.load import load_model
 from onnxzero.ops import sparse_quant
@@ -134,8 +134,8 @@ def effectual_macs(model: str | Path | onnx.ModelProto, *, data: str | Path | Da
     sess = session(m)
     fetch = [o for lay in layers for o in lay["outputs"]]
     totals = np.zeros(len(fetch), np.float64)
-    static = m.graph.input[0].type.tensor_type.shape.dim[0].dim_value or None
-    input_name = m.graph.input[0].name
+    input_name, dims = image_input(proto)
+    static = dims[0]
     if static and len(ds) % static:  # zero-padded samples would count as real ones
         raise UserError(f"model input '{input_name}' has a fixed batch of {static}; expected a data set whose size "
                         f"is a multiple of it for exact counts, got {len(ds)} samples")
