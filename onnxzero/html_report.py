@@ -23,10 +23,13 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from onnxzero.emit import atomic_write_bytes
+from onnxzero.errors import UserError
+from onnxzero.load import check_output_path
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1200px;
@@ -410,23 +413,40 @@ def _heatmap(per_channel: list, rows: list[list[float]] | None, labels: list[str
     if not k:
         return "<p>no per-filter rates (this activation does not keep channels on axis 1)</p>"
     cell = max(4, min(18, 720 // k))
+    ch = max(cell, 12)  # rows stay tall enough for their class label
     L, T = 34, 16
-    W, H = L + k * cell + 4, T + len(grid) * cell + 4
+    W, H = L + k * cell + 4, T + len(grid) * ch + 4
     out = [f"<div class=\"scroll\"><svg id=\"{_e(id)}\" class=\"heatmap\" xmlns=\"http://www.w3.org/2000/svg\" "
            f"width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\"><text x=\"{L}\" y=\"11\">filter 0..{k - 1}</text>"]
     for ri, (lab, vals) in enumerate(grid):
-        y = T + ri * cell
-        out.append(f"<text x=\"{L - 4}\" y=\"{y + cell - 3}\" text-anchor=\"end\">{_e(lab)}</text>")
+        y = T + ri * ch
+        out.append(f"<text x=\"{L - 4}\" y=\"{y + ch - 2}\" text-anchor=\"end\">{_e(lab)}</text>")
         for c, v in enumerate(vals):
             f = _num(v)
             tip = f"filter {c}, {'class ' + lab if lab != 'all' else 'all samples'}: " + ("n/a" if f is None else f"{f * 100:.1f}% zero")
-            out.append(f"<rect class=\"cell\" x=\"{L + c * cell}\" y=\"{y}\" width=\"{cell}\" height=\"{cell}\" "
+            out.append(f"<rect class=\"cell\" x=\"{L + c * cell}\" y=\"{y}\" width=\"{cell}\" height=\"{ch}\" "
                        f"fill=\"{'#ddd' if f is None else _color(f)}\" data-tip=\"{_e(tip)}\"><title>{_e(tip)}</title></rect>")
     out.append("</svg></div>")
     return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------- write
+def check_html_path(path: str | Path, protect: tuple[Path, ...] = ()) -> Path:
+    """Refuse, before any work, an --html path that cannot be written (one-line UserError)."""
+    out = check_output_path(path, protect)
+    anc = out.parent if str(out.parent) else Path(".")
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir() or not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError(f"--html {out}: cannot write there ({anc} is not a writable directory), "
+                        "expected a writable file path")
+    return out
+
+
 def write_html(path: str | Path, page: str, *, protect: tuple[Path, ...] = ()) -> Path:
     """Write the page atomically (emit.py), refusing to overwrite an input file."""
-    return atomic_write_bytes(path, page.encode("utf-8"), protect=protect)
+    check_html_path(path, protect)
+    try:
+        return atomic_write_bytes(path, page.encode("utf-8"), protect=protect)
+    except OSError as e:
+        raise UserError(f"--html {path}: {e.strerror or e}, expected a writable file path") from None
