@@ -299,15 +299,20 @@ def render_optimize_html(report: dict, *, explored: list[dict] | None = None) ->
 
 
 # ---------------------------------------------------------------------------------------------- profile
-def render_profile_html(profile_report: Any) -> str:
-    """A profile report (ProfileReport or its to_json() dict, optionally with "effectual" and "compare"
-    keys) as one page: summary, per-node latency bars, per-filter zero-rate heat maps, tables."""
+def render_profile_html(profile_report: Any = None, *, effectual: Any = None, compare: Any = None) -> str:
+    """A profile report (ProfileReport or its to_json() dict, or None) as one page: summary, per-node
+    latency bars, per-filter zero-rate heat maps, tables; plus the effectual-MACs table (EffectualReport
+    or its JSON; or the report's "effectual" key) and the side-by-side table (Comparison or its JSON;
+    or the report's "compare" key)."""
     class_maps: dict[str, Any] = {}
     if hasattr(profile_report, "to_json"):  # the object carries the class x filter rates the JSON leaves out
         class_maps = {a.output: (a.per_class_channel, profile_report.classes) for a in profile_report.activations
                       if a.per_class_channel is not None}
         profile_report = profile_report.to_json()
-    r = profile_report
+    r = dict(profile_report or {})
+    for key, v in (("effectual", effectual), ("compare", compare)):
+        if v is not None:
+            r[key] = v.to_json() if hasattr(v, "to_json") else v
     m = r.get("model") or {}
     lat = m.get("latency_ms") or {}
     parts = []
@@ -368,7 +373,8 @@ def render_profile_html(profile_report: Any) -> str:
             + f"<p class=\"sub\">energy: {_e(cmp_.get('energy_estimate', 'estimate'))}; not measured</p>")
     for note in r.get("notes") or []:
         parts.append(f"<p class=\"note\">{_e(note)}</p>")
-    title = f"onnxzero profile: {m.get('name', '')}" if m else "onnxzero profile"
+    title = (f"onnxzero profile: {m.get('name', '')}" if m
+             else "onnxzero profile: " + ", ".join(str(x.get("name")) for x in (cmp_ or {}).get("models", [])))
     return _page(title, "self-contained report; hover bars and cells for values", "".join(parts))
 
 

@@ -216,7 +216,8 @@ def test_profile_page_in_browser(browser, profiled, tmp_path):
 
     # the JSON form, with the effectual and side-by-side tables added
     j["effectual"] = eff.to_json()
-    j["compare"] = compare_models(["zoo:lenet5", "zoo:alexnet-mnist"], runs=2).to_json()
+    cmp_ = compare_models(["zoo:lenet5", "zoo:alexnet-mnist"], runs=2)
+    j["compare"] = cmp_.to_json()
     write_html(page, render_profile_html(j))
     browser.load(page.as_uri())
     assert browser.errors() == []
@@ -224,6 +225,14 @@ def test_profile_page_in_browser(browser, profiled, tmp_path):
                           "heat maps": "svg.heatmap", "cells": "#heat-0 rect.cell"})
     assert n == {"effectual rows": len(eff.layers) + 1, "compare rows": 2, "heat maps": len(j["activations"]),
                  "cells": len(j["activations"][0]["per_channel"])}
+
+    # `profile A B`: the side-by-side table alone, from the objects
+    write_html(page, render_profile_html(compare=cmp_))
+    browser.load(page.as_uri())
+    assert browser.errors() == []
+    assert browser.eval("[...document.querySelectorAll('#compare tbody td:first-child')].map(e => e.textContent)") == [
+        "zoo:lenet5", "zoo:alexnet-mnist"]
+    assert browser.eval("document.title") == "onnxzero profile: zoo:lenet5, zoo:alexnet-mnist"
 
 
 @needs_chromium
@@ -262,6 +271,18 @@ def test_missing_keys_are_tolerated():
     assert "no configuration met eps = 0.5" in page and "<table id=\"sites\"" in page
     assert "<script src" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     assert render_profile_html({}).startswith("<!DOCTYPE html>")
+
+
+def test_unknown_point_lists_get_a_table_and_a_series():
+    # a front another search adds (e.g. the run-time speed dial's points) is listed and plotted, not dropped
+    pts = [{"speed": 0.0, "accuracy": 0.98, "macs": 200, "latency_ms": 1.0},
+           {"speed": 1.0, "accuracy": 0.95, "macs": 100, "latency_ms": 0.5}]
+    page = render_optimize_html({"eps": 3, "objective": "latency", "baseline": {"accuracy": 0.99, "macs": 300, "latency_ms": 1.2},
+                                 "sites": [], "speed_dial": {"points": pts}, "split": {"validation": 5}})
+    assert page.count("<table id=\"points-speed_dial\"") == 1
+    table = page.split("<table id=\"points-speed_dial\"")[1].split("</table>")[0]
+    assert table.count("<tr>") == 3 and "95.00%" in table and "0.5000" in table
+    assert page.count("circle class=\"pt extra\"") == 4  # two points in each of the two plots
 
 
 def test_unwritable_path_is_one_line_error(tmp_path):
