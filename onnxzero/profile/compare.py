@@ -91,15 +91,21 @@ class Comparison:
                 "energy_estimate": ENERGY_SOURCE, "notes": list(self.notes)}
 
     def table(self) -> Table:
+        datas = {(m.data, m.samples) for m in self.models}
+        same = len(datas) == 1
+        data_note = f"data: {self.models[0].data} ({self.models[0].samples} samples); " if same and self.models else ""
         t = Table(title="Models side by side (layout of Table I, cnn-hardware-cost-analysis)",
-                  caption=f"per sample; latency: median of {self.runs} runs, models alternated; "
+                  caption=f"per sample; {data_note}latency: median of {self.runs} runs, models alternated; "
                           f"energy: {ENERGY_SOURCE}, not measured")
-        for col in ("model", "data", "params", "MACs", "latency (ms)", "top-1 (labels)", "peak act. memory",
-                    "energy est. (uJ)"):
-            t.add_column(col, justify="left" if col in ("model", "data") else "right", overflow="fold")
+        cols = ["model"] + ([] if same else ["data"]) + ["params", "MACs", "latency (ms)", "top-1 (labels)",
+                                                         "peak act. memory", "energy est. (uJ)"]
+        name_w = min(40, max((len(m.name) for m in self.models), default=5))
+        for col in cols:
+            t.add_column(col, justify="left" if col in ("model", "data") else "right", overflow="fold",
+                         min_width=name_w if col == "model" else None)
         for m in self.models:
-            t.add_row(m.name, f"{m.data} ({m.samples})", f"{m.params:,}", f"{m.macs:,}", f"{m.latency_ms:.3f}",
-                      "n/a (no labels)" if m.accuracy is None else f"{m.accuracy * 100:.2f}%",
+            t.add_row(m.name, *([] if same else [f"{m.data} ({m.samples})"]), f"{m.params:,}", f"{m.macs:,}",
+                      f"{m.latency_ms:.3f}", "n/a (no labels)" if m.accuracy is None else f"{m.accuracy * 100:.2f}%",
                       _bytes(m.peak_activation_bytes), f"{m.energy_uj:.3f}")
         return t
 
@@ -124,10 +130,20 @@ def compare_models(specs: list[str | Path], *, data: str | Path | None = None, r
         raise UserError(f"runs is {runs!r}, expected a positive integer")
     notes: list[str] = []
     measured = []
+    # a file compared with zoo models (typically the model `optimize` wrote from one) is measured on
+    # their data set when they share one and it fits
+    zoo_data = {zoo.default_data(str(s)) for s in specs if str(s).startswith(zoo.PREFIX)} - {None}
+    shared = zoo_data.pop() if data is None and len(zoo_data) == 1 else None
     for spec in specs:
         spec = str(spec)
         proto = load_model(spec)
         ds, label = _dataset(spec, proto, data)
+        if ds is None and shared is not None:
+            try:
+                ds, label = _dataset(spec, proto, shared)
+                notes.append(f"{_name(spec)}: no data given, measured on the zoo models' {label}")
+            except UserError:
+                ds = None
         if ds is None:
             from onnxzero.profile.api import _random_dataset
 
