@@ -126,7 +126,7 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
     ds = None
     if data_path:
         ds = load_dataset(data_path)
-        check_fits(ds, m)
+        check_fits(ds, m, fix_size=False)  # a rewrite keeps the model's interface: symbolic H/W stay symbolic
     console = Console()
     if output is None:  # --explain alone: no rewrite, just the verdicts
         for v in explain_sites(normalize(m)[0]):
@@ -143,10 +143,8 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
         why = "no Conv is an eligible site" if not report.sites else "every site was kept (see above)"
         raise UserError(f"0 sites rewritten: {why}; nothing written to {output} (--allow-unchanged writes it anyway)")
     t = Table(title=f"{len(report.rewritten)} of {len(report.sites)} sites rewritten")
-    names = [s.site.name for s in report.sites]
-    t.add_column("site", min_width=min(60, max(map(len, names), default=4)), overflow="fold")
-    for col in ("technique", "setting", "MACs (dense)", "note"):
-        t.add_column(col, overflow="fold")
+    for col in ("site", "technique", "setting", "MACs (dense)", "note"):
+        t.add_column(col, overflow="fold")  # a narrow terminal folds names, never cuts them (users copy them)
     for s in report.sites:
         note = s.reason or ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in s.stats.items() if not isinstance(v, (list, dict)))

@@ -71,12 +71,14 @@ def image_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
     return inputs[0].name, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
 
 
-def check_fits(ds: Dataset, model: onnx.ModelProto) -> None:
+def check_fits(ds: Dataset, model: onnx.ModelProto, *, fix_size: bool = True) -> None:
     """Raise UserError unless every sample fits the model's image input and the labels fit its output.
 
-    Input dimensions the model leaves symbolic (H, W of a fully convolutional export) are then
-    fixed, in `model` itself, to the data's: the sites' shapes and MACs, and so what the search
-    can measure, exist only at a concrete size, and this data is the size it is run at.
+    fix_size: input dimensions the model leaves symbolic (H, W of a fully convolutional export)
+    are then fixed, in `model` itself, to the data's. The sites' shapes and MACs, and so what
+    the search can measure and choose (a spatial mask is per output position), exist only at a
+    concrete size, and this data is the size the model is searched and profiled at; the batch
+    stays as declared.
     """
     name, dims = image_input(model)
     got = list(ds.inputs.shape)
@@ -89,6 +91,8 @@ def check_fits(ds: Dataset, model: onnx.ModelProto) -> None:
                             f"(dimension {i} should be {want})")
     if ds.labels is not None:
         check_labels(ds, model)
+    if not fix_size:
+        return
     inp = next(i for i in model.graph.input if i.name == name)
     for d, want, have in zip(list(inp.type.tensor_type.shape.dim)[1:], dims[1:], got[1:]):
         if want is None:

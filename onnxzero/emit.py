@@ -3,7 +3,7 @@
 A file is written to a temporary sibling and renamed over the target, so a
 crash, Ctrl-C or a full disk never leaves a half-written output, and an input
 file is never opened for writing. Outputs are checked before any work
-(`check_outputs`), so a long search never ends in an unwritable path. A model
+(load.check_output_path), so a long search never ends in an unwritable path. A model
 is loaded once by onnxruntime before the rename: a file onnxzero writes always
 loads.
 """
@@ -20,13 +20,6 @@ from typing import BinaryIO
 import onnx
 
 from onnxzero.errors import UserError
-
-
-def check_outputs(outputs: list[str | Path | None], protect: tuple[Path, ...]) -> list[Path | None]:
-    """Resolve every output and refuse, before any work, one that replaces an input or cannot be written."""
-    from onnxzero.load import check_output_path
-
-    return [None if o is None else check_output_path(o, protect) for o in outputs]
 
 
 def _umask() -> int:

@@ -90,6 +90,17 @@ class Evaluator:
         return self.session.run(names, {self.input_name: x, **(feeds or {})})
 
     def run(self, inputs: np.ndarray, *, feeds: dict[str, np.ndarray] | None = None) -> RunResult:
+        try:
+            return self._run_all(inputs, feeds)
+        except Exception:
+            # A batch declared dynamic that the graph does not honour (an export that reshapes to
+            # [1, -1]): run one sample at a time from now on; a failure then is the model's own.
+            if self.static_batch or self.batch_size == 1 or len(inputs) < 2:
+                raise
+            self.batch_size = 1
+            return self._run_all(inputs, feeds)
+
+    def _run_all(self, inputs: np.ndarray, feeds: dict[str, np.ndarray] | None) -> RunResult:
         names = [self.logits_name, *self.macs_outputs, *self.extra_outputs]
         logits, extras = [], {n: [] for n in self.extra_outputs}
         site_macs = dict.fromkeys(self.macs_outputs, 0)

@@ -139,3 +139,29 @@ def test_spatial_size_mismatch_is_one_line_naming_both_shapes(exports, tmp_path)
         line = res.stderr.strip()
         assert "\n" not in line and "(8, 1, 32, 32)" in line and "(N, 1, 28, 28)" in line, line
         assert not out.exists()
+
+
+def test_dynamic_batch_that_only_runs_at_one_falls_back_to_single_samples(digits, tmp_path):
+    """An export declaring a dynamic batch but reshaping to [1, -1] (x.view(1, -1) in torch)."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 1, 3, 3)) * 0.5).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
+             numpy_helper.from_array((rng.standard_normal((8 * 28 * 28, 10)) * 0.01).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"], name="r1"),
+             helper.make_node("Reshape", ["r", "shape"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", T.FLOAT, ["N", 1, 28, 28])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with np.load(digits) as z:
+        x = z["inputs"]
+    r = Evaluator(model).run(x)
+    one_by_one = np.concatenate([Evaluator(model).run(x[i:i + 1]).logits for i in range(len(x))])
+    np.testing.assert_allclose(r.logits, one_by_one, rtol=1e-6)
+    path = tmp_path / "view1.onnx"
+    onnx.save(model, str(path))
+    ok(invoke("optimize", path, "--data", digits, "--eps", 5, "--objective", "macs", "--techniques", "lazy",
+              "-o", tmp_path / "o.onnx"))
