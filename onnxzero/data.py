@@ -117,7 +117,7 @@ def check_labels(ds: Dataset, model: onnx.ModelProto) -> None:
     if lo < 0 or (classes is not None and hi >= classes):
         want = f"0..{classes - 1} for the {classes} classes of model output '{out.name}'" if classes else \
             "class indices >= 0"
-        raise UserError(f"{ds.path}: 'labels' range {lo}..{hi}, expected {want}")
+        raise UserError(f"{ds.path}: labels range {lo}..{hi}, expected {want}")
 
 
 def _fmt(dims: list[int | None]) -> str:

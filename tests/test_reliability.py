@@ -230,7 +230,7 @@ def test_labels_out_of_range_are_refused_by_every_command(work, digits):
     before = snapshot(work)
     model, data = work / "lenet5.onnx", work / "shifted.npz"
     lo, hi = int(digits[1].min()) + 10, int(digits[1].max()) + 10
-    msg = (f"shifted.npz: 'labels' range {lo}..{hi}, expected 0..9 for the 10 classes of model output",)
+    msg = (f"shifted.npz: labels range {lo}..{hi}, expected 0..9 for the 10 classes of model output",)
     one_line_error(invoke("rewrite", model, "--technique", "sparse-quant", "--data", data, "-o", work / "o.onnx"), *msg)
     one_line_error(invoke("profile", model, "--data", data, "--runs", 1), *msg)
     one_line_error(invoke(*optimize_args(model, data, work / "o.onnx")), *msg)
