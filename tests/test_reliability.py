@@ -368,15 +368,31 @@ def datasets(draw):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=datasets())
-def test_fuzz_data_loading_gives_one_line_errors_or_correct_results(tmp_path, data):
+@given(data=datasets(), command=st.sampled_from(["rewrite", "rewrite", "profile"]))
+def test_fuzz_data_loading_gives_one_line_errors_or_correct_results(tmp_path, data, command):
+    """Whatever the .npz holds, each command that reads data either runs right or says what is wrong in one line."""
     x, y = data
     path = tmp_path / "fuzz.npz"
     np.savez(path, inputs=x, **({} if y is None else {"labels": y}))
-    res = invoke("rewrite", "zoo:lenet5", "--explain", "--data", path)
+    if command == "rewrite":
+        res = invoke("rewrite", "zoo:lenet5", "--explain", "--data", path)
+    else:
+        res = invoke("profile", "zoo:lenet5", "--data", path, "--runs", 1, "--json", tmp_path / "p.json")
     assert "Traceback" not in res.output
     if _valid(x, y):
         assert res.exit_code == 0, res.output
-        assert res.output.count(": site") == 2  # lenet's two sites, as without data
+        if command == "rewrite":
+            assert res.output.count(": site") == 2  # lenet's two sites, as without data
+        else:
+            report = json.loads((tmp_path / "p.json").read_text())
+            assert report["model"]["samples"] == len(x)
+            if y is not None:  # top-1 over exactly these samples, as onnxruntime computes it
+                import onnxruntime as ort
+
+                sess = ort.InferenceSession(str(zoo.path("lenet5")), providers=["CPUExecutionProvider"])
+                logits = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+                assert report["model"]["accuracy"] == pytest.approx(np.mean(np.argmax(logits, 1) == y))
     else:
         one_line_error(res)
+        assert not (tmp_path / "p.json").exists()
+    (tmp_path / "p.json").unlink(missing_ok=True)
