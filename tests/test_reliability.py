@@ -396,3 +396,33 @@ def test_fuzz_data_loading_gives_one_line_errors_or_correct_results(tmp_path, da
         one_line_error(res)
         assert not (tmp_path / "p.json").exists()
     (tmp_path / "p.json").unlink(missing_ok=True)
+
+
+# --- what holds today stays covered: Ctrl-C, then --resume ------------------------------------------
+
+def test_ctrl_c_keeps_the_cache_and_resume_gives_the_same_model(tmp_path):
+    import signal
+    import time
+
+    args = ["optimize", "zoo:lenet5", "--eps", "3", "--objective", "macs"]
+    fresh = tmp_path / "fresh.onnx"
+    assert invoke(*args, "-o", fresh).exit_code == 0
+    out = tmp_path / "l.onnx"
+    cache = tmp_path / "l.onnx.search.json"
+    p = subprocess.Popen([sys.executable, "-m", "onnxzero.cli.main", *args, "-o", str(out)], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not cache.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the search finished before the signal arrived")
+    assert p.returncode == 130, stderr
+    assert "Traceback" not in stdout + stderr
+    assert stderr.strip().splitlines()[-1] == "onnxzero: interrupted"
+    assert "rerun with --resume" in stdout and not out.exists() and cache.exists()
+    json.loads(cache.read_text())  # the kept cache is whole (written atomically)
+    res = invoke(*args, "-o", out, "--resume")
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes() == fresh.read_bytes()
