@@ -62,6 +62,8 @@ def profile(model: str, data: Path | None, runs: int, json_out: Path | None, plo
         check_output_path(json_out, protect)
     if plots and plots.exists() and not plots.is_dir():
         raise UserError(f"--plots {plots} is a file, expected a directory")
+    if plots:  # a folder the plots can be written into, checked before the profiling
+        check_output_path(plots / "latency_per_node.png", protect)
     report = profile_model(model, data=data, runs=runs, progress=sys.stderr.isatty())
     console = Console()
     report.render(console)
@@ -69,7 +71,6 @@ def profile(model: str, data: Path | None, runs: int, json_out: Path | None, plo
         atomic_write_json(json_out, report.to_json(), protect=protect)
         console.print(f"wrote {json_out}")
     if plots:
-        plots.mkdir(parents=True, exist_ok=True)
         written = report.write_plots(plots)
         console.print(f"wrote {len(written)} plots to {plots}")
 
@@ -83,10 +84,16 @@ def profile(model: str, data: Path | None, runs: int, json_out: Path | None, plo
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="JSON with per-site settings.")
 @click.option("--data", type=click.Path(path_type=Path), help="Calibration .npz (lazy, sparse-quant, predictive early exit).")
 @click.option("--explain", is_flag=True, help="List every Conv with the site it became, or why it is not one.")
+@click.option("--allow-unchanged", is_flag=True,
+              help="Write OUT even when no site was rewritten (by default that is an error and nothing is written).")
 @_user_errors
 def rewrite(model: str, output: Path | None, technique: str | None, config_path: Path | None, data: Path | None,
-            explain: bool) -> None:
-    """Rewrite MODEL's Conv+ReLU sites into onnxzero's custom ops."""
+            explain: bool, allow_unchanged: bool) -> None:
+    """Rewrite MODEL's Conv+ReLU sites into onnxzero's custom ops.
+
+    When no site can be rewritten, the verdicts say why, the exit status is 1 and nothing is
+    written, unless --allow-unchanged.
+    """
     import json
 
     from rich.console import Console
@@ -94,7 +101,7 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
 
     from onnxzero import zoo as z
     from onnxzero.data import check_fits, load_dataset
-    from onnxzero.emit import atomic_write_bytes
+    from onnxzero.emit import write_model
     from onnxzero.load import check_output_path, input_files, load_model, resolve_model_path
     from onnxzero.passes.normalize import normalize
     from onnxzero.passes.rewrite import rewrite as rewrite_model
@@ -119,7 +126,7 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
     ds = None
     if data_path:
         ds = load_dataset(data_path)
-        check_fits(ds, m)
+        check_fits(ds, m, fix_size=False)  # a rewrite keeps the model's interface: symbolic H/W stay symbolic
     console = Console()
     if output is None:  # --explain alone: no rewrite, just the verdicts
         for v in explain_sites(normalize(m)[0]):
@@ -129,12 +136,15 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
         raise UserError("no technique given: expected --technique spatial|early-exit|lazy|sparse-quant or --config")
     out, report = rewrite_model(m, technique=technique, config=config, inputs=None if ds is None else ds.inputs,
                                 labels=None if ds is None else ds.labels)
-    if explain:
+    if explain or not report.rewritten:
         for line in report.explain_lines():
             console.print(line, highlight=False, soft_wrap=True)
+    if not report.rewritten and not allow_unchanged:
+        why = "no Conv is an eligible site" if not report.sites else "every site was kept (see above)"
+        raise UserError(f"0 sites rewritten: {why}; nothing written to {output} (--allow-unchanged writes it anyway)")
     t = Table(title=f"{len(report.rewritten)} of {len(report.sites)} sites rewritten")
     for col in ("site", "technique", "setting", "MACs (dense)", "note"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # a narrow terminal folds names, never cuts them (users copy them)
     for s in report.sites:
         note = s.reason or ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in s.stats.items() if not isinstance(v, (list, dict)))
@@ -144,8 +154,8 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
     if total:
         console.print(f"sparse-quant, whole model: %W_Z {total['%W_Z']:.1f}, CR {total['CR']:.2f} "
                       f"over {total['weights']:,} conv weights")
-    atomic_write_bytes(output, out.SerializeToString(), protect=protect)
-    console.print(f"wrote {output}")
+    write_model(output, out, protect=protect)
+    console.print(f"wrote {output}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- optimize
