@@ -303,3 +303,95 @@ def test_bench_framework_smoke():
     assert all(m["op"] in TARGETS for m in missed_targets(records))
     with pytest.raises(ValueError, match="unknown op"):
         run_ops_bench(ops=["nope"], runs=1)
+
+
+# --- residual sites: Conv(+B) -> Add(other) -> Relu as one ConvRelu with the optional input `other`
+
+def _res_model(x_shape, w, b, **attrs):
+    node, extra = cr.make_node("X", "W", "B" if b is not None else None, "Y", macs_output="macs", other="O", **attrs)
+    inits = {"W": w, **({"B": b} if b is not None else {}), **extra}
+    return single_op_model(node, inits, x_shape, runtime_inputs={"O": (TensorProto.FLOAT, None)})
+
+
+def _res_inputs(case):
+    x_shape, w_shape, bias, attrs, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32) if bias else None
+    g = cr.geometry(x_shape, w_shape, **attrs)
+    # the shortcut at the conv output's scale, so the sum's sign varies
+    o = (rng.standard_normal((x_shape[0], g.K, g.OH, g.OW)) * np.sqrt(np.prod(w_shape[1:]))).astype(np.float32)
+    return x, w, b, o
+
+
+@settings(max_examples=max(10, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_case())
+def test_residual_matches_reference(case):
+    x, w, b, o = _res_inputs(case)
+    attrs = case[3]
+    y, macs = make_session(_res_model(x.shape, w, b, **attrs), threads=2).run(None, {"X": x, "O": o})
+    ref, ref_macs = cr.reference(x, w, b, other=o, **attrs)
+    plain, plain_macs = cr.reference(x, w, b, **attrs)
+    _close(y, ref, np.sqrt(np.prod(w.shape[1:])))
+    assert int(macs) == ref_macs == plain_macs  # `other` adds no MACs
+    if (o != 0).any() and (ref > 0).any():
+        assert not np.array_equal(ref, plain)  # the case does exercise the residual
+
+
+@settings(max_examples=max(5, EXAMPLES // 3), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_case())
+def test_residual_matches_onnxruntime_conv_add_relu(case):
+    attrs = case[3]
+    assume(not (attrs["auto_pad"].startswith("SAME") and attrs["dilations"] != (1, 1)))
+    x, w, b, o = _res_inputs(case)
+    y, _ = make_session(_res_model(x.shape, w, b, **attrs), threads=2).run(None, {"X": x, "O": o})
+    ref = make_session(cr.onnx_conv_relu_model(w, b, x.shape, residual=True, **attrs), threads=2,
+                       library=False).run(None, {"X": x, "O": o})[0]
+    _close(y, ref, np.sqrt(np.prod(w.shape[1:])))
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", LAYERS[:4] + LAYERS[6:], ids=[f"{a[1]}-{a[0]}" for a in LAYERS[:4] + LAYERS[6:]])
+def test_residual_layers_match_onnxruntime(x_shape, w_shape, attrs):
+    rng = np.random.default_rng(5)
+    x = np.maximum(rng.standard_normal(x_shape), 0).astype(np.float32)
+    w = (rng.standard_normal(w_shape) * np.sqrt(2.0 / np.prod(w_shape[1:]))).astype(np.float32)
+    b = (rng.standard_normal(w_shape[0]) * 0.1).astype(np.float32)
+    g = cr.geometry(x_shape, w_shape, **attrs)
+    o = rng.standard_normal((x_shape[0], g.K, g.OH, g.OW)).astype(np.float32)
+    y, macs = make_session(_res_model(x_shape, w, b, **attrs), threads=2).run(None, {"X": x, "O": o})
+    ref = make_session(cr.onnx_conv_relu_model(w, b, x_shape, residual=True, **attrs), threads=2,
+                       library=False).run(None, {"X": x, "O": o})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+    assert int(macs) == x_shape[0] * g.macs
+
+
+def test_residual_without_bias_and_node_layout():
+    node, _ = cr.make_node("X", "W", None, "Y", other="O")
+    assert list(node.input) == ["X", "W", "", "O"]  # `other` is always the last input
+    node, _ = cr.make_node("X", "W", "B", "Y")
+    assert list(node.input) == ["X", "W", "B"]
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    o = rng.standard_normal((2, 5, 6, 6)).astype(np.float32)
+    y, _ = make_session(_res_model(x.shape, w, None, pads=(1, 1, 1, 1)), threads=1).run(None, {"X": x, "O": o})
+    _close(y, cr.reference(x, w, None, other=o, pads=(1, 1, 1, 1))[0], 6)
+    # a very negative shortcut zeroes everything, a very positive one passes through
+    y, _ = make_session(_res_model(x.shape, w, None, pads=(1, 1, 1, 1)), threads=1).run(None, {"X": x, "O": o - 1e6})
+    assert not y.any()
+
+
+@pytest.mark.parametrize("o_shape,message", [
+    ((1, 5, 6, 6), r"ConvRelu: input 'other' has shape \(1, 5, 6, 6\), expected \(2, 5, 6, 6\)"),
+    ((2, 4, 6, 6), r"ConvRelu: input 'other' has shape \(2, 4, 6, 6\), expected \(2, 5, 6, 6\)"),
+    ((2, 5, 6), r"ConvRelu: input 'other' has shape \(2, 5, 6\), expected \(2, 5, 6, 6\)"),
+    ((2, 5, 4, 4), r"ConvRelu: input 'other' has shape \(2, 5, 4, 4\), expected \(2, 5, 6, 6\) \(the conv output's shape\)"),
+])
+def test_error_residual_shape(o_shape, message):
+    w = np.ones((5, 3, 3, 3), np.float32)
+    sess = _session(_res_model((2, 3, 6, 6), w, None, pads=(1, 1, 1, 1)))
+    with pytest.raises(Exception, match=message):
+        sess.run(None, {"X": np.ones((2, 3, 6, 6), np.float32), "O": np.ones(o_shape, np.float32)})
+    with pytest.raises(ValueError, match=message):
+        cr.reference(np.ones((2, 3, 6, 6), np.float32), w, None, other=np.ones(o_shape), pads=(1, 1, 1, 1))

@@ -1,5 +1,7 @@
 // ConvRelu: dense Conv(+bias)+ReLU on the packed GEMM core (gemm.h): the no-skip baseline every
 // skipping op is measured against. Optional output 1 `macs` (int64 scalar): MACs performed.
+// Optional input 3 `other` (N, K, OH, OW), run time: a residual site, Y = ReLU(conv + B + other)
+// (adds no MACs).
 #include "common.h"
 #include "gemm.h"
 #include "op_def.h"
@@ -47,11 +49,14 @@ struct ConvReluKernel {
       auto xs = xinfo.GetShape();
       ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
       const int64_t N = xs[0];
-      auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
+      const std::vector<int64_t> yshape{N, g.K, g.OH, g.OW};
+      gemm::Epilogue ep;
+      ep.residual = OtherInput(ctx, 3, yshape, kOp);
+      auto y = ctx.GetOutput(0, yshape);
       int64_t macs = 0;
       if (N > 0 && g.P() > 0) {
         gemm::ConvPlan plan(g, weights);
-        macs = gemm::RunConv(context, plan, weights, x.GetTensorData<float>(), N, y.GetTensorMutableData<float>());
+        macs = gemm::RunConv(context, plan, weights, x.GetTensorData<float>(), N, y.GetTensorMutableData<float>(), ep);
       }
       if (ctx.GetOutputCount() > 1) {
         auto m = ctx.GetOutput(1, std::vector<int64_t>{});
@@ -64,7 +69,7 @@ struct ConvReluKernel {
 }  // namespace
 
 const OrtCustomOp* ConvReluOp() {
-  static ConvOpDef<ConvReluKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}});
+  static ConvOpDef<ConvReluKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, true}});
   return &op;
 }
 

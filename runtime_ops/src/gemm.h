@@ -96,6 +96,9 @@ class ConvWeights {
 struct Epilogue {
   bool bias = true;  // add ConvWeights::Bias()[k]
   bool relu = true;  // max(., 0)
+  // Residual sites: a tensor added after the reduction, before the ReLU (nullptr: none). ComputeTile /
+  // ComputeTileCols take that image's (K, OH*OW) tensor, RunConv the batch's (N, K, OH, OW) one.
+  const float* residual = nullptr;
 };
 
 // Per-run plan: blocking for one input geometry. Cheap to build; build it once per Run (after
@@ -138,7 +141,8 @@ struct RowSet {
 
 // The whole batch X (N, C, H, W) -> Y (N, K, OH, OW) on the session's pool, tiles over
 // (image, group, row block, column block). select(user, n, grp) -> RowSet chooses the rows (select
-// nullptr: all). Rows not selected are zeroed when zero_unselected, else left untouched.
+// nullptr: all). Rows not selected are zeroed when zero_unselected (with ep.residual: set to
+// ReLU(residual), the output of a skipped conv term), else left untouched.
 // Returns the MACs performed (sum of selected rows x OH*OW x CRS). Throws (after the parallel
 // region) on allocation failure. X and Y must not alias.
 using RowSelectFn = RowSet (*)(const void* user, int64_t n, int64_t grp);

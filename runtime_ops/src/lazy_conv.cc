@@ -7,7 +7,10 @@
 // top n_sel over all K and compute each group's chosen rows.
 //
 // Inputs: 0 X, 1 W (const), 2 B (optional const), 3 pred_W (C, K) float const, 4 pred_b (K,) float
-// const, 5 ratio (optional runtime float scalar in (0, 1]; absent: attribute `ratio`, default 1).
+// const, 5 ratio (optional runtime float scalar in (0, 1]; absent: attribute `ratio`, default 1),
+// 6 other (optional runtime (N, K, OH, OW)): a residual site. Then the strengths of the SUM are
+// predicted from the input's and other's per-channel strengths, pred_W is (C + K, K) (rows C.. weigh
+// other's strengths), computed channels are ReLU(conv + B + other) and skipped ones ReLU(other).
 // Outputs: 0 Y, 1 macs (optional int64 scalar) = N * n_sel * OH*OW * (C/group)*KH*KW.
 // n_sel = max(1, ceil(ratio * K - 1e-4)) (the tolerance forgives float32 rounding: 0.3 of 10 is 3).
 #include <immintrin.h>
@@ -71,8 +74,9 @@ struct LazyConvKernel {
   ConvAttrs attrs;
   std::vector<int64_t> w_shape;
   gemm::ConvWeights weights;
-  std::vector<float> pred_w, pred_b;  // (C, K), (K,)
+  std::vector<float> pred_w, pred_b;  // (C [+ K], K), (K,)
   float ratio_attr = 1.f;
+  bool has_other = false;  // the node has input 6 `other`: pred_W has C + K rows
 
   explicit LazyConvKernel(const OrtKernelInfo* info) {
     attrs = ReadConvAttrs(info, kOp);
@@ -94,14 +98,16 @@ struct LazyConvKernel {
       if (b.shape.size() != 1 || b.shape[0] != K)
         Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
     }
+    has_other = ki.GetInputCount() > 6 && !ki.GetInputName(6).empty();
+    const int64_t rows = has_other ? C + K : C;
     ConstTensor pw = RequireConstInput(info, 3, kOp, "pred_W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-    if (pw.shape.size() != 2 || pw.shape[0] != C || pw.shape[1] != K)
-      Fail(kOp, Msg("input 'pred_W' has shape ", ShapeStr(pw.shape), ", expected (", C, ", ", K,
-                    ") (input channels x filters)"));
+    if (pw.shape.size() != 2 || pw.shape[0] != rows || pw.shape[1] != K)
+      Fail(kOp, Msg("input 'pred_W' has shape ", ShapeStr(pw.shape), ", expected (", rows, ", ", K,
+                    has_other ? ") (input channels + other's channels x filters)" : ") (input channels x filters)"));
     ConstTensor pb = RequireConstInput(info, 4, kOp, "pred_b", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     if (pb.shape.size() != 1 || pb.shape[0] != K)
       Fail(kOp, Msg("input 'pred_b' has shape ", ShapeStr(pb.shape), ", expected (", K, ",)"));
-    pred_w.assign(pw.as<float>(), pw.as<float>() + C * K);
+    pred_w.assign(pw.as<float>(), pw.as<float>() + rows * K);
     pred_b.assign(pb.as<float>(), pb.as<float>() + K);
     for (float v : pred_w)
       if (!std::isfinite(v)) Fail(kOp, "input 'pred_W' has a non-finite value, expected finite floats");
@@ -160,8 +166,13 @@ struct LazyConvKernel {
       auto xs = xinfo.GetShape();
       const ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
       const float ratio = Ratio(ctx);
-      const int64_t N = xs[0], K = g.K, C = g.C, G = g.G, Kg = g.Kg(), HW = g.H * g.W;
-      auto y = ctx.GetOutput(0, {N, K, g.OH, g.OW});
+      const int64_t N = xs[0], K = g.K, C = g.C, G = g.G, Kg = g.Kg(), HW = g.H * g.W, P = g.P();
+      const std::vector<int64_t> yshape{N, K, g.OH, g.OW};
+      gemm::Epilogue ep;
+      ep.residual = OtherInput(ctx, 6, yshape, kOp);
+      if (has_other && !ep.residual)  // unreachable through onnxruntime (a named input is always fed)
+        Fail(kOp, "input 'other' is absent, expected a tensor (the node names it and pred_W has its rows)");
+      auto y = ctx.GetOutput(0, yshape);
       int64_t macs = 0;
       if (N > 0 && g.P() > 0) {
         const float* X = x.GetTensorData<float>();
@@ -169,20 +180,25 @@ struct LazyConvKernel {
         Selection sel;
         sel.G = G;
         if (nsel < K) {
-          // s_prev (N, C) on the pool, then predictions and top-n per sample.
-          std::vector<double> sprev(static_cast<size_t>(N * C));
-          const int64_t chunk = std::max<int64_t>(1, (N * C + 7) / 8);
-          const int64_t ntask = (N * C + chunk - 1) / chunk;
+          // s_prev (N, C [+ K]) on the pool (input channels, then other's), then predictions and
+          // top-n per sample.
+          const int64_t Ko = ep.residual ? K : 0, R = C + Ko;
+          std::vector<double> sprev(static_cast<size_t>(N * R));
+          const int64_t chunk = std::max<int64_t>(1, (N * R + 7) / 8);
+          const int64_t ntask = (N * R + chunk - 1) / chunk;
           ParallelFor(context, static_cast<size_t>(ntask), [&](size_t t) {
-            const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * C, i0 + chunk);
-            for (int64_t i = i0; i < i1; ++i) sprev[i] = AbsSum(X + i * HW, HW);
+            const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * R, i0 + chunk);
+            for (int64_t i = i0; i < i1; ++i) {
+              const int64_t n = i / R, c = i % R;
+              sprev[i] = c < C ? AbsSum(X + (n * C + c) * HW, HW) : AbsSum(ep.residual + (n * K + c - C) * P, P);
+            }
           });
           sel.start.assign(static_cast<size_t>(N * G + 1), 0);
           sel.rows.reserve(static_cast<size_t>(N * nsel));
           std::vector<double> s(static_cast<size_t>(K));
           std::vector<int32_t> idx(static_cast<size_t>(K));
           for (int64_t n = 0; n < N; ++n) {
-            Predict(sprev.data() + n * C, C, K, s.data());
+            Predict(sprev.data() + n * R, R, K, s.data());
             for (auto& v : s)
               if (std::isnan(v)) v = -INFINITY;  // NaN strengths rank last (strict weak order kept)
             std::iota(idx.begin(), idx.end(), 0);
@@ -197,7 +213,7 @@ struct LazyConvKernel {
           }
         }
         gemm::ConvPlan plan(g, weights);
-        macs = gemm::RunConv(context, plan, weights, X, N, y.GetTensorMutableData<float>(), gemm::Epilogue{},
+        macs = gemm::RunConv(context, plan, weights, X, N, y.GetTensorMutableData<float>(), ep,
                              nsel < K ? &Selection::Get : nullptr, &sel, /*zero_unselected=*/true);
       }
       if (ctx.GetOutputCount() > 1) {
@@ -211,7 +227,7 @@ struct LazyConvKernel {
 }  // namespace
 
 const OrtCustomOp* LazyConvOp() {
-  static ConvOpDef<LazyConvKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, false}, {kFloat, false}, {kFloat, true}});
+  static ConvOpDef<LazyConvKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, true}});
   return &op;
 }
 
