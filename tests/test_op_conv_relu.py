@@ -395,3 +395,27 @@ def test_error_residual_shape(o_shape, message):
         sess.run(None, {"X": np.ones((2, 3, 6, 6), np.float32), "O": np.ones(o_shape, np.float32)})
     with pytest.raises(ValueError, match=message):
         cr.reference(np.ones((2, 3, 6, 6), np.float32), w, None, other=np.ones(o_shape), pads=(1, 1, 1, 1))
+
+
+def test_library_runs_no_code_at_load_time():
+    """The CPUID check in RegisterCustomOps must run before any AVX2 code: the library may have no
+    dynamic initializers (static constructors run at dlopen, before any check). Its .init_array holds
+    only the toolchain's frame_dummy entry."""
+    import struct
+
+    from onnxzero import get_library_path
+
+    data = open(get_library_path(), "rb").read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2  # 64-bit
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names_off = sections[shstrndx][4]
+
+    def name(sec):
+        end = data.index(b"\0", names_off + sec[0])
+        return data[names_off + sec[0]:end].decode()
+
+    sizes = {name(s): s[5] for s in sections}
+    assert sizes.get(".init_array", 0) <= 8, f".init_array has {sizes['.init_array'] // 8} entries: a static initializer crept in"
+    assert ".ctors" not in sizes or sizes[".ctors"] <= 16
