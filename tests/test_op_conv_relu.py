@@ -419,3 +419,71 @@ def test_library_runs_no_code_at_load_time():
     sizes = {name(s): s[5] for s in sections}
     assert sizes.get(".init_array", 0) <= 8, f".init_array has {sizes['.init_array'] // 8} entries: a static initializer crept in"
     assert ".ctors" not in sizes or sizes[".ctors"] <= 16
+
+
+# --- the MLAS direct-convolution path (K % 8 == 0, group 1, C % 8 == 0 or C < 8): its edges
+
+NCHWC_LAYERS = [
+    ((1, 1, 28, 28), (64, 1, 3, 3), dict(pads=(1, 1, 1, 1))),  # the stem: NCHW-input kernel
+    ((2, 3, 17, 19), (16, 3, 5, 5), dict(strides=(2, 2), pads=(2, 1, 2, 3))),
+    ((1, 512, 4, 4), (512, 512, 3, 3), dict(pads=(1, 1, 1, 1))),  # 16 filter sets, 4x4 maps
+    ((1, 16, 9, 9), (40, 16, 3, 3), dict(pads=(1, 1, 1, 1))),  # 5 filter blocks: a set of 1 block
+    ((2, 8, 12, 11), (24, 8, 3, 3), dict(strides=(2, 3), dilations=(2, 1), pads=(3, 0, 1, 2))),
+    ((1, 24, 6, 7), (8, 24, 1, 1), dict(pads=(3, 3, 3, 3))),  # rows whose window is all padding
+    ((1, 2, 5, 5), (8, 2, 1, 1), dict(pads=(2, 0, 2, 0), strides=(2, 1))),
+    ((3, 64, 7, 7), (128, 64, 3, 3), dict(strides=(2, 2), pads=(1, 1, 1, 1))),
+    ((1, 32, 1, 1), (16, 32, 3, 3), dict(pads=(1, 1, 1, 1))),
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", NCHWC_LAYERS, ids=[f"{a[1]}-{a[0]}" for a in NCHWC_LAYERS])
+@pytest.mark.parametrize("bias,residual", [(True, False), (False, False), (True, True), (False, True)])
+def test_nchwc_path_edges_match_reference(x_shape, w_shape, attrs, bias, residual):
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32) if bias else None
+    g = cr.geometry(x_shape, w_shape, **attrs)
+    feeds = {"X": x}
+    o = None
+    if residual:
+        o = (rng.standard_normal((x_shape[0], g.K, g.OH, g.OW)) * 3).astype(np.float32)
+        feeds["O"] = o
+        sess = make_session(_res_model(x_shape, w, b, **attrs), threads=2)
+    else:
+        sess = make_session(_model(x_shape, w, b, **attrs), threads=2)
+    y, macs = sess.run(None, feeds)
+    ref, ref_macs = cr.reference(x, w, b, other=o, **attrs)
+    _close(y, ref, np.sqrt(np.prod(w_shape[1:])))
+    assert int(macs) == ref_macs
+    assert (y == 0).any() and (y > 0).any()  # ReLU did cut
+
+
+@st.composite
+def nchwc_case(draw):
+    n = draw(st.integers(1, 2))
+    c = draw(st.sampled_from([1, 2, 3, 5, 7, 8, 16, 24]))
+    k = 8 * draw(st.integers(1, 6))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    pads = tuple(draw(st.integers(0, 4)) for _ in range(4))
+    lo_h = max(1, (kh - 1) * dh + 1 - pads[0] - pads[2])
+    lo_w = max(1, (kw - 1) * dw + 1 - pads[1] - pads[3])
+    h, w = draw(st.integers(lo_h, lo_h + 14)), draw(st.integers(lo_w, lo_w + 30))
+    attrs = dict(strides=(sh, sw), dilations=(dh, dw), pads=pads)
+    return (n, c, h, w), (k, c, kh, kw), draw(st.booleans()), attrs, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nchwc_case(), st.booleans())
+def test_nchwc_shapes_match_reference(case, residual):
+    if residual:
+        x, w, b, o = _res_inputs(case)
+        y, macs = make_session(_res_model(x.shape, w, b, **case[3]), threads=2).run(None, {"X": x, "O": o})
+    else:
+        x, w, b, o = *_res_inputs(case)[:3], None
+        y, macs = _run(x, w, b, **case[3])
+    ref, ref_macs = cr.reference(x, w, b, other=o, **case[3])
+    _close(y, ref, np.sqrt(np.prod(w.shape[1:])))
+    assert int(macs) == ref_macs
