@@ -463,3 +463,40 @@ def test_rule_fits_residual_site_on_input_and_shortcut_strengths():
         ref, _ = lazy.reference(t["h"][:8], w1, b1, pw, pb, ratio=ratio, other=t["sc"][:8], pads=pads)
         _close(y, ref, 6)
     np.testing.assert_allclose(y, t["Y"][:8], rtol=1e-4, atol=1e-5)
+
+
+@st.composite
+def nchwc_lazy_case(draw):
+    """Shapes MLAS's direct-convolution path serves (K % 8 == 0, group 1, C % 8 == 0 or C < 8)."""
+    n = draw(st.integers(1, 3))
+    c = draw(st.sampled_from([1, 3, 5, 8, 16, 32]))
+    k = 8 * draw(st.integers(1, 8))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    s, d = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
+    h = draw(st.integers(max(1, (kh - 1) * d + 1 - pads[0] - pads[2]), 16))
+    w = draw(st.integers(max(1, (kw - 1) * d + 1 - pads[1] - pads[3]), 20))
+    ratio = draw(st.one_of(st.sampled_from([1.0, 0.5, 0.25, 0.1, 0.9]), st.floats(0.01, 1.0)))
+    attrs = dict(strides=(s, s), dilations=(d, d), pads=pads)
+    return (n, c, max(h, 1), max(w, 1)), (k, c, kh, kw), draw(st.booleans()), attrs, ratio, draw(st.integers(0, 2**31))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nchwc_lazy_case(), st.booleans())
+def test_nchwc_shapes_match_reference(case, residual):
+    x_shape, w_shape, bias, attrs, ratio, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32) if bias else None
+    K = w_shape[0]
+    g = cr.geometry(x_shape, w_shape, **attrs)
+    o = (rng.standard_normal((x_shape[0], K, g.OH, g.OW)) * 2).astype(np.float32) if residual else None
+    pw, pb = _predictor(rng, x_shape[1] + (K if residual else 0), K)
+    if residual:
+        y, macs = make_session(_res_model(x_shape, w, b, pw, pb, **attrs), threads=2).run(None, {**_feed(x, ratio), "O": o})
+    else:
+        y, macs = make_session(_model(x_shape, w, b, pw, pb, **attrs), threads=2).run(None, _feed(x, ratio))
+    ref, ref_macs = lazy.reference(x, w, b, pw, pb, ratio=ratio, other=o, **attrs)
+    _close(y, ref, np.sqrt(np.prod(w_shape[1:])))
+    assert int(macs) == ref_macs

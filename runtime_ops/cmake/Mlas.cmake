@@ -30,12 +30,13 @@ if(ONNXZERO_MLAS AND CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64")
   set(_x86 ${ONNXZERO_MLAS_SOURCE_DIR}/onnxruntime/core/mlas/lib/x86_64)
   if(EXISTS ${_x86}/SconvKernelFma3.S)
     enable_language(ASM)
-    # SconvKernelAvx.S holds the post-processing (bias, ReLU, stores) the FMA3 kernels call.
-    set(ONNXZERO_MLAS_SOURCES ${_x86}/SconvKernelFma3.S ${_x86}/SconvKernelAvx.S)
+    # SconvKernelAvx.S holds the post-processing (bias, ReLU, stores) the FMA3 kernels call;
+    # SconvKernelAvx512F.S the 16-channel-block kernels, used when the CPU has AVX-512F (chosen at
+    # run time, as onnxruntime does).
+    set(ONNXZERO_MLAS_SOURCES ${_x86}/SconvKernelFma3.S ${_x86}/SconvKernelAvx.S ${_x86}/SconvKernelAvx512F.S)
     set_source_files_properties(${ONNXZERO_MLAS_SOURCES} PROPERTIES
       LANGUAGE ASM
-      INCLUDE_DIRECTORIES "${_x86}"
-      COMPILE_OPTIONS "-mavx2;-mfma")
+      INCLUDE_DIRECTORIES "${_x86}")
     set(ONNXZERO_HAVE_MLAS ON)
     message(STATUS "MLAS: convolution kernels from ${_x86}")
   endif()

@@ -71,8 +71,9 @@ struct ConvReluKernel {
       int64_t macs = 0;
       if (N > 0 && g.P() > 0) {
         if (filters.ok()) {
-          macs = nchwc::RunConv(context, g, filters, x.GetTensorData<float>(), N, y.GetTensorMutableData<float>(),
-                                ep.residual, /*relu=*/true);
+          nchwc::RunOptions opt;
+          opt.residual = ep.residual;
+          macs = nchwc::RunConv(context, g, filters, x.GetTensorData<float>(), N, y.GetTensorMutableData<float>(), opt);
         } else {
           gemm::ConvPlan plan(g, weights);
           macs = gemm::RunConv(context, plan, weights, x.GetTensorData<float>(), N, y.GetTensorMutableData<float>(), ep);

@@ -1,4 +1,7 @@
-// LazyConv: lazy evaluation of convolutional filters (Leroux et al.), on the packed GEMM core.
+// LazyConv: lazy evaluation of convolutional filters (Leroux et al.). Runs on MLAS's direct-convolution
+// kernels (nchwc.h: the selected filters gathered into blocks per image, the input strengths measured
+// in the NCHWc reorder) where they serve the shape, else on the packed GEMM core (selected rows).
+// OZ_DENSE=gemm (read once) forces the GEMM core.
 //
 // Per sample n: s_prev[c] = sum_{h,w} |x[n,c,h,w]| (the input's activation strengths),
 // s = s_prev . pred_W + pred_b (predicted output strengths, pred_W: (C, K), pred_b: (K,)),
@@ -17,10 +20,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
+#include <string>
 
 #include "common.h"
 #include "gemm.h"
+#include "nchwc.h"
 #include "op_def.h"
 #include "ops.h"
 
@@ -73,7 +79,8 @@ gemm::RowSet Selection::Get(const void* user, int64_t n, int64_t grp) {
 struct LazyConvKernel {
   ConvAttrs attrs;
   std::vector<int64_t> w_shape;
-  gemm::ConvWeights weights;
+  gemm::ConvWeights weights;  // the GEMM core's copy (only when nchwc does not serve the shape)
+  nchwc::Filters filters;     // MLAS's direct convolution, selected filters gathered per image
   std::vector<float> pred_w, pred_b;  // (C [+ K], K), (K,)
   float ratio_attr = 1.f;
   bool has_other = false;  // the node has input 6 `other`: pred_W has C + K rows
@@ -113,8 +120,15 @@ struct LazyConvKernel {
       if (!std::isfinite(v)) Fail(kOp, "input 'pred_W' has a non-finite value, expected finite floats");
     for (float v : pred_b)
       if (!std::isfinite(v)) Fail(kOp, "input 'pred_b' has a non-finite value, expected finite floats");
-    weights = gemm::ConvWeights(w.as<float>(), has_bias ? b.as<float>() : nullptr, K, w.shape[1], w.shape[2],
-                                w.shape[3], attrs.group);
+    const float* bias = has_bias ? b.as<float>() : nullptr;
+    static const bool force_gemm = [] {
+      const char* e = std::getenv("OZ_DENSE");
+      return e != nullptr && std::string(e) == "gemm";
+    }();
+    if (!force_gemm)
+      filters = nchwc::Filters(w.as<float>(), bias, K, C, w.shape[2], w.shape[3], attrs.group, /*gatherable=*/true);
+    if (!filters.ok())
+      weights = gemm::ConvWeights(w.as<float>(), bias, K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
   }
 
   // s = pred_b + sprev . pred_W in double, 16 filters at a time held in registers while the
@@ -140,6 +154,37 @@ struct LazyConvKernel {
     for (int64_t c = 0; c < C && k0 < K; ++c)
       for (int64_t k = k0; k < K; ++k) s[k] += sprev[c] * static_cast<double>(pred_w[c * K + k]);
     for (int64_t k = 0; k < K; ++k) s[k] += pred_b[k];
+  }
+
+  // Per image, the top nsel filters by predicted strength (ascending ids, images concatenated), from
+  // the input's strengths sx (N, C) and, at a residual site, other's (measured here).
+  std::vector<int32_t> Choose(OrtKernelContext* context, const double* sx, const float* other, int64_t N, int64_t C,
+                              int64_t K, int64_t P, int64_t nsel) const {
+    const int64_t Ko = other ? K : 0, R = C + Ko;
+    std::vector<double> sprev(static_cast<size_t>(N * R));
+    for (int64_t n = 0; n < N; ++n) std::copy(sx + n * C, sx + (n + 1) * C, sprev.begin() + n * R);
+    if (other) {
+      const int64_t chunk = std::max<int64_t>(1, (N * K + 7) / 8);
+      ParallelFor(context, static_cast<size_t>((N * K + chunk - 1) / chunk), [&](size_t t) {
+        const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * K, i0 + chunk);
+        for (int64_t i = i0; i < i1; ++i) sprev[(i / K) * R + C + i % K] = AbsSum(other + i * P, P);
+      });
+    }
+    std::vector<int32_t> out;
+    out.reserve(static_cast<size_t>(N * nsel));
+    std::vector<double> s(static_cast<size_t>(K));
+    std::vector<int32_t> idx(static_cast<size_t>(K));
+    for (int64_t n = 0; n < N; ++n) {
+      Predict(sprev.data() + n * R, R, K, s.data());
+      for (auto& v : s)
+        if (std::isnan(v)) v = -INFINITY;  // NaN strengths rank last (strict weak order kept)
+      std::iota(idx.begin(), idx.end(), 0);
+      auto better = [&](int32_t a, int32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
+      std::nth_element(idx.begin(), idx.begin() + (nsel - 1), idx.end(), better);
+      std::sort(idx.begin(), idx.begin() + nsel);
+      out.insert(out.end(), idx.begin(), idx.begin() + nsel);
+    }
+    return out;
   }
 
   float Ratio(Ort::KernelContext& ctx) const {
@@ -176,45 +221,45 @@ struct LazyConvKernel {
       int64_t macs = 0;
       if (N > 0 && g.P() > 0) {
         const float* X = x.GetTensorData<float>();
+        float* Y = y.GetTensorMutableData<float>();
         const int64_t nsel = FiltersComputed(ratio, K);
-        Selection sel;
-        sel.G = G;
-        if (nsel < K) {
-          // s_prev (N, C [+ K]) on the pool (input channels, then other's), then predictions and
-          // top-n per sample.
-          const int64_t Ko = ep.residual ? K : 0, R = C + Ko;
-          std::vector<double> sprev(static_cast<size_t>(N * R));
-          const int64_t chunk = std::max<int64_t>(1, (N * R + 7) / 8);
-          const int64_t ntask = (N * R + chunk - 1) / chunk;
-          ParallelFor(context, static_cast<size_t>(ntask), [&](size_t t) {
-            const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * R, i0 + chunk);
-            for (int64_t i = i0; i < i1; ++i) {
-              const int64_t n = i / R, c = i % R;
-              sprev[i] = c < C ? AbsSum(X + (n * C + c) * HW, HW) : AbsSum(ep.residual + (n * K + c - C) * P, P);
-            }
-          });
-          sel.start.assign(static_cast<size_t>(N * G + 1), 0);
-          sel.rows.reserve(static_cast<size_t>(N * nsel));
-          std::vector<double> s(static_cast<size_t>(K));
-          std::vector<int32_t> idx(static_cast<size_t>(K));
-          for (int64_t n = 0; n < N; ++n) {
-            Predict(sprev.data() + n * R, R, K, s.data());
-            for (auto& v : s)
-              if (std::isnan(v)) v = -INFINITY;  // NaN strengths rank last (strict weak order kept)
-            std::iota(idx.begin(), idx.end(), 0);
-            auto better = [&](int32_t a, int32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
-            std::nth_element(idx.begin(), idx.begin() + (nsel - 1), idx.end(), better);
-            std::sort(idx.begin(), idx.begin() + nsel);  // ascending ids: groups are contiguous runs
-            int64_t j = 0;
-            for (int64_t grp = 0; grp < G; ++grp) {
-              while (j < nsel && idx[j] < (grp + 1) * Kg) sel.rows.push_back(idx[j++]);
-              sel.start[n * G + grp + 1] = static_cast<int64_t>(sel.rows.size());
+        if (filters.ok()) {
+          // MLAS's direct convolution; the input strengths come out of its NCHWc reorder.
+          nchwc::RunOptions opt;
+          opt.residual = ep.residual;
+          opt.nsel = nsel < K ? nsel : -1;
+          std::vector<int32_t> chosen;
+          opt.select = [&](const double* sx) -> const int32_t* {
+            chosen = Choose(context, sx, ep.residual, N, C, K, P, nsel);
+            return chosen.data();
+          };
+          macs = nchwc::RunConv(context, g, filters, X, N, Y, opt);
+        } else {
+          Selection sel;
+          sel.G = G;
+          if (nsel < K) {
+            std::vector<double> sx(static_cast<size_t>(N * C));
+            const int64_t chunk = std::max<int64_t>(1, (N * C + 7) / 8);
+            ParallelFor(context, static_cast<size_t>((N * C + chunk - 1) / chunk), [&](size_t t) {
+              const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * C, i0 + chunk);
+              for (int64_t i = i0; i < i1; ++i) sx[i] = AbsSum(X + i * HW, HW);
+            });
+            const std::vector<int32_t> chosen = Choose(context, sx.data(), ep.residual, N, C, K, P, nsel);
+            sel.start.assign(static_cast<size_t>(N * G + 1), 0);
+            sel.rows.reserve(static_cast<size_t>(N * nsel));
+            for (int64_t n = 0; n < N; ++n) {
+              int64_t j = 0;
+              const int32_t* idx = chosen.data() + n * nsel;  // ascending: groups are contiguous runs
+              for (int64_t grp = 0; grp < G; ++grp) {
+                while (j < nsel && idx[j] < (grp + 1) * Kg) sel.rows.push_back(idx[j++]);
+                sel.start[n * G + grp + 1] = static_cast<int64_t>(sel.rows.size());
+              }
             }
           }
+          gemm::ConvPlan plan(g, weights);
+          macs = gemm::RunConv(context, plan, weights, X, N, Y, ep, nsel < K ? &Selection::Get : nullptr, &sel,
+                               /*zero_unselected=*/true);
         }
-        gemm::ConvPlan plan(g, weights);
-        macs = gemm::RunConv(context, plan, weights, X, N, y.GetTensorMutableData<float>(), ep,
-                             nsel < K ? &Selection::Get : nullptr, &sel, /*zero_unselected=*/true);
       }
       if (ctx.GetOutputCount() > 1) {
         auto m = ctx.GetOutput(1, std::vector<int64_t>{});

@@ -8,7 +8,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <cstdlib>
+#include <cmath>
 #include <cstring>
+#include <stdexcept>
+#include <vector>
+#include <string>
 #include <new>
 #include <thread>
 
@@ -20,6 +25,18 @@ void MlasConvNchwcFloatKernelFma3(const float* Input, const float* Filter, float
                                   size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
                                   size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
                                   size_t OutputCount, size_t OutputCountRightPad, const float* Bias, unsigned KernelFlags);
+void MlasConvNchwcFloatKernelAvx512F(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                     size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
+                                     size_t OutputStride, size_t KernelHeight, size_t KernelWidth,
+                                     const float* InputBase, size_t InputWidth, size_t DilatedInputWidth,
+                                     size_t OutputCountLeftPad, size_t OutputCount, size_t OutputCountRightPad,
+                                     const float* Bias, unsigned KernelFlags);
+void MlasConvNchwFloatKernelAvx512F(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                    size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
+                                    size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
+                                    size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
+                                    size_t OutputCount, size_t OutputCountRightPad, const float* Bias,
+                                    unsigned KernelFlags);
 void MlasConvNchwFloatKernelFma3(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
                                  size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
                                  size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
@@ -67,43 +84,81 @@ inline void Transpose8x8(__m256 (&r)[8]) {
   r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-// 8 channel planes (plane stride `plane`) at pixels [p0, p1) -> blocked dst[(p - p0) * 8 + c].
-void ToBlocked(const float* src, int64_t plane, int64_t p0, int64_t p1, float* dst) {
+// 8 channel planes (plane stride `plane`) at pixels [p0, p1) -> blocked dst[(p - p0) * bs + c]
+// (bs: the block size; a 16-block is filled 8 channels at a time).
+// With abs (8 doubles): also the channels' sums of |x| over the pixels (the lazy strengths, for free
+// while the input passes through registers).
+template <bool ABS>
+void ToBlocked(const float* src, int64_t plane, int64_t p0, int64_t p1, float* dst, int64_t bs, double* abs) {
+  const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 acc[8];
+  for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
   int64_t p = p0;
   for (; p + 8 <= p1; p += 8) {
     __m256 r[8];
-    for (int c = 0; c < 8; ++c) r[c] = _mm256_loadu_ps(src + c * plane + p);
+    for (int c = 0; c < 8; ++c) {
+      r[c] = _mm256_loadu_ps(src + c * plane + p);
+      if constexpr (ABS) acc[c] = _mm256_add_ps(acc[c], _mm256_and_ps(mask, r[c]));
+    }
     Transpose8x8(r);
-    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (p - p0 + j) * 8, r[j]);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (p - p0 + j) * bs, r[j]);
+  }
+  if constexpr (ABS) {
+    // 8 channels' lane sums at once: transpose, then add the 8 rows.
+    Transpose8x8(acc);
+    __m256 t = acc[0];
+    for (int j = 1; j < 8; ++j) t = _mm256_add_ps(t, acc[j]);
+    alignas(32) float v[8];
+    _mm256_store_ps(v, t);
+    for (int c = 0; c < 8; ++c) abs[c] = v[c];
   }
   for (; p < p1; ++p)
-    for (int c = 0; c < 8; ++c) dst[(p - p0) * 8 + c] = src[c * plane + p];
+    for (int c = 0; c < 8; ++c) {
+      const float x = src[c * plane + p];
+      dst[(p - p0) * bs + c] = x;
+      if constexpr (ABS) abs[c] += std::fabs(x);
+    }
 }
 
-// Blocked src[(p - p0) * 8 + c] -> 8 channel planes of dst at pixels [p0, p1), adding the residual
-// planes (same layout as dst) and applying ReLU when asked.
+// Blocked src[(p - p0) * bs + c] -> 8 channel planes dst[c] (nullptr: a padding lane, dropped) at
+// pixels [p0, p1), adding the residual planes res[c] and applying ReLU when asked.
 template <bool RES, bool RELU>
-void FromBlocked(const float* src, int64_t p0, int64_t p1, float* dst, const float* res, int64_t plane) {
+void FromBlocked(const float* src, int64_t bs, int64_t p0, int64_t p1, float* const* dst, const float* const* res) {
   const __m256 zero = _mm256_setzero_ps();
   int64_t p = p0;
   for (; p + 8 <= p1; p += 8) {
     __m256 r[8];
-    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + (p - p0 + j) * 8);
+    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + (p - p0 + j) * bs);
     Transpose8x8(r);
     for (int c = 0; c < 8; ++c) {
+      if (!dst[c]) continue;
       __m256 v = r[c];
-      if constexpr (RES) v = _mm256_add_ps(v, _mm256_loadu_ps(res + c * plane + p));
+      if constexpr (RES) v = _mm256_add_ps(v, _mm256_loadu_ps(res[c] + p));
       if constexpr (RELU) v = _mm256_max_ps(v, zero);
-      _mm256_storeu_ps(dst + c * plane + p, v);
+      _mm256_storeu_ps(dst[c] + p, v);
     }
   }
   for (; p < p1; ++p)
     for (int c = 0; c < 8; ++c) {
-      float v = src[(p - p0) * 8 + c];
-      if constexpr (RES) v += res[c * plane + p];
+      if (!dst[c]) continue;
+      float v = src[(p - p0) * bs + c];
+      if constexpr (RES) v += res[c][p];
       if constexpr (RELU) v = std::max(v, 0.f);
-      dst[c * plane + p] = v;
+      dst[c][p] = v;
     }
+}
+
+// Filter rows (R floats each; nullptr: zeros) -> one blocked filter block dst[r * bs + lane], 8 lanes.
+void GatherLanes(const float* const* rows, int64_t R, float* dst, int64_t bs) {
+  int64_t r = 0;
+  for (; r + 8 <= R; r += 8) {
+    __m256 v[8];
+    for (int o = 0; o < 8; ++o) v[o] = rows[o] ? _mm256_loadu_ps(rows[o] + r) : _mm256_setzero_ps();
+    Transpose8x8(v);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (r + j) * bs, v[j]);
+  }
+  for (; r < R; ++r)
+    for (int o = 0; o < 8; ++o) dst[r * bs + o] = rows[o] ? rows[o][r] : 0.f;
 }
 
 // Per calling thread, reused across runs: the blocked input and output of a run (tasks on the pool
@@ -124,6 +179,18 @@ Scratch& TlsScratch() {
   return s;
 }
 
+// AVX-512F in the CPU and ZMM/opmask state saved by the OS (XCR0 bits 1, 2, 5, 6, 7).
+bool CpuHasAvx512F() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1u), "c"(0u));
+  if (!(c & (1u << 27))) return false;  // OSXSAVE
+  unsigned xlo = 0, xhi = 0;
+  __asm__("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0u));
+  if ((xlo & 0xE6u) != 0xE6u) return false;
+  __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7u), "c"(0u));
+  return b & (1u << 16);
+}
+
 }  // namespace
 
 bool Built() {
@@ -134,10 +201,25 @@ bool Built() {
 #endif
 }
 
-Filters::Filters(const float* w, const float* bias, int64_t K, int64_t C, int64_t KH, int64_t KW, int64_t group) {
-  if (!Built() || group != 1 || K % kBlock != 0 || !(C % kBlock == 0 || C < kBlock) || K <= 0 || C <= 0) return;
-  K_ = K, C_ = C, KH_ = KH, KW_ = KW;
-  const int64_t KS = KH * KW, B = kBlock;
+Filters::Filters(const float* w, const float* bias, int64_t K, int64_t C, int64_t KH, int64_t KW, int64_t group,
+                 bool gatherable) {
+#ifdef ONNXZERO_HAVE_MLAS
+  static const bool avx512 = [] {
+    const char* e = std::getenv("OZ_DENSE");
+    return CpuHasAvx512F() && !(e != nullptr && std::string(e) == "fma3");
+  }();
+  int64_t B = avx512 && K % 16 == 0 && (C % 16 == 0 || C < 16) ? 16 : 8;
+  if (group != 1 || K <= 0 || C <= 0 || K % B != 0 || !(C % B == 0 || C < B)) return;
+  K_ = K, C_ = C, KH_ = KH, KW_ = KW, B_ = B;
+  if (B == 16)
+    kernel_ = NchwInput() ? MlasConvNchwFloatKernelAvx512F : MlasConvNchwcFloatKernelAvx512F;
+  else
+    kernel_ = NchwInput() ? MlasConvNchwFloatKernelFma3 : MlasConvNchwcFloatKernelFma3;
+#else
+  (void)w, (void)bias, (void)K, (void)C, (void)KH, (void)KW, (void)group, (void)gatherable;
+  return;
+#endif
+  const int64_t KS = KH * KW;
   data_ = gemm::AllocFloats(static_cast<size_t>(K * C * KS));
   float* d = data_.get();
   if (NchwInput()) {  // OIHWBo: [K/8][C][KH][KW][8 outputs]
@@ -152,39 +234,115 @@ Filters::Filters(const float* w, const float* bias, int64_t K, int64_t C, int64_
           for (int64_t i = 0; i < B; ++i)
             for (int64_t o = 0; o < B; ++o) *d++ = w[((ob * B + o) * C + ib * B + i) * KS + kk];
   }
+  if (gatherable) {  // row k: filter k in a block's reduction order (r = ((ib * KS + kk) * B + i) or c * KS + kk)
+    rows_ = gemm::AllocFloats(static_cast<size_t>(K * C * KS));
+    float* r = rows_.get();
+    for (int64_t k = 0; k < K; ++k) {
+      const float* wk = w + k * C * KS;
+      if (NchwInput()) {
+        std::copy(wk, wk + C * KS, r);
+        r += C * KS;
+      } else {
+        for (int64_t ib = 0; ib < C / B; ++ib)
+          for (int64_t kk = 0; kk < KS; ++kk)
+            for (int64_t i = 0; i < B; ++i) *r++ = wk[(ib * B + i) * KS + kk];
+      }
+    }
+  }
   bias_ = gemm::AllocFloats(static_cast<size_t>(K));
   has_bias_ = bias != nullptr;
   for (int64_t k = 0; k < K; ++k) bias_[k] = bias ? bias[k] : 0.f;
 }
 
 int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, const float* X, int64_t N, float* Y,
-                const float* residual, bool relu) {
+                const RunOptions& opt) {
 #ifndef ONNXZERO_HAVE_MLAS
-  (void)ctx, (void)g, (void)f, (void)X, (void)N, (void)Y, (void)residual, (void)relu;
+  (void)ctx, (void)g, (void)f, (void)X, (void)N, (void)Y, (void)opt;
   throw std::logic_error("onnxzero: nchwc::RunConv without MLAS");
 #else
-  const int64_t B = kBlock, C = g.C, K = g.K, H = g.H, W = g.W, OH = g.OH, OW = g.OW, HW = H * W, P = OH * OW;
-  const int64_t KS = g.KH * g.KW, Kb = K / B, sets = (Kb + kFilterSet - 1) / kFilterSet;
+  const int64_t B = f.Block(), C = g.C, K = g.K, H = g.H, W = g.W, OH = g.OH, OW = g.OW, HW = H * W, P = OH * OW;
+  const int64_t KS = g.KH * g.KW, R = C * KS;
   if (N <= 0 || P <= 0) return 0;
+  const bool lazy = opt.nsel >= 0 && opt.nsel < K;
+  if (lazy && (!f.Row(0) || !opt.select || opt.nsel < 1)) throw std::logic_error("onnxzero: nchwc lazy run misconfigured");
+  const int64_t nsel = lazy ? opt.nsel : K;
+  const int64_t Kb = (nsel + B - 1) / B;  // filter blocks computed per image
+  const int64_t sets = (Kb + kFilterSet - 1) / kFilterSet;
+  const int64_t Kp = Kb * B;               // computed channels, padded to whole blocks
   const bool nchw = f.NchwInput();
+  const Filters::KernelFn kernel = f.Kernel();
   const Span sx = PadCounts(W, OW, g.KW, g.SW, g.DW, g.PL);
   const Span sy = PadCounts(H, OH, g.KH, g.SH, g.DH, g.PT);
 
   Scratch& sc = TlsScratch();
   const size_t in_floats = nchw ? 0 : static_cast<size_t>(N * C * HW);
-  float* base = sc.Floats(in_floats + static_cast<size_t>(N * K * P));
+  const size_t out_floats = static_cast<size_t>(N * Kp * P);
+  const size_t gf_floats = lazy ? static_cast<size_t>(N * Kp * R + N * Kp) : 0;
+  float* base = sc.Floats(in_floats + out_floats + gf_floats);
   float* xin = base;
   float* yout = base + in_floats;
+  float* gfilt = yout + out_floats;        // lazy: per image, the selected filters' blocks
+  float* gbias = gfilt + (lazy ? N * Kp * R : 0);  // lazy: per image, their biases
 
-  // --- input to NCHWc: tasks over (image, channel block, pixel chunk)
+  // --- input to NCHWc (tasks over image, channel block, pixel chunk), with the lazy strengths
+  std::vector<double> strengths;
   if (!nchw) {
     const int64_t Cb = C / B, units = N * Cb;
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(TaskCount(static_cast<size_t>(units * 8))) / units, HW / 64));
     const int64_t csize = (HW + chunks - 1) / chunks;
+    std::vector<double> partial(lazy ? static_cast<size_t>(units * chunks * B) : 0);
     ParallelFor(ctx, static_cast<size_t>(units * chunks), [&](size_t t) {
       const int64_t u = static_cast<int64_t>(t) / chunks, ch = static_cast<int64_t>(t) % chunks;
-      const int64_t p0 = ch * csize, p1 = std::min(HW, p0 + csize);
-      if (p0 < p1) ToBlocked(X + u * B * HW, HW, p0, p1, xin + u * B * HW + p0 * B);
+      const int64_t p0 = std::min(HW, ch * csize), p1 = std::min(HW, p0 + csize);
+      for (int64_t h = 0; h < B; h += 8) {
+        const float* src = X + (u * B + h) * HW;
+        float* dst = xin + u * B * HW + p0 * B + h;
+        if (lazy)
+          ToBlocked<true>(src, HW, p0, p1, dst, B, partial.data() + (u * chunks + ch) * B + h);
+        else
+          ToBlocked<false>(src, HW, p0, p1, dst, B, nullptr);
+      }
+    });
+    if (lazy) {
+      strengths.assign(static_cast<size_t>(N * C), 0.0);
+      for (int64_t u = 0; u < units; ++u)
+        for (int64_t ch = 0; ch < chunks; ++ch)
+          for (int64_t c = 0; c < B; ++c) strengths[u * B + c] += partial[(u * chunks + ch) * B + c];
+    }
+  } else if (lazy) {  // few channels (C < B): a plain pass
+    strengths.assign(static_cast<size_t>(N * C), 0.0);
+    for (int64_t i = 0; i < N * C; ++i) {
+      double sum = 0;
+      for (int64_t p = 0; p < HW; ++p) sum += std::fabs(X[i * HW + p]);
+      strengths[i] = sum;
+    }
+  }
+
+  // --- lazy: the selection, its filters gathered into blocks per image, and the channels left out
+  const int32_t* sel = nullptr;
+  std::vector<int32_t> others;
+  if (lazy) {
+    sel = opt.select(strengths.data());
+    others.reserve(static_cast<size_t>(N * (K - nsel)));
+    std::vector<char> mark(static_cast<size_t>(K));
+    for (int64_t n = 0; n < N; ++n) {
+      std::fill(mark.begin(), mark.end(), 0);
+      for (int64_t j = 0; j < nsel; ++j) mark[sel[n * nsel + j]] = 1;
+      for (int64_t k = 0; k < K; ++k)
+        if (!mark[k]) others.push_back(static_cast<int32_t>(k));
+    }
+    ParallelFor(ctx, static_cast<size_t>(N * Kb), [&](size_t t) {
+      const int64_t n = static_cast<int64_t>(t) / Kb, ob = static_cast<int64_t>(t) % Kb;
+      float* dst = gfilt + (n * Kb + ob) * B * R;
+      for (int64_t h = 0; h < B; h += 8) {
+        const float* rows[8];
+        for (int64_t o = 0; o < 8; ++o) {
+          const int64_t j = ob * B + h + o;
+          rows[o] = j < nsel ? f.Row(sel[n * nsel + j]) : nullptr;
+          gbias[n * Kp + j] = j < nsel ? f.Bias()[sel[n * nsel + j]] : 0.f;
+        }
+        GatherLanes(rows, R, dst + h, B);
+      }
     });
   }
 
@@ -199,8 +357,10 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
   const size_t in_w = static_cast<size_t>((nchw ? 1 : B) * W) * F;
   const size_t dil_in_w = static_cast<size_t>((nchw ? 1 : B) * g.DH * W) * F;
   const size_t in_stride = dil_in_w - static_cast<size_t>(g.KW) * dil_w;
-  const size_t filter_stride = static_cast<size_t>(B * C * KS) * F;
+  const size_t filter_stride = static_cast<size_t>(B * R) * F;
   const size_t out_stride = static_cast<size_t>(B * P) * F;
+  const float* residual = opt.residual;
+  const bool relu = opt.relu;
   const bool fuse_relu = relu && residual == nullptr;
   const unsigned last_flags = (f.HasBias() ? kAddBias : 0u) | (fuse_relu ? kRelu : 0u);
   const size_t PT = static_cast<size_t>(g.PT);
@@ -230,13 +390,12 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
 
   // An output row whose window lies entirely in the padding: its conv term is 0 (first input block:
   // start from 0), the last block adds the bias and the fused ReLU, as the kernel would.
-  auto PaddingRow = [&](float* out, int64_t nb, bool first, bool last) {
-    const int64_t ob0 = (out - yout) / (B * P) % Kb;  // first filter block of the row
+  auto padding_row = [&](float* out, int64_t nb, const float* bias, bool first, bool last) {
     for (int64_t b = 0; b < nb; ++b) {
       float* o = out + b * B * P;
       for (int64_t i = 0; i < OW * B; ++i) {
         float v = first ? 0.f : o[i];
-        if (last && f.HasBias()) v += f.Bias()[(ob0 + b) * B + i % B];
+        if (last && f.HasBias()) v += bias[b * B + i % B];
         if (last && fuse_relu) v = std::max(v, 0.f);
         o[i] = v;
       }
@@ -249,9 +408,9 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     const int64_t r0 = bnd * band, r1 = std::min(OH, r0 + band);
     if (r0 >= r1) return;
     const int64_t ob0 = fs * kFilterSet, nb = std::min(kFilterSet, Kb - ob0);
-    const float* fset = f.Data() + ob0 * B * C * KS;
-    const float* bias = f.Bias() + ob0 * B;
-    float* yset = yout + n * K * P + ob0 * B * P;
+    const float* fset = lazy ? gfilt + (n * Kb + ob0) * B * R : f.Data() + ob0 * B * R;
+    const float* bias = lazy ? gbias + n * Kp + ob0 * B : f.Bias() + ob0 * B;
+    float* yset = yout + n * Kp * P + ob0 * B * P;
     if (nchw) {
       const float* xn = X + n * C * HW;
       for (int64_t ph = r0; ph < r1; ++ph) {
@@ -260,16 +419,15 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
         effective(static_cast<size_t>(ph), static_cast<size_t>(B * g.KW), &filter, &ih, &kh_eff);
         float* out = yset + ph * B * OW;
         if (kh_eff == 0) {  // the whole window is padding (the kernels need >= 1 row)
-          PaddingRow(out, nb, true, true);
+          padding_row(out, nb, bias, true, true);
           continue;
         }
         for (int64_t c = 0; c < C; ++c) {
           const float* in = xn + c * HW;
           const unsigned flags = (c > 0 ? kAccumulate : 0u) | (c == C - 1 ? last_flags : 0u);
-          MlasConvNchwFloatKernelFma3(in + (static_cast<ptrdiff_t>(ih * Ws) - PL), filter + c * B * KS, out, stride_w, dil_w,
-                                      static_cast<size_t>(nb), in_stride, filter_stride, out_stride, kh_eff,
-                                      static_cast<size_t>(g.KW), in + ih * Ws, in_w, dil_in_w, sx.left, sx.mid,
-                                      sx.right, bias, flags);
+          kernel(in + (static_cast<ptrdiff_t>(ih * Ws) - PL), filter + c * B * KS, out, stride_w, dil_w,
+                 static_cast<size_t>(nb), in_stride, filter_stride, out_stride, kh_eff, static_cast<size_t>(g.KW),
+                 in + ih * Ws, in_w, dil_in_w, sx.left, sx.mid, sx.right, bias, flags);
         }
       }
     } else {
@@ -282,33 +440,54 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
           size_t ih = 0, kh_eff = 0;
           effective(static_cast<size_t>(ph), static_cast<size_t>(B * B * g.KW), &filter, &ih, &kh_eff);
           if (kh_eff == 0) {
-            PaddingRow(yset + ph * B * OW, nb, ib == 0, ib == Cb - 1);
+            padding_row(yset + ph * B * OW, nb, bias, ib == 0, ib == Cb - 1);
             continue;
           }
-          MlasConvNchwcFloatKernelFma3(in + B * (static_cast<ptrdiff_t>(ih * Ws) - PL), filter, yset + ph * B * OW, stride_w, dil_w,
-                                       static_cast<size_t>(nb), in_stride, filter_stride, out_stride, kh_eff,
-                                       static_cast<size_t>(g.KW), in + B * ih * Ws, in_w, dil_in_w, sx.left, sx.mid,
-                                       sx.right, bias, flags);
+          kernel(in + B * (static_cast<ptrdiff_t>(ih * Ws) - PL), filter, yset + ph * B * OW, stride_w, dil_w,
+                 static_cast<size_t>(nb), in_stride, filter_stride, out_stride, kh_eff, static_cast<size_t>(g.KW),
+                 in + B * ih * Ws, in_w, dil_in_w, sx.left, sx.mid, sx.right, bias, flags);
         }
       }
     }
     // this band of the set's filter blocks back to NCHW
     const int64_t p0 = r0 * OW, p1 = r1 * OW;
-    for (int64_t ob = ob0; ob < ob0 + nb; ++ob) {
-      const float* src = yout + n * K * P + ob * B * P + p0 * B;
-      float* dst = Y + n * K * P + ob * B * P;
-      if (residual) {
-        const float* res = residual + n * K * P + ob * B * P;
-        if (relu)
-          FromBlocked<true, true>(src, p0, p1, dst, res, P);
-        else
-          FromBlocked<true, false>(src, p0, p1, dst, res, P);
-      } else {
-        FromBlocked<false, false>(src, p0, p1, dst, nullptr, P);
+    float* yn = Y + n * K * P;
+    const float* rn = residual ? residual + n * K * P : nullptr;
+    for (int64_t ob = ob0; ob < ob0 + nb; ++ob)
+      for (int64_t h = 0; h < B; h += 8) {
+        const float* src = yout + n * Kp * P + ob * B * P + p0 * B + h;
+        float* dst[8];
+        const float* res[8];
+        for (int64_t c = 0; c < 8; ++c) {
+          const int64_t j = ob * B + h + c;
+          const int64_t k = lazy ? (j < nsel ? sel[n * nsel + j] : -1) : j;
+          dst[c] = k >= 0 ? yn + k * P : nullptr;
+          res[c] = rn && k >= 0 ? rn + k * P : nullptr;
+        }
+        if (residual) {
+          if (relu)
+            FromBlocked<true, true>(src, B, p0, p1, dst, res);
+          else
+            FromBlocked<true, false>(src, B, p0, p1, dst, res);
+        } else {
+          FromBlocked<false, false>(src, B, p0, p1, dst, res);
+        }
+      }
+    // the channels left out (lazy), for this band: 0, or act(residual)
+    if (lazy && fs == 0) {
+      for (int64_t i = 0; i < K - nsel; ++i) {
+        const int64_t k = others[n * (K - nsel) + i];
+        float* yr = yn + k * P;
+        if (!rn) {
+          std::fill(yr + p0, yr + p1, 0.f);
+        } else {
+          const float* rr = rn + k * P;
+          for (int64_t p = p0; p < p1; ++p) yr[p] = relu ? std::max(rr[p], 0.f) : rr[p];
+        }
       }
     }
   });
-  return N * g.Macs();
+  return N * nsel * P * R;
 #endif
 }
 
