@@ -79,7 +79,7 @@ gemm::RowSet Selection::Get(const void* user, int64_t n, int64_t grp) {
 struct LazyConvKernel {
   ConvAttrs attrs;
   std::vector<int64_t> w_shape;
-  gemm::ConvWeights weights;  // the GEMM core's copy (only when nchwc does not serve the shape)
+  gemm::ConvWeights weights;  // the GEMM core's copy
   nchwc::Filters filters;     // MLAS's direct convolution, selected filters gathered per image
   std::vector<float> pred_w, pred_b;  // (C [+ K], K), (K,)
   float ratio_attr = 1.f;
@@ -127,8 +127,8 @@ struct LazyConvKernel {
     }();
     if (!force_gemm)
       filters = nchwc::Filters(w.as<float>(), bias, K, C, w.shape[2], w.shape[3], attrs.group, /*gatherable=*/true);
-    if (!filters.ok())
-      weights = gemm::ConvWeights(w.as<float>(), bias, K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
+    // The GEMM core is kept beside nchwc: on small maps it runs filter subsets faster (see UseNchwc).
+    weights = gemm::ConvWeights(w.as<float>(), bias, K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
   }
 
   // s = pred_b + sprev . pred_W in double, 16 filters at a time held in registers while the
@@ -187,6 +187,15 @@ struct LazyConvKernel {
     return out;
   }
 
+  // Gathering the selected filters costs a pass over their weights per image (about 3x the bytes the
+  // GEMM core reads in place), worth it only where each weight does enough work: measured on the
+  // ResNet-18/MNIST layers at ratio 0.5 / 0.25 (docs/design-kernels.md), nchwc wins from 7x7 maps
+  // (P = 49) on and loses on 4x4 ones (P = 16). Dense runs always take nchwc (no gather).
+  bool UseNchwc(int64_t nsel, int64_t K, int64_t P) const {
+    constexpr int64_t kMinPixelsForGather = 32;
+    return filters.ok() && (nsel >= K || P >= kMinPixelsForGather);
+  }
+
   float Ratio(Ort::KernelContext& ctx) const {
     if (ctx.GetInputCount() <= 5) return ratio_attr;
     Ort::ConstValue r = ctx.GetInput(5);
@@ -223,7 +232,7 @@ struct LazyConvKernel {
         const float* X = x.GetTensorData<float>();
         float* Y = y.GetTensorMutableData<float>();
         const int64_t nsel = FiltersComputed(ratio, K);
-        if (filters.ok()) {
+        if (UseNchwc(nsel, K, P)) {
           // MLAS's direct convolution; the input strengths come out of its NCHWc reorder.
           nchwc::RunOptions opt;
           opt.residual = ep.residual;

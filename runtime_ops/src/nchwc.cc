@@ -284,14 +284,26 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
   float* gfilt = yout + out_floats;        // lazy: per image, the selected filters' blocks
   float* gbias = gfilt + (lazy ? N * Kp * R : 0);  // lazy: per image, their biases
 
+  // A whole run below kMinParallelMacs stays on the calling thread: with the pool's spinning off (as
+  // onnxzero's sessions run), waking a worker costs more than it saves (the stem 1->64 at 28x28:
+  // 32 us on one thread, 40 us on two; onnxruntime's own Conv: 31 us).
+  constexpr int64_t kMinParallelMacs = 1500000;
+  const bool tiny = N * nsel * P * R < kMinParallelMacs;
+  auto parallel = [&](size_t n, auto&& fn) {
+    if (tiny)
+      for (size_t i = 0; i < n; ++i) fn(i);
+    else
+      ParallelFor(ctx, n, fn);
+  };
+
   // --- input to NCHWc (tasks over image, channel block, pixel chunk), with the lazy strengths
   std::vector<double> strengths;
   if (!nchw) {
     const int64_t Cb = C / B, units = N * Cb;
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(TaskCount(static_cast<size_t>(units * 8))) / units, HW / 64));
+    const int64_t chunks = tiny ? 1 : std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(TaskCount(static_cast<size_t>(units * 8))) / units, HW / 64));
     const int64_t csize = (HW + chunks - 1) / chunks;
     std::vector<double> partial(lazy ? static_cast<size_t>(units * chunks * B) : 0);
-    ParallelFor(ctx, static_cast<size_t>(units * chunks), [&](size_t t) {
+    parallel(static_cast<size_t>(units * chunks), [&](size_t t) {
       const int64_t u = static_cast<int64_t>(t) / chunks, ch = static_cast<int64_t>(t) % chunks;
       const int64_t p0 = std::min(HW, ch * csize), p1 = std::min(HW, p0 + csize);
       for (int64_t h = 0; h < B; h += 8) {
@@ -331,7 +343,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
       for (int64_t k = 0; k < K; ++k)
         if (!mark[k]) others.push_back(static_cast<int32_t>(k));
     }
-    ParallelFor(ctx, static_cast<size_t>(N * Kb), [&](size_t t) {
+    parallel(static_cast<size_t>(N * Kb), [&](size_t t) {
       const int64_t n = static_cast<int64_t>(t) / Kb, ob = static_cast<int64_t>(t) % Kb;
       float* dst = gfilt + (n * Kb + ob) * B * R;
       for (int64_t h = 0; h < B; h += 8) {
@@ -348,8 +360,15 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
 
   // --- convolution: tasks over (image, filter set, band of output rows); each task then writes its
   // band of its filter blocks back to NCHW (+ residual, ReLU) while it is still in cache.
+  // Bands: enough tasks for the pool (TaskCount), but none below kMinTaskMacs: waking a thread and
+  // handing it a task costs a few microseconds, which small layers (the stem: 0.45 M MACs) cannot repay.
+  constexpr int64_t kMinTaskMacs = 250000;
   const int64_t units = N * sets;
-  const int64_t bands = std::max<int64_t>(1, std::min<int64_t>(OH, (static_cast<int64_t>(TaskCount(static_cast<size_t>(units * OH))) + units - 1) / units));
+  const int64_t macs_per_row = std::max<int64_t>(1, std::min<int64_t>(nsel, kFilterSet * B) * OW * R);
+  const int64_t rows_min = std::max<int64_t>(1, kMinTaskMacs / macs_per_row);
+  int64_t bands = std::max<int64_t>(1, std::min<int64_t>((OH + rows_min - 1) / rows_min,
+      (static_cast<int64_t>(TaskCount(static_cast<size_t>(units * OH))) + units - 1) / units));
+  if (tiny) bands = 1;
   const int64_t band = (OH + bands - 1) / bands;
   const size_t F = sizeof(float);
   const size_t stride_w = static_cast<size_t>((nchw ? 1 : B) * g.SW) * F;
@@ -402,7 +421,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     }
   };
 
-  ParallelFor(ctx, static_cast<size_t>(units * bands), [&](size_t t) {
+  parallel(static_cast<size_t>(units * bands), [&](size_t t) {
     const int64_t u = static_cast<int64_t>(t) / bands, bnd = static_cast<int64_t>(t) % bands;
     const int64_t n = u / sets, fs = u % sets;
     const int64_t r0 = bnd * band, r1 = std::min(OH, r0 + band);
