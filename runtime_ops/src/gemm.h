@@ -1,4 +1,7 @@
-// gemm.h: the packed SGEMM core every onnxzero convolution is built on (AVX2/FMA).
+// gemm.h: the packed SGEMM core of onnxzero's convolutions (AVX2/FMA). ConvRelu and LazyConv run on
+// MLAS's direct-convolution kernels instead where those serve the shape (nchwc.h); this core serves
+// the rest (grouped convs, K % 8 != 0, LazyConv's filter subsets on maps under 32 pixels) and the
+// ops that compute arbitrary rows x columns subsets (spatial, early exit, sparse).
 //
 // A 2-D convolution of one image in one group is the GEMM
 //     Y[k, p] = act( bias[k] + sum_{q < CRS} W[k, q] * col(q, p) )

@@ -191,6 +191,15 @@ bool CpuHasAvx512F() {
   return b & (1u << 16);
 }
 
+// Tasks for `work` units: a few per hardware thread. The C API (up to 1.21's API 21) does not expose
+// the session pool's size, and KernelContext_ParallelFor with num_batch 0 schedules every task on its
+// own, so extra tasks only add balance; 1, 2 and 4 per thread measured alike (docs/design-kernels.md).
+int64_t PoolTasks(int64_t work) {
+  constexpr int64_t kPerThread = 4;
+  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+  return std::max<int64_t>(1, std::min<int64_t>(work, hw * kPerThread));
+}
+
 }  // namespace
 
 bool Built() {
@@ -300,7 +309,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
   std::vector<double> strengths;
   if (!nchw) {
     const int64_t Cb = C / B, units = N * Cb;
-    const int64_t chunks = tiny ? 1 : std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(TaskCount(static_cast<size_t>(units * 8))) / units, HW / 64));
+    const int64_t chunks = tiny ? 1 : std::max<int64_t>(1, std::min<int64_t>(PoolTasks(units * 8) / units, HW / 64));
     const int64_t csize = (HW + chunks - 1) / chunks;
     std::vector<double> partial(lazy ? static_cast<size_t>(units * chunks * B) : 0);
     parallel(static_cast<size_t>(units * chunks), [&](size_t t) {
@@ -360,14 +369,14 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
 
   // --- convolution: tasks over (image, filter set, band of output rows); each task then writes its
   // band of its filter blocks back to NCHW (+ residual, ReLU) while it is still in cache.
-  // Bands: enough tasks for the pool (TaskCount), but none below kMinTaskMacs: waking a thread and
+  // Bands: enough tasks for the pool (PoolTasks), but none below kMinTaskMacs: waking a thread and
   // handing it a task costs a few microseconds, which small layers (the stem: 0.45 M MACs) cannot repay.
   constexpr int64_t kMinTaskMacs = 250000;
   const int64_t units = N * sets;
   const int64_t macs_per_row = std::max<int64_t>(1, std::min<int64_t>(nsel, kFilterSet * B) * OW * R);
   const int64_t rows_min = std::max<int64_t>(1, kMinTaskMacs / macs_per_row);
   int64_t bands = std::max<int64_t>(1, std::min<int64_t>((OH + rows_min - 1) / rows_min,
-      (static_cast<int64_t>(TaskCount(static_cast<size_t>(units * OH))) + units - 1) / units));
+      (PoolTasks(units * OH) + units - 1) / units));
   if (tiny) bands = 1;
   const int64_t band = (OH + bands - 1) / bands;
   const size_t F = sizeof(float);
