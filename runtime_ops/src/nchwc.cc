@@ -18,6 +18,7 @@
 #include <thread>
 
 #ifdef ONNXZERO_HAVE_MLAS
+
 extern "C" {
 // lib/x86_64/SconvKernelFma3.S: one output row of up to 4 filter blocks (8 channels each).
 void MlasConvNchwcFloatKernelFma3(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
@@ -43,7 +44,6 @@ void MlasConvNchwFloatKernelFma3(const float* Input, const float* Filter, float*
                                  size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
                                  size_t OutputCount, size_t OutputCountRightPad, const float* Bias, unsigned KernelFlags);
 }
-#endif
 
 namespace oz {
 namespace nchwc {
@@ -202,17 +202,10 @@ int64_t PoolTasks(int64_t work) {
 
 }  // namespace
 
-bool Built() {
-#ifdef ONNXZERO_HAVE_MLAS
-  return true;
-#else
-  return false;
-#endif
-}
+bool Built() { return true; }
 
 Filters::Filters(const float* w, const float* bias, int64_t K, int64_t C, int64_t KH, int64_t KW, int64_t group,
                  bool gatherable) {
-#ifdef ONNXZERO_HAVE_MLAS
   static const bool avx512 = [] {
     const char* e = std::getenv("OZ_DENSE");
     return CpuHasAvx512F() && !(e != nullptr && std::string(e) == "fma3");
@@ -224,10 +217,6 @@ Filters::Filters(const float* w, const float* bias, int64_t K, int64_t C, int64_
     kernel_ = NchwInput() ? MlasConvNchwFloatKernelAvx512F : MlasConvNchwcFloatKernelAvx512F;
   else
     kernel_ = NchwInput() ? MlasConvNchwFloatKernelFma3 : MlasConvNchwcFloatKernelFma3;
-#else
-  (void)w, (void)bias, (void)K, (void)C, (void)KH, (void)KW, (void)group, (void)gatherable;
-  return;
-#endif
   const int64_t KS = KH * KW;
   data_ = gemm::AllocFloats(static_cast<size_t>(K * C * KS));
   float* d = data_.get();
@@ -265,10 +254,6 @@ Filters::Filters(const float* w, const float* bias, int64_t K, int64_t C, int64_
 
 int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, const float* X, int64_t N, float* Y,
                 const RunOptions& opt) {
-#ifndef ONNXZERO_HAVE_MLAS
-  (void)ctx, (void)g, (void)f, (void)X, (void)N, (void)Y, (void)opt;
-  throw std::logic_error("onnxzero: nchwc::RunConv without MLAS");
-#else
   const int64_t B = f.Block(), C = g.C, K = g.K, H = g.H, W = g.W, OH = g.OH, OW = g.OW, HW = H * W, P = OH * OW;
   const int64_t KS = g.KH * g.KW, R = C * KS;
   if (N <= 0 || P <= 0) return 0;
@@ -516,8 +501,25 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     }
   });
   return N * nsel * P * R;
-#endif
 }
 
 }  // namespace nchwc
 }  // namespace oz
+
+#else  // built without MLAS (cmake/Mlas.cmake): no shape is served, callers take the GEMM core
+
+namespace oz {
+namespace nchwc {
+
+bool Built() { return false; }
+
+Filters::Filters(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, bool) {}
+
+int64_t RunConv(OrtKernelContext*, const ConvGeom&, const Filters&, const float*, int64_t, float*, const RunOptions&) {
+  throw std::logic_error("onnxzero: nchwc::RunConv in a library built without MLAS");
+}
+
+}  // namespace nchwc
+}  // namespace oz
+
+#endif
