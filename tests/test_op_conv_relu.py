@@ -406,6 +406,8 @@ def test_library_runs_no_code_at_load_time():
     from onnxzero import get_library_path
 
     data = open(get_library_path(), "rb").read()
+    if b"__asan_init" in data:
+        pytest.skip("an AddressSanitizer build: ASan adds its own module constructors")
     assert data[:4] == b"\x7fELF" and data[4] == 2  # 64-bit
     shoff, = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)

@@ -408,6 +408,8 @@ def test_error_residual_predictor_rows():
 
 def test_rule_fits_residual_site_on_input_and_shortcut_strengths():
     """passes/rules/lazy.py on a residual site: predictor on concat(s(x), s(residual)), other = the shortcut."""
+    # the ASan target runs the op tests from the source tree, where the passes package is not mapped
+    pytest.importorskip("onnxzero.passes.rules.lazy", reason="onnxzero.passes not importable (source-tree run)")
     from onnxzero.passes.rules.base import Calibration
     from onnxzero.passes.rules.lazy import LazyRule
     from onnxzero.passes.sites import Site

@@ -1,7 +1,8 @@
 """ConvRelu: dense Conv(+bias)+ReLU, the no-skip baseline every skipping op is measured against.
 
-The kernel (runtime_ops/src/conv_relu.cc) runs on the packed AVX2/FMA GEMM core (gemm.h) that the
-skipping ops share. Inputs X (N,C,H,W), W (K,C/group,KH,KW) constant, B (K,) optional constant;
+The kernel (runtime_ops/src/conv_relu.cc) runs on MLAS's direct-convolution kernels (the ones
+onnxruntime's own Conv uses; runtime_ops/src/nchwc.h) where they serve the shape (group 1, K % 8 == 0,
+C % 8 == 0 or C < 8), else on the packed AVX2/FMA GEMM core (gemm.h); see docs/design-kernels.md. Inputs X (N,C,H,W), W (K,C/group,KH,KW) constant, B (K,) optional constant;
 attributes exactly ONNX Conv's; output 0 Y = ReLU(conv), optional output 1 `macs` (int64 scalar) =
 N * K * OH * OW * (C/group) * KH * KW.
 
