@@ -489,3 +489,30 @@ def test_nchwc_shapes_match_reference(case, residual):
     ref, ref_macs = cr.reference(x, w, b, other=o, **case[3])
     _close(y, ref, np.sqrt(np.prod(w.shape[1:])))
     assert int(macs) == ref_macs
+
+
+def test_nchwc_concurrent_runs_on_one_session():
+    """The direct-kernel path's scratch is per calling thread: concurrent runs of different sizes stay exact."""
+    rng = np.random.default_rng(22)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    sess = make_session(_res_model((1, 16, "H", "W"), w, b, pads=(1, 1, 1, 1)), threads=2)
+    xs = [rng.standard_normal((1 + i % 3, 16, 20 - i, 18 + 2 * i)).astype(np.float32) for i in range(6)]
+    os_ = [rng.standard_normal((x.shape[0], 32, x.shape[2], x.shape[3])).astype(np.float32) for x in xs]
+    refs = [cr.reference(x, w, b, other=o, pads=(1, 1, 1, 1))[0] for x, o in zip(xs, os_)]
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(5):
+                y, _ = sess.run(None, {"X": xs[i], "O": os_[i]})
+                _close(y, refs[i], 12)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

@@ -502,3 +502,33 @@ def test_nchwc_shapes_match_reference(case, residual):
     ref, ref_macs = lazy.reference(x, w, b, pw, pb, ratio=ratio, other=o, **attrs)
     _close(y, ref, np.sqrt(np.prod(w_shape[1:])))
     assert int(macs) == ref_macs
+
+
+def test_nchwc_concurrent_runs_with_different_ratios():
+    """Concurrent runs on one session (direct-kernel path: per-thread scratch, per-run selection)."""
+    import threading
+
+    rng = np.random.default_rng(23)
+    C, K = 16, 48
+    w = rng.standard_normal((K, C, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    pw, pb = _predictor(rng, C, K)
+    sess = make_session(_model((1, C, "H", "W"), w, b, pw, pb, pads=(1, 1, 1, 1)), threads=2)
+    cases = [(rng.standard_normal((1 + i % 2, C, 9 + i, 10)).astype(np.float32), (0.25, 0.5, 1.0)[i % 3]) for i in range(6)]
+    refs = [lazy.reference(x, w, b, pw, pb, ratio=r, pads=(1, 1, 1, 1))[0] for x, r in cases]
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(5):
+                y, _ = sess.run(None, _feed(*cases[i]))
+                _close(y, refs[i], 12)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
