@@ -532,3 +532,19 @@ def test_nchwc_concurrent_runs_with_different_ratios():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_residual_with_ratio_attribute_and_no_ratio_input():
+    rng = np.random.default_rng(24)
+    x = rng.standard_normal((2, 8, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    o = rng.standard_normal((2, 16, 7, 7)).astype(np.float32)
+    pw, pb = _predictor(rng, 8 + 16, 16)
+    node, extra = lazy.make_node("X", "W", None, "Y", pred_w=pw, pred_b=pb, ratio=0.5, macs_output="macs", other="O",
+                                 pads=(1, 1, 1, 1))
+    assert list(node.input)[5:] == ["", "O"]
+    model = single_op_model(node, {"W": w, **extra}, x.shape, runtime_inputs={"O": (TensorProto.FLOAT, None)})
+    y, macs = make_session(model, threads=2).run(None, {"X": x, "O": o})
+    ref, ref_macs = lazy.reference(x, w, None, pw, pb, ratio=0.5, other=o, pads=(1, 1, 1, 1))
+    _close(y, ref, 9)
+    assert int(macs) == ref_macs == 2 * 8 * 49 * 72
