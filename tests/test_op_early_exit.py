@@ -22,21 +22,24 @@ ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pyb
               ort.capi.onnxruntime_pybind11_state.RuntimeException, ort.capi.onnxruntime_pybind11_state.InvalidGraph)
 
 
-def _session(w, b, x_shape, *, mode="exact", nonneg_input=None, threads=2, **conv):
+def _session(w, b, x_shape, *, mode="exact", nonneg_input=None, threads=2, residual=False, **conv):
     pred = mode == "predictive"
     node, inits = ee.make_node("X", "W", "B" if b is not None else None, "Y", macs_output="macs", mode=mode,
                                nonneg_input=nonneg_input, n_terms="NT" if pred else None,
-                               threshold="TH" if pred else None, **conv)
+                               threshold="TH" if pred else None, other="O" if residual else None, **conv)
     inits["W"] = np.asarray(w, np.float32)
     if b is not None:
         inits["B"] = np.asarray(b, np.float32)
-    rt = {"NT": (TensorProto.INT64, [w.shape[0]]), "TH": (TensorProto.FLOAT, [w.shape[0]])} if pred else None
+    rt = {"NT": (TensorProto.INT64, [w.shape[0]]), "TH": (TensorProto.FLOAT, [w.shape[0]])} if pred else {}
+    if residual:
+        rt["O"] = (TensorProto.FLOAT, None)  # any shape reaches the op: it checks it itself
     return make_session(single_op_model(node, inits, x_shape, runtime_inputs=rt, outputs=["Y", "macs"]), threads=threads)
 
 
-def _run(x, w, b, *, mode="exact", n_terms=None, threshold=None, nonneg_input=None, threads=2, **conv):
-    s = _session(w, b, x.shape, mode=mode, nonneg_input=nonneg_input, threads=threads, **conv)
-    feeds = {"X": x}
+def _run(x, w, b, *, mode="exact", n_terms=None, threshold=None, nonneg_input=None, threads=2, other=None, **conv):
+    s = _session(w, b, x.shape, mode=mode, nonneg_input=nonneg_input, threads=threads, residual=other is not None,
+                 **conv)
+    feeds = {"X": x} if other is None else {"X": x, "O": np.asarray(other, np.float32)}
     if mode == "predictive":
         feeds.update(NT=np.asarray(n_terms, np.int64), TH=np.asarray(threshold, np.float32))
     y, macs = s.run(None, feeds)
@@ -245,6 +248,145 @@ def test_concurrent_runs_on_one_session():
         ys = list(ex.map(lambda x: s.run(None, {"X": x})[0], xs))
     for x, y in zip(xs, ys):
         _close(y, ee.reference(x, w, b, pads=(1, 1, 1, 1))[0])
+
+
+# ------------------------------------------------------------------------------------------ residual sites
+def _other(case, x, w, seed_shift=1):
+    """A residual input of the conv output's shape: a post-ReLU-like shortcut or a signed projection."""
+    y = ee.conv_relu_reference(x, w, None, **case["conv"])
+    rng = np.random.default_rng(case["seed"] + seed_shift)
+    o = rng.standard_normal(y.shape)
+    if rng.random() < 0.5:
+        o = np.maximum(o, 0)
+    return o.astype(np.float32)
+
+
+def _explicit_pads(x, w, conv):
+    """The same conv with auto_pad resolved to pads (onnxruntime refuses SAME_* with dilations)."""
+    _, geo = ee.im2col(x, w.shape, **conv)
+    return {**conv, "auto_pad": "NOTSET", "pads": tuple(geo.pads)}
+
+
+def _same_as_ort(y, y_ort):
+    """Exactness: the same zero set and non-zero values within 1e-5 relative (or 1e-5 of the scale)."""
+    scale = max(1.0, float(np.abs(y_ort).max()))
+    near_zero = np.abs(y_ort) <= 1e-6 * scale  # may legitimately round to either side of the ReLU
+    assert np.array_equal((y == 0)[~near_zero], (y_ort == 0)[~near_zero])
+    np.testing.assert_allclose(y, y_ort, rtol=1e-5, atol=2e-6 * scale)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.booleans())
+def test_residual_exact_matches_reference_and_onnxruntime(case, other_first):
+    x, w, b = _data(case)
+    o = _other(case, x, w)
+    y, macs = _run(x, w, b, other=o, **case["conv"])
+    y_ref, macs_ref = ee.reference(x, w, b, other=o, **case["conv"])
+    _close(y, y_ref)
+    assert macs_ref <= macs <= _dense(x.shape, w.shape, y_ref.shape)
+    m = ee.onnx_conv_add_relu_model(w, b, x.shape, other_first=other_first, **_explicit_pads(x, w, case["conv"]))
+    (y_ort,) = make_session(m, threads=2, library=False).run(None, {"X": x, "O": o})
+    _same_as_ort(y, y_ort)
+    # the shortcut is really added: without it the output differs wherever it moves the sum
+    y_plain, _ = _run(x, w, b, **case["conv"])
+    moved = np.abs(y_ref - ee.reference(x, w, b, **case["conv"])[0]) > 1e-3
+    if moved.any():
+        assert not np.allclose(y_plain[moved], y[moved])
+
+
+def test_residual_shortcut_starts_the_partial_sum():
+    """A very negative shortcut stops every output right after its positive terms; a very positive one
+    stops nothing (the bias alone would stop them all); a zero shortcut is the plain op."""
+    rng = np.random.default_rng(12)
+    x = rng.random((2, 6, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    P, npos = 100, int((w > 0).sum())
+    conv = dict(pads=(1, 1, 1, 1))
+    y, macs = _run(x, w, np.zeros(5, np.float32), other=np.full((2, 5, 10, 10), -1e4, np.float32), **conv)
+    assert np.all(y == 0) and macs == 2 * P * npos
+    b = np.full(5, -1e4, np.float32)
+    o = np.full((2, 5, 10, 10), 2e4, np.float32)
+    y, macs = _run(x, w, b, other=o, **conv)
+    assert macs == 2 * P * w.size
+    _close(y, ee.reference(x, w, b, other=o, **conv)[0])
+    assert np.all(y > 0)
+    y0, macs0 = _run(x, w, b, other=np.zeros_like(o), **conv)
+    y1, macs1 = _run(x, w, b, **conv)
+    np.testing.assert_array_equal(y0, y1)
+    assert macs0 == macs1 == 2 * P * npos
+
+
+def test_residual_nan_and_inf_in_other_propagate():
+    """Conv+Add+Relu lets a NaN through and keeps +inf; -inf gives 0. The op does the same."""
+    rng = np.random.default_rng(13)
+    x = rng.random((1, 4, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((3, 4, 3, 3)).astype(np.float32)
+    b = np.zeros(3, np.float32)
+    o = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    o[0, 0, 1, 1], o[0, 1, 2, 2], o[0, 2, 3, 3] = np.nan, np.inf, -np.inf
+    y, _ = _run(x, w, b, other=o, pads=(1, 1, 1, 1))
+    (y_ort,) = make_session(ee.onnx_conv_add_relu_model(w, b, x.shape, pads=(1, 1, 1, 1)), threads=1,
+                            library=False).run(None, {"X": x, "O": o})
+    assert np.isnan(y[0, 0, 1, 1]) and np.isnan(y_ort[0, 0, 1, 1])
+    assert y[0, 1, 2, 2] == np.inf and y[0, 2, 3, 3] == 0
+    ok = ~np.isnan(y_ort)
+    np.testing.assert_allclose(y[ok], y_ort[ok], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=max(5, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.sampled_from([0.1, 0.5]), st.booleans())
+def test_residual_predictive_matches_reference(case, fraction, nonneg):
+    x, w, b = _data(case, nonneg=nonneg)
+    o = _other(case, x, w)
+    conv = case["conv"]
+    n_terms, threshold = ee.calibrate_predictive(x, w, b, fraction=fraction, quantile=0.1, other=o, **conv)
+    y, macs = _run(x, w, b, mode="predictive", n_terms=n_terms, threshold=threshold, other=o, **conv)
+    y_ref, macs_ref = ee.reference(x, w, b, mode="predictive", n_terms=n_terms, threshold=threshold, other=o, **conv)
+    s_n = _partial_at(x, w, b, n_terms, conv) + o  # partial sums on the residual sum
+    near = np.abs(s_n - threshold.reshape(1, -1, 1, 1)) <= 1e-4 * (1 + np.abs(s_n))
+    np.testing.assert_allclose(y[~near], y_ref[~near], rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(y_ref).max())))
+
+
+def test_residual_calibration_fits_the_sum():
+    """Thresholds fitted with the shortcut differ from the plain ones and lose at most `quantile` of the
+    residual sum's positive outputs."""
+    rng = np.random.default_rng(14)
+    x = np.maximum(rng.standard_normal((2, 8, 10, 10)), 0).astype(np.float32)
+    w = (rng.standard_normal((4, 8, 3, 3)) / 8).astype(np.float32)
+    b = np.zeros(4, np.float32)
+    o = (rng.standard_normal((2, 4, 10, 10)) * 0.5 + 0.3).astype(np.float32)
+    conv = dict(pads=(1, 1, 1, 1))
+    nt, th = ee.calibrate_predictive(x, w, b, fraction=0.25, quantile=0.1, other=o, **conv)
+    _, th_plain = ee.calibrate_predictive(x, w, b, fraction=0.25, quantile=0.1, **conv)
+    assert not np.allclose(th, th_plain)
+    y_exact, _ = ee.reference(x, w, b, other=o, **conv)
+    y_pred, _ = ee.reference(x, w, b, mode="predictive", n_terms=nt, threshold=th, other=o, **conv)
+    lost = ((y_exact > 0) & (y_pred == 0)).sum(axis=(0, 2, 3)) / np.maximum(1, (y_exact > 0).sum(axis=(0, 2, 3)))
+    assert np.all(lost <= 0.1 + 1e-9)
+
+
+def test_residual_wrong_shape_is_refused():
+    w = np.ones((3, 2, 3, 3), np.float32)
+    x = np.ones((2, 2, 5, 5), np.float32)
+    s = _session(w, None, x.shape, residual=True, pads=(1, 1, 1, 1))
+    for bad in [(2, 3, 5, 4), (1, 3, 5, 5), (2, 4, 5, 5), (2, 3, 25)]:
+        with pytest.raises(ORT_ERRORS) as ei:
+            s.run(None, {"X": x, "O": np.zeros(bad, np.float32)})
+        msg = str(ei.value)
+        want = f"EarlyExitConv: input 'other' has shape ({', '.join(map(str, bad))}), expected (2, 3, 5, 5)"
+        assert want in msg, msg
+    s.run(None, {"X": x, "O": np.zeros((2, 3, 5, 5), np.float32)})  # the right shape runs
+    with pytest.raises(ValueError, match="other has shape"):
+        ee.reference(x, w, other=np.zeros((2, 3, 5, 4), np.float32), pads=(1, 1, 1, 1))
+
+
+def test_residual_make_node_inputs():
+    node, _ = ee.make_node("X", "W", None, "Y", other="sc")
+    assert list(node.input) == ["X", "W", "", "", "", "sc"]
+    node, _ = ee.make_node("X", "W", "B", "Y", mode="predictive", n_terms="NT", threshold="TH", other="sc")
+    assert list(node.input) == ["X", "W", "B", "NT", "TH", "sc"]
+    node, _ = ee.make_node("X", "W", "B", "Y")
+    assert list(node.input) == ["X", "W", "B"]
 
 
 # ------------------------------------------------------------------------------------------ errors

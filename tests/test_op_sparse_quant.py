@@ -15,21 +15,25 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxzero import DOMAIN, OP_VERSION
 from onnxzero.ops import make_session, single_op_model
+from onnxzero.ops import early_exit as ee
 from onnxzero.ops import sparse_quant as sq
 from onnxzero.ops.conv_relu import onnx_conv_relu_model
 
 EXAMPLES = int(os.environ.get("ONNXZERO_HYPOTHESIS_EXAMPLES", "30"))
 
 
-def _session(c, b=None, x_shape=(1, 1, 1, 1), *, threads=2, **conv):
-    node, inits = sq.make_node("X", "W", "B" if b is not None else None, "Y", compressed=c, macs_output="macs", **conv)
+def _session(c, b=None, x_shape=(1, 1, 1, 1), *, threads=2, residual=False, **conv):
+    node, inits = sq.make_node("X", "W", "B" if b is not None else None, "Y", compressed=c, macs_output="macs",
+                               other="O" if residual else None, **conv)
     if b is not None:
         inits["B"] = np.asarray(b, np.float32)
-    return make_session(single_op_model(node, inits, x_shape, outputs=["Y", "macs"]), threads=threads)
+    rt = {"O": (TensorProto.FLOAT, None)} if residual else None  # any shape reaches the op: it checks it
+    return make_session(single_op_model(node, inits, x_shape, runtime_inputs=rt, outputs=["Y", "macs"]), threads=threads)
 
 
-def _run(x, c, b=None, **conv):
-    y, macs = _session(c, b, x.shape, **conv).run(None, {"X": x})
+def _run(x, c, b=None, *, other=None, threads=2, **conv):
+    feeds = {"X": x} if other is None else {"X": x, "O": np.asarray(other, np.float32)}
+    y, macs = _session(c, b, x.shape, residual=other is not None, threads=threads, **conv).run(None, feeds)
     return y, int(macs)
 
 
@@ -158,6 +162,57 @@ def test_kernel_matches_reference(case):
     y_ref, macs_ref = sq.reference(x, c, b, **case["conv"])
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(y_ref).max())))
     assert macs == macs_ref
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.booleans())
+def test_residual_matches_reference_and_onnxruntime(case, other_first):
+    """Residual site: ReLU(compressed conv + b + other), equal to onnxruntime's Conv+Add+Relu on the
+    dequantized weights (same zero set, non-zeros within 1e-5 relative); macs do not change."""
+    rng = np.random.default_rng(case["seed"])
+    x = rng.standard_normal(case["x_shape"]).astype(np.float32)
+    w = rng.standard_normal(case["w_shape"]).astype(np.float32)
+    b = rng.standard_normal(case["w_shape"][0]).astype(np.float32)
+    th = float(np.quantile(np.abs(w), case["prune"])) if case["prune"] else 0.0
+    c = sq.compress(w, threshold=th)
+    y0, macs0 = _run(x, c, b, **case["conv"])
+    o = (rng.standard_normal(y0.shape) * 3).astype(np.float32)
+    y, macs = _run(x, c, b, other=o, **case["conv"])
+    y_ref, macs_ref = sq.reference(x, c, b, other=o, **case["conv"])
+    scale = max(1.0, float(np.abs(y_ref).max()))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5 * scale)
+    assert macs == macs_ref == macs0
+    _, geo = ee.im2col(x, w.shape, **case["conv"])
+    conv = {**case["conv"], "auto_pad": "NOTSET", "pads": tuple(geo.pads)}  # onnxruntime: no SAME_* with dilations
+    m = ee.onnx_conv_add_relu_model(sq.decompress(c), b, x.shape, other_first=other_first, **conv)
+    (y_ort,) = make_session(m, threads=2, library=False).run(None, {"X": x, "O": o})
+    near_zero = np.abs(y_ort) <= 1e-6 * scale
+    assert np.array_equal((y == 0)[~near_zero], (y_ort == 0)[~near_zero])
+    np.testing.assert_allclose(y, y_ort, rtol=1e-5, atol=2e-6 * scale)
+    moved = np.abs(y_ref - y0) > 1e-3  # the shortcut is really added (must not equal the plain op there)
+    assert not np.allclose(y[moved], y0[moved]) or not moved.any()
+
+
+def test_residual_nan_propagates_and_wrong_shape_is_refused():
+    w, c = _good_stream()
+    x = np.ones((2, 2, 5, 5), np.float32)
+    o = np.zeros((2, 1, 5, 5), np.float32)
+    o[0, 0, 2, 2], o[1, 0, 0, 0], o[1, 0, 4, 4] = np.nan, np.inf, -np.inf
+    y, _ = _run(x, c, other=o, pads=(1, 1, 1, 1))
+    assert np.isnan(y[0, 0, 2, 2]) and y[1, 0, 0, 0] == np.inf and y[1, 0, 4, 4] == 0
+    ok = np.isfinite(o)
+    y_ref, _ = sq.reference(x, c, other=np.where(ok, o, 0), pads=(1, 1, 1, 1))
+    np.testing.assert_allclose(y[ok], y_ref[ok], rtol=1e-5)
+    s = _session(c, None, x.shape, residual=True, pads=(1, 1, 1, 1))
+    for bad in [(2, 1, 5, 4), (1, 1, 5, 5), (2, 2, 5, 5), (2, 25)]:
+        with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument) as ei:
+            s.run(None, {"X": x, "O": np.zeros(bad, np.float32)})
+        want = f"SparseQuantConv: input 'other' has shape ({', '.join(map(str, bad))}), expected (2, 1, 5, 5)"
+        assert want in str(ei.value), str(ei.value)
+    node, _ = sq.make_node("X", "W", None, "Y", compressed=c, other="sc")
+    assert list(node.input) == ["X", "W_values", "W_index", "W_row_ptr", "", "sc"]
+    node, _ = sq.make_node("X", "W", None, "Y", compressed=c)
+    assert list(node.input) == ["X", "W_values", "W_index", "W_row_ptr"]
 
 
 @pytest.mark.parametrize("x_shape,w_shape,conv", [

@@ -11,7 +11,12 @@ Semantics (this module's `reference` defines them; the C++ kernel follows it):
   chunk by chunk, in L1, for all filters at once: a strict order means random reads from L2 that
   run at half speed. Any order of the negatives keeps exact mode exact.) Zero weights are never
   multiplied (they are counted as skipped). T_k = nonzero weights of filter k, P_k = positive ones.
-  S_j = bias + (sum of the first j terms) is the partial sum after j terms (S_0 = bias).
+  S_j = bias + other + (sum of the first j terms) is the partial sum after j terms (S_0 = bias + other;
+  other = 0 at a plain site).
+* Residual sites: optional last input 5 `other` (float, (N, K, OH, OW), a run-time tensor: the
+  identity shortcut or a projection's output); Y = ReLU(conv + bias + other). The shortcut value is
+  known before the first term, so it starts the partial sum and the exact stop stays exact; other
+  may have any sign. Predictive thresholds are fitted on that sum (`calibrate_predictive(other=)`).
 * Exact early stop (both modes), enabled when the whole input X of the run is non-negative: from
   the point where only negative terms remain (j >= P_k), as soon as S_j <= 0 the output is 0 and
   the remaining terms are skipped: the result equals Conv+ReLU exactly, since every remaining term
@@ -75,8 +80,8 @@ def im2col(x: np.ndarray, w_shape, *, strides=(1, 1), pads=(0, 0, 0, 0), dilatio
 
 
 def conv_relu_reference(x, w, b=None, *, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
-                        auto_pad: str = "NOTSET") -> np.ndarray:
-    """ReLU(Conv(x, w) + b) in float64 (im2col + matmul)."""
+                        auto_pad: str = "NOTSET", other=None) -> np.ndarray:
+    """ReLU(Conv(x, w) + b [+ other]) in float64 (im2col + matmul); other: a residual site's (N, K, OH, OW)."""
     w = np.asarray(w, np.float64)
     cols, geo = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
     K = w.shape[0]
@@ -84,7 +89,12 @@ def conv_relu_reference(x, w, b=None, *, strides=(1, 1), pads=(0, 0, 0, 0), dila
     y = np.einsum("gkr,ngrp->ngkp", wg, cols).reshape(x.shape[0], K, geo.OH, geo.OW)
     if b is not None:
         y = y + np.asarray(b, np.float64).reshape(1, K, 1, 1)
-    return np.maximum(y, 0.0)
+    if other is not None:
+        other = np.asarray(other, np.float64)
+        if other.shape != y.shape:
+            raise ValueError(f"other has shape {other.shape}, expected {y.shape} (the conv output's shape)")
+        y = y + other
+    return np.where(y <= 0, 0.0, y)  # ReLU that keeps a NaN, like onnxruntime's
 
 
 # ------------------------------------------------------------------------------------------ semantics
@@ -104,8 +114,10 @@ def term_order(w_k: np.ndarray) -> tuple[np.ndarray, int]:
     return np.concatenate([pos, *bands]).astype(np.int64), int(pos.size)
 
 
-def _partial_sums(cols_g: np.ndarray, w_k: np.ndarray, bias: float):
-    """S (T+1, P) partial sums in term order for one filter and one image's group cols (CRS, P)."""
+def _partial_sums(cols_g: np.ndarray, w_k: np.ndarray, bias):
+    """S (T+1, P) partial sums in term order for one filter and one image's group cols (CRS, P).
+
+    bias: a scalar, or (P,) = bias + that output's residual value at a residual site."""
     order, npos = term_order(w_k)
     wf = np.asarray(w_k, np.float32).ravel().astype(np.float64)
     contrib = wf[order][:, None] * cols_g[order]
@@ -116,8 +128,22 @@ def _partial_sums(cols_g: np.ndarray, w_k: np.ndarray, bias: float):
     return S, npos
 
 
+def _start(bias: np.ndarray, other: np.ndarray | None, shape) -> np.ndarray:
+    """S_0 (N, K, P) in float64: bias, plus the residual input at a residual site."""
+    N, K, P = shape
+    s0 = np.broadcast_to(bias.reshape(1, K, 1), (N, K, P)).astype(np.float64)
+    if other is not None:
+        other = np.asarray(other, np.float32)
+        if other.ndim != 4 or other.shape[:2] != (N, K) or int(np.prod(other.shape[2:])) != P:
+            raise ValueError(f"{OP}: other has shape {other.shape}, expected (N, K, OH, OW) with N*K*OH*OW = "
+                             f"{N}*{K}*{P} (the conv output's shape)")
+        s0 = s0 + other.reshape(N, K, P).astype(np.float64)
+    return s0
+
+
 def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode: str = "exact",
               n_terms: np.ndarray | None = None, threshold: np.ndarray | None = None,
+              other: np.ndarray | None = None,
               strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
               auto_pad: str = "NOTSET", return_elementwise: bool = False):
     """(y, macs) of EarlyExitConv; macs counted per output element (each element's own stop index).
@@ -137,15 +163,16 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode
         n_terms = np.asarray(n_terms, np.int64)
         threshold = np.asarray(threshold, np.float32).astype(np.float64)
     exits = bool(np.all(x >= 0))
+    s0 = _start(bias, other, (N, K, P))
     y = np.zeros((N, K, P))
     macs = np.zeros((N, K, P), np.int64)
     kg = K // group
     for k in range(K):
         g = k // kg
         for n in range(N):
-            S, npos = _partial_sums(cols[n, g], w[k], bias[k])
+            S, npos = _partial_sums(cols[n, g], w[k], s0[n, k])
             T = S.shape[0] - 1
-            final = np.maximum(S[T], 0.0)
+            final = np.where(S[T] <= 0, 0.0, S[T])  # ReLU that keeps a NaN, like onnxruntime's
             big = T + 1
             exit_at = np.full(P, big, np.int64)  # first j >= npos with S_j <= 0: the exact stop
             if exits:
@@ -168,7 +195,8 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode
 
 
 def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *,
-                         fraction: float = 0.25, quantile: float = 0.05, strides=(1, 1), pads=(0, 0, 0, 0),
+                         fraction: float = 0.25, quantile: float = 0.05, other: np.ndarray | None = None,
+                         strides=(1, 1), pads=(0, 0, 0, 0),
                          dilations=(1, 1), group: int = 1, auto_pad: str = "NOTSET") -> tuple[np.ndarray, np.ndarray]:
     """(n_terms (K,) int64, threshold (K,) float32) for predictive mode, from calibration inputs.
 
@@ -179,15 +207,17 @@ def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | Non
     output sits on the threshold). So at most about `quantile` of the outputs that should be
     positive get predicted 0 on the calibration data, and every output whose partial sum after N
     terms is below that is cut. A filter with no positive calibration output gets Th = +inf
-    (always predicted 0 after N terms).
+    (always predicted 0 after N terms). At a residual site `other` holds the calibration outputs'
+    residual values: partial sums and final values are those of conv + bias + other.
     """
     if not 0.0 <= fraction <= 1.0 or not 0.0 <= quantile <= 1.0:
         raise ValueError(f"{OP}: fraction {fraction} and quantile {quantile} must be in [0, 1]")
     x = np.asarray(x_calib, np.float32)
     w = np.asarray(w, np.float32)
     K = w.shape[0]
-    cols, _ = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
+    cols, geo = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
     bias = np.zeros(K) if b is None else np.asarray(b, np.float32).astype(np.float64)
+    s0 = _start(bias, other, (x.shape[0], K, geo.OH * geo.OW))
     kg = K // group
     n_terms = np.zeros(K, np.int64)
     threshold = np.full(K, np.inf, np.float32)
@@ -197,7 +227,7 @@ def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | Non
         n_terms[k] = nn
         partial, final = [], []
         for n in range(x.shape[0]):
-            S, _ = _partial_sums(cols[n, k // kg], w[k], bias[k])
+            S, _ = _partial_sums(cols[n, k // kg], w[k], s0[n, k])
             partial.append(S[nn])
             final.append(S[-1])
         partial, final = np.concatenate(partial), np.concatenate(final)
@@ -214,13 +244,14 @@ def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | Non
 def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: str | None = None,
               mode: str = "exact", nonneg_input: int | None = None,
               n_terms: np.ndarray | str | None = None, threshold: np.ndarray | str | None = None,
-              kernel_shape=None, strides=(1, 1), pads=None, dilations=(1, 1), group: int = 1,
+              other: str | None = None, kernel_shape=None, strides=(1, 1), pads=None, dilations=(1, 1), group: int = 1,
               auto_pad: str = "NOTSET", name: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """The EarlyExitConv node and the extra initializers it needs.
 
     Predictive mode: n_terms / threshold are either arrays (stored as initializers named
     f"{w_name}_n_terms" / f"{w_name}_threshold") or the names of runtime graph inputs.
     nonneg_input: None = the mode's default (1 in exact mode, 0 in predictive mode).
+    other: the residual operand's tensor name at a residual site (input 5), or None.
     """
     if mode not in MODES:
         raise ValueError(f"{OP}: mode is {mode!r}, expected one of {MODES}")
@@ -238,6 +269,10 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
                 inputs.append(nm)
     elif n_terms is not None or threshold is not None:
         raise ValueError(f"{OP}: n_terms / threshold are only used in predictive mode")
+    else:
+        inputs += ["", ""]
+    if other:
+        inputs.append(other)
     while inputs and inputs[-1] == "":
         inputs.pop()
     attrs: dict = {"strides": list(strides), "dilations": list(dilations), "group": int(group), "mode": mode}
@@ -252,3 +287,22 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
     outputs = [y] + ([macs_output] if macs_output else [])
     node = helper.make_node(OP, inputs, outputs, domain=DOMAIN, name=name or f"{OP}_{y}", **attrs)
     return node, inits
+
+
+def onnx_conv_add_relu_model(w: np.ndarray, b: np.ndarray | None, x_shape, *, other_first: bool = False,
+                             **conv_attrs) -> onnx.ModelProto:
+    """onnxruntime's own Conv(+B) -> Add(conv, O) -> Relu (a residual site; graph inputs X and O): what
+    the ops must equal with `other`. other_first puts O as the Add's first operand."""
+    from onnx import TensorProto
+
+    from onnxzero.ops.conv_relu import onnx_conv_relu_model
+
+    m = onnx_conv_relu_model(w, b, x_shape, **conv_attrs)
+    g = m.graph
+    conv, relu = g.node[0], g.node[1]
+    add = helper.make_node("Add", ["O", "C"] if other_first else ["C", "O"], ["S"])
+    relu.input[0] = "S"
+    g.node.insert(1, add)
+    g.input.append(helper.make_tensor_value_info("O", TensorProto.FLOAT, ["N", int(w.shape[0]), "OH", "OW"]))
+    assert conv.output[0] == "C"
+    return m

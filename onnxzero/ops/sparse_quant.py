@@ -150,22 +150,27 @@ def compression_stats(w: np.ndarray, compressed: dict) -> dict:
     }
 
 
-def reference(x: np.ndarray, compressed: dict, b: np.ndarray | None = None, *, strides=(1, 1), pads=(0, 0, 0, 0),
-              dilations=(1, 1), group: int = 1, auto_pad: str = "NOTSET") -> tuple[np.ndarray, int]:
-    """(y, macs): ReLU(conv(x, decompress(compressed)) + b) in float64, and N*OH*OW*nonzeros."""
+def reference(x: np.ndarray, compressed: dict, b: np.ndarray | None = None, *, other: np.ndarray | None = None,
+              strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
+              auto_pad: str = "NOTSET") -> tuple[np.ndarray, int]:
+    """(y, macs): ReLU(conv(x, decompress(compressed)) + b [+ other]) in float64, and N*OH*OW*nonzeros.
+
+    other: the residual input (N, K, OH, OW) of a residual site, added before the ReLU."""
     w = decompress(compressed).astype(np.float64)
-    y = conv_relu_reference(x, w, b, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
+    y = conv_relu_reference(x, w, b, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad,
+                            other=other)
     nnz = int(np.count_nonzero(np.asarray(compressed["values"])))
     N, _, OH, OW = y.shape
     return y.astype(np.float32), N * OH * OW * nnz
 
 
 def make_node(x: str, w_name: str, b_name: str | None, y: str, *, compressed: dict, macs_output: str | None = None,
-              kernel_shape=None, strides=(1, 1), pads=None, dilations=(1, 1), group: int = 1,
+              other: str | None = None, kernel_shape=None, strides=(1, 1), pads=None, dilations=(1, 1), group: int = 1,
               auto_pad: str = "NOTSET", name: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """The SparseQuantConv node and its initializers {w_name_values, w_name_index, w_name_row_ptr}.
 
-    `compressed` is what `compress` returned; b_name names an existing (K,) float initializer or None.
+    `compressed` is what `compress` returned; b_name names an existing (K,) float initializer or None;
+    other: the residual operand's tensor name at a residual site (input 5), or None.
     """
     K, Cg, KH, KW = compressed["weight_shape"]
     if kernel_shape is not None and tuple(kernel_shape) != (KH, KW):
@@ -175,7 +180,9 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, compressed: di
         f"{w_name}_index": np.asarray(compressed["index"], np.uint8),
         f"{w_name}_row_ptr": np.asarray(compressed["row_ptr"], np.int64),
     }
-    inputs = [x, *inits.keys()] + ([b_name] if b_name else [])
+    inputs = [x, *inits.keys()] + [b_name or ""] + ([other] if other else [])
+    while inputs[-1] == "":
+        inputs.pop()
     attrs = {"kernel_shape": [KH, KW], "strides": list(strides), "dilations": list(dilations), "group": int(group),
              "weight_shape": [K, Cg, KH, KW], "channels": Cg, "frac_bits": int(compressed["frac_bits"])}
     if auto_pad != "NOTSET":

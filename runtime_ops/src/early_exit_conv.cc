@@ -28,6 +28,7 @@ struct RunParams {
   bool predictive = false;
   const int64_t* n_terms = nullptr;
   const float* threshold = nullptr;
+  const float* other = nullptr;  // residual input (N, K, OH, OW) or nullptr
 };
 
 // A block's Col built chunk by chunk just before the first sweep reads it (so that
@@ -53,6 +54,7 @@ struct EarlyExitKernel {
   int64_t K = 0, CRS = 0, nch = 1, kce = kChunkRows;
   bool predictive = false;
   int nonneg = 1;
+  bool has_other = false;  // input 5 `other`: a residual site, ReLU(conv + bias + other)
   std::vector<float> bias;
   // Terms (uint16 Col row, float weight), stored in sweep order (see BuildTerms);
   // tptr: prefix sums of the filters' term counts (T_k = tptr[k+1] - tptr[k]).
@@ -99,6 +101,8 @@ struct EarlyExitKernel {
       if (b.shape.size() != 1 || b.shape[0] != K) Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
       std::copy(b.as<float>(), b.as<float>() + K, bias.begin());
     }
+
+    has_other = sr::InputPresent(info, 5);
 
     BuildTerms(w.as<float>());
   }
@@ -220,7 +224,7 @@ struct EarlyExitKernel {
     int64_t running = 0;
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t i = k - k0;
-      sr::Fill<NA>(tile + i * LD, bias[k]);
+      sr::FillBias<NA>(tile + i * LD, bias[k], rp.other ? rp.other + (n * g.K + k) * P + p0 : nullptr, np);
       float* lv = livebuf + i * LD;
       OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(lv + 8 * v, valid[v]);
       done[i] = -1;
@@ -331,9 +335,9 @@ struct EarlyExitKernel {
         OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_load_ps(lv + 8 * v);
         const __m256 th = _mm256_set1_ps(rp.threshold[k]);
         OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_andnot_ps(_mm256_cmp_ps(a[v], th, _CMP_LT_OQ), live[v]);
-        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(_mm256_max_ps(a[v], z), live[v]));
+        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(sr::Relu(a[v]), live[v]));
       } else {
-        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(_mm256_max_ps(a[v], z), _mm256_load_ps(lv + 8 * v)));
+        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(sr::Relu(a[v]), _mm256_load_ps(lv + 8 * v)));
       }
       std::copy(acc, acc + np, out);
     }
@@ -400,6 +404,7 @@ struct EarlyExitKernel {
         }
       }
 
+      rp.other = sr::OtherInput(context, 5, has_other, g, N, kOp);
       auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
       float* Y = y.GetTensorMutableData<float>();
       const int64_t total_macs = (N > 0 && P > 0) ? Run(context, g, rp, X, Y, N) : 0;
@@ -509,7 +514,7 @@ struct EarlyExitKernel {
 }  // namespace
 
 const OrtCustomOp* EarlyExitConvOp() {
-  static ConvOpDef<EarlyExitKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, true}, {kFloat, true}});
+  static ConvOpDef<EarlyExitKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, true}, {kFloat, true}, {kFloat, true}});
   return &op;
 }
 

@@ -3,7 +3,9 @@
 //
 // Inputs: 0 X (N,C,H,W) float; 1 W (K,C/group,KH,KW) float, constant; 2 B (K,)
 // optional constant; 3 n_terms (K,) int64 and 4 threshold (K,) float: runtime
-// inputs, required in mode "predictive", refused in mode "exact".
+// inputs, required in mode "predictive", refused in mode "exact"; 5 other (N,K,OH,OW)
+// float, optional run-time input: a residual site, Y = ReLU(conv + B + other), the partial
+// sums starting at B + other.
 // Attributes: the Conv attributes; `mode` "exact" (default) or "predictive";
 // `nonneg_input` (int, default 1 in exact mode, 0 in predictive mode).
 //

@@ -38,6 +38,7 @@ struct SparseQuantKernel {
   std::vector<uint32_t> toff;    // toff[c*K + k]: first term of filter k in chunk c; terms of (c, k+1) follow
   std::vector<float> bias;       // (K,) zeros when B is absent
   int64_t nnz = 0;               // kept (non-filler) entries over all filters
+  bool has_other = false;        // input 5 `other`: a residual site, ReLU(conv + bias + other)
 
   SparseQuantKernel() = default;  // for the standalone benchmark harness
   explicit SparseQuantKernel(const OrtKernelInfo* info) {
@@ -94,6 +95,8 @@ struct SparseQuantKernel {
       if (b.shape.size() != 1 || b.shape[0] != K) Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
       std::copy(b.as<float>(), b.as<float>() + K, bias.begin());
     }
+
+    has_other = sr::InputPresent(info, 5);
 
     const int64_t* rp = row_ptr.as<int64_t>();
     const int8_t* val = values.as<int8_t>();
@@ -169,7 +172,7 @@ struct SparseQuantKernel {
   // scattered over many pages and conflict in L1.)
   template <int NA>
   void Item(const ConvGeom& g, const sr::PaddedInput& pi, float* Y, int64_t n, int64_t grp, int64_t p0, int np,
-            int64_t k0, int64_t k1, float* tile, float* chunk, const float* shared_col) const {
+            int64_t k0, int64_t k1, float* tile, float* chunk, const float* shared_col, const float* other) const {
     constexpr int LD = 8 * NA;
     const int64_t Kb = k1 - k0, P = g.P();
     for (int64_t i = 0; i < Kb * LD; i += 8) _mm256_store_ps(tile + i, _mm256_setzero_ps());
@@ -190,8 +193,10 @@ struct SparseQuantKernel {
       for (int64_t k = k0; k < k1; ++k)
         if (c1[k] > c0[k]) sr::FmaRowsQ<NA>(tile + (k - k0) * LD, rows, terms.data() + 2 * size_t{c0[k]}, c1[k] - c0[k]);
     }
-    for (int64_t k = k0; k < k1; ++k)
-      sr::StoreRelu<NA>(tile + (k - k0) * LD, scale, bias[k], Y + (n * g.K + k) * P + p0, np);
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t at = (n * g.K + k) * P + p0;
+      sr::StoreRelu<NA>(tile + (k - k0) * LD, scale, bias[k], other ? other + at : nullptr, Y + at, np);
+    }
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
@@ -208,13 +213,14 @@ struct SparseQuantKernel {
         auto m = ctx.GetOutput(1, std::vector<int64_t>{});
         *m.GetTensorMutableData<int64_t>() = N * P * nnz;
       }
+      const float* other = sr::OtherInput(context, 5, has_other, g, N, kOp);
       if (N == 0 || P == 0) return;
-      Run(context, g, X, Y, N);
+      Run(context, g, X, other, Y, N);
     });
   }
 
   // The convolution itself (shapes already validated); ctx: the pool to run on.
-  void Run(OrtKernelContext* context, const ConvGeom& g, const float* X, float* Y, int64_t N) const {
+  void Run(OrtKernelContext* context, const ConvGeom& g, const float* X, const float* other, float* Y, int64_t N) const {
     const int64_t P = g.P(), G = g.G, Kg = g.Kg();
     sr::PaddedInput pi;
     if (!sr::BuildPaddedInput(context, g, X, N, &pi)) Fail(kOp, "out of memory for the padded input copy");
@@ -270,7 +276,7 @@ struct SparseQuantKernel {
         const float* sc = shared ? shared + ((n * G + grp) * pb.count + b) * blk_floats : nullptr;
         switch ((np + 7) / 8) {
 #define OZ_SQ_CASE(na) \
-  case na: Item<na>(g, pi, Y, n, grp, p0, np, k0, k1, tile, chunk, sc); break;
+  case na: Item<na>(g, pi, Y, n, grp, p0, np, k0, k1, tile, chunk, sc, other); break;
           OZ_SQ_CASE(1) OZ_SQ_CASE(2) OZ_SQ_CASE(3) OZ_SQ_CASE(4)
           OZ_SQ_CASE(5) OZ_SQ_CASE(6) OZ_SQ_CASE(7) OZ_SQ_CASE(8)
 #undef OZ_SQ_CASE
@@ -285,7 +291,7 @@ struct SparseQuantKernel {
 }  // namespace
 
 const OrtCustomOp* SparseQuantConvOp() {
-  static ConvOpDef<SparseQuantKernel> op(kOp, {{kFloat, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, false}, {kFloat, true}});
+  static ConvOpDef<SparseQuantKernel> op(kOp, {{kFloat, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, false}, {kFloat, true}, {kFloat, true}});
   return &op;
 }
 

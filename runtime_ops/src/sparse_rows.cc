@@ -258,6 +258,23 @@ bool BuildPaddedInput(OrtKernelContext* ctx, const ConvGeom& g, const float* X, 
   return true;
 }
 
+const float* OtherInput(OrtKernelContext* context, size_t index, bool declared, const ConvGeom& g, int64_t N,
+                        const char* op) {
+  if (!declared) return nullptr;
+  Ort::KernelContext ctx(context);
+  auto o = ctx.GetInput(index);
+  const std::vector<int64_t> want{N, g.K, g.OH, g.OW};
+  if (!o) Fail(op, Msg("input 'other' is missing at run time, expected shape ", ShapeStr(want)));
+  auto info = o.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    Fail(op, Msg("input 'other' has element type ", info.GetElementType(), ", expected float"));
+  const std::vector<int64_t> got = info.GetShape();
+  if (got != want)
+    Fail(op, Msg("input 'other' has shape ", ShapeStr(got), ", expected ", ShapeStr(want),
+                 " (N, K, OH, OW: the conv output's shape)"));
+  return o.GetTensorData<float>();
+}
+
 size_t PartitionTasks(size_t items, size_t min_tasks_hint) {
   size_t t = TaskCount(items);
   if (min_tasks_hint) t = std::max(t, std::min(items, min_tasks_hint));

@@ -139,6 +139,14 @@ void ForTasks(OrtKernelContext* ctx, size_t n, F&& fn) {
   ParallelFor(ctx, n, std::forward<F>(fn));
 }
 
+// ---- residual input ------------------------------------------------------------
+
+// The optional last input `other` (N, K, OH, OW) of a residual site (Conv -> Add(other) -> ReLU):
+// nullptr when the node does not declare it (`declared`, read at session creation). A tensor of
+// any other shape fails naming the op, input 'other', the shape got and the one expected.
+const float* OtherInput(OrtKernelContext* ctx, size_t index, bool declared, const ConvGeom& g, int64_t N,
+                        const char* op);
+
 // ---- task partition --------------------------------------------------------------
 
 // How many tasks to split `items` work items into (task t runs items
@@ -233,14 +241,37 @@ OZ_SR_INLINE void ValidMask(__m256 (&m)[NA], int np) {
     m[i] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(np - 8 * i), lane));
 }
 
-// Stores max(a*scale + bias, 0) (scale = 1 skips the multiply) to the first np lanes of y.
+// The starting partial sums of a block: lanes j < np get bias + other[j] (other: the block's
+// row of the residual input, or nullptr), lanes past np get bias (masked out later).
 template <int NA>
-OZ_SR_INLINE void StoreRelu(const float* acc, float scale, float bias, float* y, int np) {
-  const __m256 s = _mm256_set1_ps(scale), b = _mm256_set1_ps(bias), z = _mm256_setzero_ps();
+OZ_SR_INLINE void FillBias(float* acc, float bias, const float* other, int np) {
+  Fill<NA>(acc, bias);
+  if (!other) return;
+  const __m256 b = _mm256_set1_ps(bias);
   int j = 0;
-  for (; j + 8 <= np; j += 8)
-    _mm256_storeu_ps(y + j, _mm256_max_ps(_mm256_fmadd_ps(_mm256_load_ps(acc + j), s, b), z));
-  for (; j < np; ++j) y[j] = std::max(acc[j] * scale + bias, 0.f);
+  for (; j + 8 <= np; j += 8) _mm256_store_ps(acc + j, _mm256_add_ps(b, _mm256_loadu_ps(other + j)));
+  for (; j < np; ++j) acc[j] = bias + other[j];
+}
+
+// ReLU that lets a NaN through, as onnxruntime's Relu does (max_ps returns its second operand
+// when either is NaN).
+OZ_SR_INLINE __m256 Relu(__m256 v) { return _mm256_max_ps(_mm256_setzero_ps(), v); }
+OZ_SR_INLINE float Relu(float v) { return v <= 0.f ? 0.f : v; }
+
+// Stores ReLU(a*scale + bias + other) (other: the block's row of the residual input, or
+// nullptr) to the first np lanes of y.
+template <int NA>
+OZ_SR_INLINE void StoreRelu(const float* acc, float scale, float bias, const float* other, float* y, int np) {
+  const __m256 s = _mm256_set1_ps(scale), b = _mm256_set1_ps(bias);
+  int j = 0;
+  if (other) {
+    for (; j + 8 <= np; j += 8)
+      _mm256_storeu_ps(y + j, Relu(_mm256_add_ps(_mm256_fmadd_ps(_mm256_load_ps(acc + j), s, b), _mm256_loadu_ps(other + j))));
+    for (; j < np; ++j) y[j] = Relu(acc[j] * scale + bias + other[j]);
+    return;
+  }
+  for (; j + 8 <= np; j += 8) _mm256_storeu_ps(y + j, Relu(_mm256_fmadd_ps(_mm256_load_ps(acc + j), s, b)));
+  for (; j < np; ++j) y[j] = Relu(acc[j] * scale + bias);
 }
 
 }  // namespace sr
