@@ -22,11 +22,13 @@ ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pyb
               ort.capi.onnxruntime_pybind11_state.RuntimeException, ort.capi.onnxruntime_pybind11_state.InvalidGraph)
 
 
-def _session(w, b, x_shape, *, mode="exact", nonneg_input=None, threads=2, residual=False, **conv):
+def _session(w, b, x_shape, *, mode="exact", nonneg_input=None, threads=2, residual=False, skip_zeros=1, **conv):
+    """skip_zeros=1 (exact mode's sparse path) unless told: its MAC count is the reference's."""
     pred = mode == "predictive"
     node, inits = ee.make_node("X", "W", "B" if b is not None else None, "Y", macs_output="macs", mode=mode,
                                nonneg_input=nonneg_input, n_terms="NT" if pred else None,
-                               threshold="TH" if pred else None, other="O" if residual else None, **conv)
+                               threshold="TH" if pred else None, other="O" if residual else None,
+                               skip_zeros=None if pred else skip_zeros, **conv)
     inits["W"] = np.asarray(w, np.float32)
     if b is not None:
         inits["B"] = np.asarray(b, np.float32)
@@ -36,9 +38,10 @@ def _session(w, b, x_shape, *, mode="exact", nonneg_input=None, threads=2, resid
     return make_session(single_op_model(node, inits, x_shape, runtime_inputs=rt, outputs=["Y", "macs"]), threads=threads)
 
 
-def _run(x, w, b, *, mode="exact", n_terms=None, threshold=None, nonneg_input=None, threads=2, other=None, **conv):
+def _run(x, w, b, *, mode="exact", n_terms=None, threshold=None, nonneg_input=None, threads=2, other=None,
+         skip_zeros=1, **conv):
     s = _session(w, b, x.shape, mode=mode, nonneg_input=nonneg_input, threads=threads, residual=other is not None,
-                 **conv)
+                 skip_zeros=skip_zeros, **conv)
     feeds = {"X": x} if other is None else {"X": x, "O": np.asarray(other, np.float32)}
     if mode == "predictive":
         feeds.update(NT=np.asarray(n_terms, np.int64), TH=np.asarray(threshold, np.float32))
@@ -101,21 +104,21 @@ def test_exact_matches_reference(case):
     y, macs = _run(x, w, b, **case["conv"])
     y_ref, macs_ref = ee.reference(x, w, b, **case["conv"])
     _close(y, y_ref)
-    dense = _dense(x.shape, w.shape, y_ref.shape)
-    assert macs_ref <= macs <= dense
+    assert macs == macs_ref  # the rows with a nonzero input, for every filter
+    assert macs <= x.shape[0] * w.size * y.shape[2] * y.shape[3]
 
 
 @settings(max_examples=max(5, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_cases())
 def test_exact_with_signed_input_never_stops(case):
-    """nonneg_input=0 and an input with negative values: no early stop is valid, so every term runs."""
+    """nonneg_input=0 and an input with negative values: zero inputs are still skipped, nothing else."""
     x, w, b = _data(case, nonneg=False)
     if np.all(x >= 0):
         x[0, 0, 0, 0] = -1.0
     y, macs = _run(x, w, b, nonneg_input=0, **case["conv"])
     y_ref, macs_ref = ee.reference(x, w, b, **case["conv"])
     _close(y, y_ref)
-    assert macs == macs_ref == x.shape[0] * y.shape[2] * y.shape[3] * np.count_nonzero(w)
+    assert macs == macs_ref
 
 
 @pytest.mark.parametrize("x_shape,w_shape,conv", [
@@ -138,36 +141,110 @@ def test_exact_equals_onnxruntime_conv_relu(x_shape, w_shape, conv, shift):
         (y_ort,) = make_session(onnx_conv_relu_model(w, b, x_shape, **conv), threads=threads, library=False).run(None, {"X": x})
         _close(y, y_ort)
         _, macs_ref = ee.reference(x, w, b, **conv)
-        assert macs_ref <= macs <= _dense(x_shape, w_shape, y.shape)
-        if shift == 5.0:  # every output stays positive: nothing stops
-            assert macs == _dense(x_shape, w_shape, y.shape)
+        assert macs == macs_ref  # the bias does not matter: only zero inputs are skipped
 
 
 def test_exact_macs_counts():
-    """Exact counts at the kernel's granularity: all-negative outputs stop right after the positives."""
+    """Exact counts: every (position, filter) multiplies the rows whose input is not 0, no more, no fewer."""
     rng = np.random.default_rng(2)
-    x = rng.random((2, 6, 10, 10)).astype(np.float32)
+    x = (rng.random((2, 6, 10, 10)) + 0.1).astype(np.float32)
     w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
-    P = 10 * 10
-    npos = (w.reshape(5, -1) > 0).sum(axis=1)
-    b = np.full(5, -1e4, np.float32)
-    y, macs = _run(x, w, b, pads=(1, 1, 1, 1))
-    assert np.all(y == 0)
-    assert macs == 2 * P * int(npos.sum())
-    y, macs = _run(x, w, np.full(5, 1e4, np.float32), pads=(1, 1, 1, 1))
-    assert macs == 2 * P * w.size
+    P = 100
+    for b in (np.full(5, -1e4, np.float32), np.full(5, 1e4, np.float32)):
+        y, macs = _run(x, w, b)  # no padding, no zero input: dense, whatever the bias
+        assert macs == 2 * 64 * w.size
+    y, macs = _run(x, w, np.zeros(5, np.float32), pads=(1, 1, 1, 1))
+    inside = (3 * 3 * 64 + 2 * 3 * 4 * 8 + 4 * 4)  # taps inside the image over the 10x10 outputs (pads 1)
+    assert macs == 2 * 5 * 6 * inside
+    x[1, 2] = 0  # one channel of the second image dead: its 9 taps are skipped at every position
+    x[0, :, :5] = 0  # the top half of the first image dead
+    y, macs = _run(x, w, np.zeros(5, np.float32), pads=(1, 1, 1, 1))
+    _, macs_ref = ee.reference(x, w, np.zeros(5, np.float32), pads=(1, 1, 1, 1))
+    assert macs == macs_ref < 2 * 5 * 6 * inside - 5 * 9 * 64
+    assert P == 100
 
 
-def test_zero_weights_are_never_multiplied():
+@pytest.mark.parametrize("x_shape,w_shape,conv", [
+    ((2, 16, 13, 11), (24, 16, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ((1, 8, 9, 9), (8, 1, 3, 3), dict(pads=(2, 2, 2, 2), dilations=(2, 2), group=8)),
+    ((2, 3, 30, 30), (16, 3, 7, 7), dict(strides=(2, 2), pads=(3, 3, 3, 3))),
+])
+def test_exact_paths_agree(x_shape, w_shape, conv):
+    """The dense path (skip_zeros=0) counts every term; the sparse path (1) only nonzero inputs; the cost
+    model (None) picks one of the two per run: the sparse one on a mostly-zero input of a wide layer,
+    the dense one on an input without zeros. All equal Conv+Relu, with and without a shortcut."""
+    rng = np.random.default_rng(31)
+    x = np.maximum(rng.standard_normal(x_shape) - 0.8, 0).astype(np.float32)  # ~79% zeros
+    w = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype(np.float32)
+    b = (rng.standard_normal(w_shape[0]) * 0.1).astype(np.float32)
+    (y_ort,) = make_session(onnx_conv_relu_model(w, b, x_shape, **conv), threads=2, library=False).run(None, {"X": x})
+    y_ref, sparse_macs = ee.reference(x, w, b, **conv)
+    dense_macs = x_shape[0] * w.size * y_ort.shape[2] * y_ort.shape[3]
+    for sz, want in ((0, dense_macs), (1, sparse_macs)):
+        y, macs = _run(x, w, b, skip_zeros=sz, **conv)
+        _same_as_ort(y, y_ort)
+        assert macs == want
+    y, macs = _run(x, w, b, skip_zeros=None, **conv)
+    _same_as_ort(y, y_ort)
+    assert macs in (sparse_macs, dense_macs)
+    o = rng.standard_normal(y_ort.shape).astype(np.float32)
+    y_res = ee.reference(x, w, b, other=o, **conv)[0]
+    for sz in (0, 1, None):
+        y, _ = _run(x, w, b, other=o, skip_zeros=sz, **conv)
+        _close(y, y_res)
+    assert sparse_macs < dense_macs
+
+
+def test_exact_cost_model_fires_and_does_not():
+    """Auto: a 64-filter layer on a 90%-zero input lists the nonzero inputs; an 8-filter layer on an input
+    without zeros runs the dense GEMM (listing would cost more than it saves)."""
+    rng = np.random.default_rng(32)
+    x = np.maximum(rng.standard_normal((1, 32, 12, 12)) - 1.3, 0).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    _, macs = _run(x, w, None, skip_zeros=None, pads=(1, 1, 1, 1))
+    assert macs == ee.reference(x, w, None, pads=(1, 1, 1, 1))[1] < 144 * w.size
+    x = (rng.random((1, 32, 12, 12)) + 0.5).astype(np.float32)
+    w = rng.standard_normal((8, 32, 3, 3)).astype(np.float32)
+    _, macs = _run(x, w, None, skip_zeros=None, pads=(1, 1, 1, 1))
+    assert macs == 144 * w.size
+
+
+def test_zero_inputs_are_never_multiplied_zero_weights_are():
+    """All-zero input: no MAC at all, output ReLU(bias). Zero weights sit in the filter lanes: multiplied."""
     w = np.zeros((3, 2, 3, 3), np.float32)
     w[0, 0, 1, 1] = 1.0
     w[2] = -0.5
-    x = np.ones((1, 2, 4, 4), np.float32)
     b = np.array([0.5, 0.25, 20.0], np.float32)
+    y, macs = _run(np.zeros((1, 2, 4, 4), np.float32), w, b, pads=(1, 1, 1, 1))
+    assert macs == 0 and np.array_equal(y, np.broadcast_to(np.maximum(b, 0).reshape(1, 3, 1, 1), y.shape))
+    x = np.zeros((1, 2, 4, 4), np.float32)
+    x[0, 1, 2, 2] = 2.0  # one nonzero input: it reaches the 9 outputs around it, for each of the 3 filters
     y, macs = _run(x, w, b, pads=(1, 1, 1, 1))
     _close(y, ee.reference(x, w, b, pads=(1, 1, 1, 1))[0])
+    assert macs == 3 * 9
     assert np.all(y[0, 1] == 0.25)
-    assert macs == 16 * (1 + 0 + 18)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_exact_nonfinite_input_is_conv_relu(bad):
+    """An inf / NaN input gives what Conv+Relu gives: NaN through the ReLU, 0*inf = NaN for zero weights,
+    -inf through negative weights to 0; neighbouring outputs untouched."""
+    rng = np.random.default_rng(21)
+    x = np.maximum(rng.standard_normal((2, 4, 9, 9)), 0).astype(np.float32)
+    x[1, 2, 4, 4] = bad
+    x[0, 0, 0, 8] = bad
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    w[1] = 0  # a zero filter: 0 * inf = NaN
+    w[2] = -np.abs(w[2])
+    b = (rng.standard_normal(6)).astype(np.float32)
+    for conv, sz in ((dict(pads=(1, 1, 1, 1)), 1), (dict(strides=(2, 2)), 0), ({}, None)):
+        y, _ = _run(x, w, b, nonneg_input=0, skip_zeros=sz, **conv)  # any path: a non-finite input takes the sparse one
+        (y_ort,) = make_session(onnx_conv_relu_model(w, b, x.shape, **conv), threads=2, library=False).run(None, {"X": x})
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ort))
+        np.testing.assert_array_equal(np.isinf(y), np.isinf(y_ort))
+        ok = np.isfinite(y_ort)
+        np.testing.assert_allclose(y[ok], y_ort[ok], rtol=1e-5, atol=1e-5)
+        assert (~ok).any()
 
 
 # ------------------------------------------------------------------------------------------ predictive mode
@@ -295,23 +372,25 @@ def test_residual_exact_matches_reference_and_onnxruntime(case, other_first):
 
 
 def test_residual_shortcut_starts_the_partial_sum():
-    """A very negative shortcut stops every output right after its positive terms; a very positive one
+    """Predictive mode's kernel with a threshold that never cuts (-inf), so only the exact stop acts: a
+    very negative shortcut stops every output right after its positive terms; a very positive one
     stops nothing (the bias alone would stop them all); a zero shortcut is the plain op."""
     rng = np.random.default_rng(12)
     x = rng.random((2, 6, 10, 10)).astype(np.float32)
     w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
     P, npos = 100, int((w > 0).sum())
-    conv = dict(pads=(1, 1, 1, 1))
-    y, macs = _run(x, w, np.zeros(5, np.float32), other=np.full((2, 5, 10, 10), -1e4, np.float32), **conv)
+    pred = dict(mode="predictive", n_terms=np.full(5, 54, np.int64), threshold=np.full(5, -np.inf, np.float32),
+                pads=(1, 1, 1, 1))
+    y, macs = _run(x, w, np.zeros(5, np.float32), other=np.full((2, 5, 10, 10), -1e4, np.float32), **pred)
     assert np.all(y == 0) and macs == 2 * P * npos
     b = np.full(5, -1e4, np.float32)
     o = np.full((2, 5, 10, 10), 2e4, np.float32)
-    y, macs = _run(x, w, b, other=o, **conv)
+    y, macs = _run(x, w, b, other=o, **pred)
     assert macs == 2 * P * w.size
-    _close(y, ee.reference(x, w, b, other=o, **conv)[0])
+    _close(y, ee.reference(x, w, b, other=o, pads=(1, 1, 1, 1))[0])
     assert np.all(y > 0)
-    y0, macs0 = _run(x, w, b, other=np.zeros_like(o), **conv)
-    y1, macs1 = _run(x, w, b, **conv)
+    y0, macs0 = _run(x, w, b, other=np.zeros_like(o), **pred)
+    y1, macs1 = _run(x, w, b, **pred)
     np.testing.assert_array_equal(y0, y1)
     assert macs0 == macs1 == 2 * P * npos
 
@@ -421,6 +500,7 @@ def test_errors_creation():
     x = {"X": np.ones((1, 2, 5, 5), np.float32)}
     _expect_error(_raw_model(w, attrs={"mode": "fast"}), ["EarlyExitConv", "attribute 'mode' is 'fast', expected 'exact' or 'predictive'"], x)
     _expect_error(_raw_model(w, attrs={"nonneg_input": 2}), ["attribute 'nonneg_input' is 2, expected 0 or 1"], x)
+    _expect_error(_raw_model(w, attrs={"skip_zeros": 2}), ["attribute 'skip_zeros' is 2, expected -1 (auto), 0 or 1"], x)
     _expect_error(_raw_model(w, attrs={"mode": "predictive"}), ["mode 'predictive' needs inputs 'n_terms' (3) and 'threshold' (4)"], x)
     _expect_error(_raw_model(w, extra={"NT": np.zeros(3, np.int64), "TH": np.zeros(3, np.float32)}),
                   ["only used in mode 'predictive'"], x)

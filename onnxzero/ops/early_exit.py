@@ -145,9 +145,13 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode
               n_terms: np.ndarray | None = None, threshold: np.ndarray | None = None,
               other: np.ndarray | None = None,
               strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
-              auto_pad: str = "NOTSET", return_elementwise: bool = False):
-    """(y, macs) of EarlyExitConv; macs counted per output element (each element's own stop index).
+              auto_pad: str = "NOTSET", return_elementwise: bool = False, snapea_count: bool = False):
+    """(y, macs) of EarlyExitConv, macs counted per output element.
 
+    Exact mode: y = ReLU(Conv + b [+ other]) and an element's MACs = the rows of its reduction whose
+    input is not 0 (what the exact kernel multiplies). Predictive mode: an element's MACs = its own
+    stop index in the SnaPEA term order. snapea_count=True gives that per-output stop count for
+    exact mode too (SnaPEA's ideal exact skipping, for comparison).
     return_elementwise=True returns (y, macs, macs_per_element (N, K, OH, OW)).
     """
     if mode not in MODES:
@@ -157,6 +161,12 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode
     K = w.shape[0]
     cols, geo = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
     N, P = x.shape[0], geo.OH * geo.OW
+    kg = K // group
+    if mode == "exact" and not snapea_count:
+        y = conv_relu_reference(x, w, b, strides=strides, pads=pads, dilations=dilations, group=group,
+                                auto_pad=auto_pad, other=other).astype(np.float32)
+        macs = np.repeat(np.count_nonzero(cols, axis=2), kg, axis=1).reshape(y.shape)  # NaN / inf count
+        return (y, int(macs.sum()), macs) if return_elementwise else (y, int(macs.sum()))
     bias = np.zeros(K) if b is None else np.asarray(b, np.float32).astype(np.float64)
     predictive = mode == "predictive"
     if predictive:
@@ -166,7 +176,6 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode
     s0 = _start(bias, other, (N, K, P))
     y = np.zeros((N, K, P))
     macs = np.zeros((N, K, P), np.int64)
-    kg = K // group
     for k in range(K):
         g = k // kg
         for n in range(N):
@@ -244,7 +253,7 @@ def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | Non
 def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: str | None = None,
               mode: str = "exact", nonneg_input: int | None = None,
               n_terms: np.ndarray | str | None = None, threshold: np.ndarray | str | None = None,
-              other: str | None = None, kernel_shape=None, strides=(1, 1), pads=None, dilations=(1, 1), group: int = 1,
+              other: str | None = None, skip_zeros: int | None = None, kernel_shape=None, strides=(1, 1), pads=None, dilations=(1, 1), group: int = 1,
               auto_pad: str = "NOTSET", name: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """The EarlyExitConv node and the extra initializers it needs.
 
@@ -252,6 +261,8 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
     f"{w_name}_n_terms" / f"{w_name}_threshold") or the names of runtime graph inputs.
     nonneg_input: None = the mode's default (1 in exact mode, 0 in predictive mode).
     other: the residual operand's tensor name at a residual site (input 5), or None.
+    skip_zeros (exact mode): 1 = the sparse path (only nonzero inputs multiplied), 0 = the dense GEMM
+    path, None = the kernel's cost model decides per run (attribute absent, -1).
     """
     if mode not in MODES:
         raise ValueError(f"{OP}: mode is {mode!r}, expected one of {MODES}")
@@ -284,6 +295,10 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
         attrs["pads"] = list(pads) if pads is not None else [0, 0, 0, 0]
     if nonneg_input is not None:
         attrs["nonneg_input"] = int(nonneg_input)
+    if skip_zeros is not None:
+        if skip_zeros not in (-1, 0, 1):
+            raise ValueError(f"{OP}: skip_zeros is {skip_zeros!r}, expected -1, 0 or 1")
+        attrs["skip_zeros"] = int(skip_zeros)
     outputs = [y] + ([macs_output] if macs_output else [])
     node = helper.make_node(OP, inputs, outputs, domain=DOMAIN, name=name or f"{OP}_{y}", **attrs)
     return node, inits
