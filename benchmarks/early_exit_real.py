@@ -16,72 +16,13 @@ import argparse
 import time
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
-from onnxzero.evaluate import with_outputs
+from onnxzero.bench.op_early_exit import capture, conv_sites, site_models
 from onnxzero.load import load_model
 from onnxzero.ops import early_exit as ee
-from onnxzero.ops import make_session, single_op_model
+from onnxzero.ops import make_session
 from onnxzero.passes.normalize import normalize
 from onnxzero.zoo import path as zoo_path
-
-
-def conv_sites(model: onnx.ModelProto) -> list[dict]:
-    """Conv -> Relu and Conv -> Add(other) -> Relu sites of a normalized model (BN folded)."""
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-    sites = []
-    for n in model.graph.node:
-        if n.op_type != "Conv" or n.input[1] not in inits:
-            continue
-        nxt = users.get(n.output[0], [])
-        if len(nxt) != 1:
-            continue
-        other = None
-        if nxt[0].op_type == "Add":
-            other = [i for i in nxt[0].input if i != n.output[0]][0]
-            after = users.get(nxt[0].output[0], [])
-            if len(after) != 1 or after[0].op_type != "Relu":
-                continue
-        elif nxt[0].op_type != "Relu":
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        conv = {"strides": tuple(attrs.get("strides", (1, 1))), "pads": tuple(attrs.get("pads", (0, 0, 0, 0))),
-                "dilations": tuple(attrs.get("dilations", (1, 1))), "group": int(attrs.get("group", 1))}
-        b = inits[n.input[2]] if len(n.input) > 2 and n.input[2] else None
-        sites.append({"name": n.name or n.output[0], "x": n.input[0], "w": inits[n.input[1]], "b": b,
-                      "other": other, "conv": conv})
-    return sites
-
-
-def capture(model: onnx.ModelProto, sites: list[dict], images: np.ndarray) -> dict[str, np.ndarray]:
-    names = sorted({s["x"] for s in sites} | {s["other"] for s in sites if s["other"]})
-    m = with_outputs(model, names)
-    sess = make_session(m, threads=2, library=False)
-    outs = sess.run(names, {model.graph.input[0].name: images})
-    return dict(zip(names, outs))
-
-
-def site_models(s: dict, batch_shape):
-    w, b, other = s["w"], s["b"], s["other"]
-    node, inits = ee.make_node("X", "W", "B" if b is not None else None, "Y", macs_output="macs",
-                               other="O" if other else None, **s["conv"])
-    inits["W"] = w
-    if b is not None:
-        inits["B"] = b
-    from onnx import TensorProto
-    rt = {"O": (TensorProto.FLOAT, None)} if other else None
-    op = single_op_model(node, inits, batch_shape, runtime_inputs=rt, outputs=["Y", "macs"])
-    if other:
-        ref = ee.onnx_conv_add_relu_model(w, b, batch_shape, **s["conv"])
-    else:
-        from onnxzero.ops.conv_relu import onnx_conv_relu_model
-        ref = onnx_conv_relu_model(w, b, batch_shape, **s["conv"])
-    return op, ref
 
 
 def interleaved(sa, fa, sb, fb, runs: int) -> tuple[float, float]:
@@ -102,6 +43,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--ideal", action="store_true", help="also the numpy reference's per-output skip (slow)")
+    ap.add_argument("--skip-zeros", type=int, default=None, choices=[-1, 0, 1],
+                    help="exact path: 1 sparse, 0 dense GEMM, default: the kernel's cost model")
     args = ap.parse_args()
     model, _ = normalize(load_model(f"zoo:{args.model}"))
     data = np.load(zoo_path("mnist"))["inputs"][: args.images].astype(np.float32)
@@ -114,7 +57,7 @@ def main() -> None:
     for s in sites:
         x = acts[s["x"]]
         o = acts[s["other"]] if s["other"] else None
-        op, ref = site_models(s, x.shape)
+        op, ref = site_models(s, x.shape, args.skip_zeros)
         so, sr = make_session(op, threads=2), make_session(ref, threads=2, library=False)
         feeds = {"X": x} | ({"O": o} if o is not None else {})
         y, macs = so.run(None, feeds)

@@ -545,3 +545,42 @@ def test_errors_run_time():
     y, macs = make_session(model(nt, np.full(3, -np.inf, np.float32)), threads=1).run(
         None, {"X": neg, "NT": nt, "TH": np.full(3, -np.inf, np.float32)})
     assert int(macs) == 3 * 9 * 18  # 3x3 outputs, every term
+
+
+# ------------------------------------------------------------------------------------------ real models
+@pytest.mark.parametrize("model", ["lenet5", "alexnet-mnist", "resnet-mnist", "resnet18-mnist"])
+def test_exact_on_zoo_models(model):
+    """Every Conv(+Add)+ReLU site of the zoo models whose input is non-negative, fed the activations the
+    model computes on real held-out digits (batch 3 and 1): both exact paths equal onnxruntime's own
+    Conv(+Add)+Relu, and the sparse path skips exactly the zero inputs."""
+    from onnxzero import zoo
+    from onnxzero.bench.op_early_exit import capture, conv_sites, site_models
+    from onnxzero.load import load_model
+    from onnxzero.passes.normalize import normalize
+
+    if model not in zoo.ENTRIES:
+        pytest.skip(f"zoo model {model} not in this checkout")
+    m, _ = normalize(load_model(f"zoo:{model}"))
+    digits = np.load(zoo.path("mnist"))["inputs"][:3].astype(np.float32)
+    sites = conv_sites(m)
+    acts = capture(m, sites, digits)
+    checked = residual = 0
+    for s in sites:
+        x = acts[s["x"]]
+        if not np.all(x >= 0):
+            assert s is sites[0] or model == "resnet18-mnist"  # only a stem reads the signed image
+            continue
+        feeds = {"X": x} | ({"O": acts[s["other"]]} if s["other"] else {})
+        (y_ort,) = make_session(site_models(s, x.shape)[1], threads=2, library=False).run(None, feeds)
+        for sz in (0, 1):
+            sess = make_session(site_models(s, x.shape, skip_zeros=sz)[0], threads=2)
+            for n in (3, 1):
+                y, macs = sess.run(None, {k: v[:n] for k, v in feeds.items()})
+                _same_as_ort(y, y_ort[:n])
+                if sz == 1 and n == 3:
+                    assert macs == ee.reference(x, s["w"], s["b"], **s["conv"])[1]
+        checked += 1
+        residual += s["other"] is not None
+    assert checked >= (1 if model == "lenet5" else 4)
+    if model.startswith("resnet"):
+        assert residual >= 2
