@@ -22,18 +22,20 @@ from onnxzero.ops.conv_relu import onnx_conv_relu_model
 EXAMPLES = int(os.environ.get("ONNXZERO_HYPOTHESIS_EXAMPLES", "30"))
 
 
-def _session(c, b=None, x_shape=(1, 1, 1, 1), *, threads=2, residual=False, **conv):
+def _session(c, b=None, x_shape=(1, 1, 1, 1), *, threads=2, residual=False, sparse_path=1, **conv):
+    """sparse_path=1 unless told: the sparse kernel, whose MAC count is the reference's."""
     node, inits = sq.make_node("X", "W", "B" if b is not None else None, "Y", compressed=c, macs_output="macs",
-                               other="O" if residual else None, **conv)
+                               other="O" if residual else None, sparse_path=sparse_path, **conv)
     if b is not None:
         inits["B"] = np.asarray(b, np.float32)
     rt = {"O": (TensorProto.FLOAT, None)} if residual else None  # any shape reaches the op: it checks it
     return make_session(single_op_model(node, inits, x_shape, runtime_inputs=rt, outputs=["Y", "macs"]), threads=threads)
 
 
-def _run(x, c, b=None, *, other=None, threads=2, **conv):
+def _run(x, c, b=None, *, other=None, threads=2, sparse_path=1, **conv):
     feeds = {"X": x} if other is None else {"X": x, "O": np.asarray(other, np.float32)}
-    y, macs = _session(c, b, x.shape, residual=other is not None, threads=threads, **conv).run(None, feeds)
+    y, macs = _session(c, b, x.shape, residual=other is not None, threads=threads, sparse_path=sparse_path,
+                       **conv).run(None, feeds)
     return y, int(macs)
 
 
@@ -193,6 +195,29 @@ def test_residual_matches_reference_and_onnxruntime(case, other_first):
     assert not np.allclose(y[moved], y0[moved]) or not moved.any()
 
 
+@pytest.mark.parametrize("prune", [0.0, 0.3, 0.5, 0.9])
+def test_dense_and_sparse_paths_agree(prune):
+    """sparse_path=0 (the GEMM on the dequantized weights) and 1 give the same outputs, with and without a
+    shortcut; their MAC counts are the dense and the nonzero count; auto takes the dense path above 45%
+    nonzeros and the sparse one below."""
+    rng = np.random.default_rng(41)
+    x = np.maximum(rng.standard_normal((2, 16, 11, 13)), 0).astype(np.float32)
+    w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    c = sq.compress(w, threshold=float(np.quantile(np.abs(w), prune)) if prune else 0.0)
+    conv = dict(pads=(1, 1, 1, 1))
+    y_ref, nnz_macs = sq.reference(x, c, b, **conv)
+    dense_macs = 2 * 11 * 13 * w.size
+    o = rng.standard_normal(y_ref.shape).astype(np.float32)
+    y_res = sq.reference(x, c, b, other=o, **conv)[0]
+    for sp, want in ((0, dense_macs), (1, nnz_macs), (None, dense_macs if nnz_macs > 0.45 * dense_macs else nnz_macs)):
+        y, macs = _run(x, c, b, sparse_path=sp, **conv)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+        assert macs == want
+        y, _ = _run(x, c, b, other=o, sparse_path=sp, **conv)
+        np.testing.assert_allclose(y, y_res, rtol=1e-4, atol=1e-4)
+
+
 def test_residual_nan_propagates_and_wrong_shape_is_refused():
     w, c = _good_stream()
     x = np.ones((2, 2, 5, 5), np.float32)
@@ -291,6 +316,7 @@ def test_errors_node():
     _expect_error(_raw_model(_inputs(c), _attrs(c, weight_shape=[2, 2, 3, 3])), ["'weight_shape'", "K=2, expected 1"])
     _expect_error(_raw_model(_inputs(c), _attrs(c, weight_shape=[1, 2, 3, 2])), ["does not match attribute 'kernel_shape'"])
     _expect_error(_raw_model(_inputs(c), _attrs(c, channels=3)), ["'channels' is 3, expected 2"])
+    _expect_error(_raw_model(_inputs(c), _attrs(c, sparse_path=3)), ["attribute 'sparse_path' is 3, expected -1 (auto), 0 or 1"])
     _expect_error(_raw_model(_inputs(c), _attrs(c, strides=[1, 1, 1])), ["'strides'", "expected 2"])
     _expect_error(_raw_model(_inputs(c), _attrs(c, group=2, weight_shape=[1, 1, 3, 3])), ["K=1 filters, expected a multiple of group=2"])
     _expect_error(_raw_model(_inputs(c, B=np.zeros(2, np.float32)), _attrs(c)), ["input 'B' has shape (2,), expected (1,)"])

@@ -552,19 +552,7 @@ struct EarlyExitKernel {
     gemm::Epilogue ep;
     ep.relu = rp.other == nullptr;
     const int64_t macs = gemm::RunConv(context, plan, dense, X, N, Y, ep);
-    if (rp.other) {
-      const int64_t total = N * g.K * g.P();
-      const size_t tasks = sr::PartitionTasks(static_cast<size_t>((total + 4095) / 4096));
-      const float* o = rp.other;
-      sr::ForTasks(context, tasks, [&](size_t t) {
-        const int64_t i0 = total * static_cast<int64_t>(t) / static_cast<int64_t>(tasks) / 8 * 8;
-        const int64_t i1 = t + 1 == tasks ? total : total * static_cast<int64_t>(t + 1) / static_cast<int64_t>(tasks) / 8 * 8;
-        int64_t i = i0;
-        for (; i + 8 <= i1; i += 8)
-          _mm256_storeu_ps(Y + i, sr::Relu(_mm256_add_ps(_mm256_loadu_ps(Y + i), _mm256_loadu_ps(o + i))));
-        for (; i < i1; ++i) Y[i] = sr::Relu(Y[i] + o[i]);
-      });
-    }
+    if (rp.other) sr::AddRelu(context, Y, rp.other, N * g.K * g.P());
     return macs;
   }
 

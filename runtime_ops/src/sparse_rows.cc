@@ -276,6 +276,18 @@ const float* OtherInput(OrtKernelContext* context, size_t index, bool declared, 
   return o.GetTensorData<float>();
 }
 
+void AddRelu(OrtKernelContext* ctx, float* Y, const float* other, int64_t n) {
+  const size_t tasks = PartitionTasks(static_cast<size_t>((n + 4095) / 4096));
+  ForTasks(ctx, tasks, [&](size_t t) {
+    const int64_t T = static_cast<int64_t>(tasks), ti = static_cast<int64_t>(t);
+    const int64_t i0 = n * ti / T / 8 * 8, i1 = ti + 1 == T ? n : n * (ti + 1) / T / 8 * 8;
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8)
+      _mm256_storeu_ps(Y + i, Relu(_mm256_add_ps(_mm256_loadu_ps(Y + i), _mm256_loadu_ps(other + i))));
+    for (; i < i1; ++i) Y[i] = Relu(Y[i] + other[i]);
+  });
+}
+
 size_t PartitionTasks(size_t items, size_t min_tasks_hint) {
   size_t t = TaskCount(items);
   if (min_tasks_hint) t = std::max(t, std::min(items, min_tasks_hint));

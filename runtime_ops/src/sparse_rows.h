@@ -222,6 +222,10 @@ OZ_SR_INLINE void CompactLanes8(const RowPtr& rowp, int64_t R, int valid, int64_
 const float* OtherInput(OrtKernelContext* ctx, size_t index, bool declared, const ConvGeom& g, int64_t N,
                         const char* op);
 
+// Y[i] = ReLU(Y[i] + other[i]) for i < n (NaN kept), on the session's pool: a residual site's
+// second pass after a GEMM that could not fuse the shortcut.
+void AddRelu(OrtKernelContext* ctx, float* Y, const float* other, int64_t n);
+
 // ---- task partition --------------------------------------------------------------
 
 // How many tasks to split `items` work items into (task t runs items
