@@ -198,7 +198,7 @@ def test_residual_matches_reference_and_onnxruntime(case, other_first):
 @pytest.mark.parametrize("prune", [0.0, 0.3, 0.5, 0.9])
 def test_dense_and_sparse_paths_agree(prune):
     """sparse_path=0 (the GEMM on the dequantized weights) and 1 give the same outputs, with and without a
-    shortcut; their MAC counts are the dense and the nonzero count; auto takes the dense path above 45%
+    shortcut; their MAC counts are the dense and the nonzero count; auto takes the dense path above 60%
     nonzeros and the sparse one below."""
     rng = np.random.default_rng(41)
     x = np.maximum(rng.standard_normal((2, 16, 11, 13)), 0).astype(np.float32)
@@ -210,7 +210,7 @@ def test_dense_and_sparse_paths_agree(prune):
     dense_macs = 2 * 11 * 13 * w.size
     o = rng.standard_normal(y_ref.shape).astype(np.float32)
     y_res = sq.reference(x, c, b, other=o, **conv)[0]
-    for sp, want in ((0, dense_macs), (1, nnz_macs), (None, dense_macs if nnz_macs > 0.45 * dense_macs else nnz_macs)):
+    for sp, want in ((0, dense_macs), (1, nnz_macs), (None, dense_macs if nnz_macs > sq.DENSE_ABOVE * dense_macs else nnz_macs)):
         y, macs = _run(x, c, b, sparse_path=sp, **conv)
         np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
         assert macs == want

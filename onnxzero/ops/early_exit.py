@@ -1,42 +1,52 @@
 """EarlyExitConv: Conv(+bias)+ReLU with SnaPEA's early exit (Akhlaghi et al.; summarized in section
 3.2.1 of ../shared/papers/spatial-prediction-greedy-optimizer.txt).
 
-Semantics (this module's `reference` defines them; the C++ kernel follows it):
+Semantics (this module's `reference` defines them; the C++ kernel follows it). Design, decisions
+and measurements: docs/design-early-exit.md.
 
-* Term order. Each filter's nonzero weights are ordered once, at session creation: the positive
-  weights first, in increasing flattened (c, kh, kw) position, then the negative weights by
-  decreasing magnitude, in bands: the largest 1/4 of them, the next 1/4, the last 1/2
+* Exact mode (`mode` = "exact", the default): Y = ReLU(Conv(X) + bias [+ other]), exactly what
+  onnxruntime's Conv(+Add)+Relu computes (same zero set, non-zeros within float rounding; an inf or
+  NaN input gives what Conv gives: 0 * inf = NaN, NaN through the ReLU). The work skipped is the
+  one that is provably 0 for EVERY output on its own: the terms whose input value is 0 (after a
+  ReLU 33-69 % of them on the zoo's ResNet). Two paths, chosen per run (attribute `skip_zeros`:
+  -1 = by the kernel's cost model (default), 1 = always sparse, 0 = always dense):
+  - sparse: for each output position its nonzero inputs are listed once (8 positions at a time,
+    vectorized), and every filter multiplies only those (8 filters per SIMD lane group);
+  - dense: the packed GEMM core (gemm.h), every term, when listing would cost more than it saves
+    (few filters, few zeros, or weights too big for L2).
+  Attribute `nonneg_input` = 1 (the default in mode "exact") declares the site's input non-negative;
+  the kernel checks it (one pass over X, which also counts its zeros for the cost model) and refuses
+  a negative input with an error naming the op and input 'X'.
+  SnaPEA's sign-ordered early stop is NOT used in exact mode: on the zoo's ResNet it would skip
+  10-23 % of the terms even if every output stopped on its own, the zero inputs are 33-69 %, and the
+  two do not compose in one vector kernel at a useful rate (see the design note).
+* Term order (predictive mode). Each filter's nonzero weights are ordered once, at session creation:
+  the positive weights first, in increasing flattened (c, kh, kw) position, then the negative
+  weights by decreasing magnitude, in bands: the largest 1/4 of them, the next 1/4, the last 1/2
   (NEG_BAND_EDGES), each band in increasing position. (SnaPEA orders negatives strictly by
   magnitude; the bands keep most of that while letting the kernel sweep a band over the im2col
-  chunk by chunk, in L1, for all filters at once: a strict order means random reads from L2 that
-  run at half speed. Any order of the negatives keeps exact mode exact.) Zero weights are never
-  multiplied (they are counted as skipped). T_k = nonzero weights of filter k, P_k = positive ones.
-  S_j = bias + other + (sum of the first j terms) is the partial sum after j terms (S_0 = bias + other;
-  other = 0 at a plain site).
+  chunk by chunk, in L1, for all filters at once.) Zero weights are never multiplied in predictive
+  mode. T_k = nonzero weights of filter k, P_k = positive ones. S_j = bias + other + (sum of the
+  first j terms) is the partial sum after j terms (S_0 = bias + other; other = 0 at a plain site).
 * Residual sites: optional last input 5 `other` (float, (N, K, OH, OW), a run-time tensor: the
   identity shortcut or a projection's output); Y = ReLU(conv + bias + other). The shortcut value is
   known before the first term, so it starts the partial sum and the exact stop stays exact; other
   may have any sign. Predictive thresholds are fitted on that sum (`calibrate_predictive(other=)`).
-* Exact early stop (both modes), enabled when the whole input X of the run is non-negative: from
-  the point where only negative terms remain (j >= P_k), as soon as S_j <= 0 the output is 0 and
-  the remaining terms are skipped: the result equals Conv+ReLU exactly, since every remaining term
-  is <= 0. Attribute `nonneg_input` = 1 (the default in mode "exact") declares the site's input
-  non-negative; the kernel then checks it (a vectorized min over X, every run) and refuses a
-  negative input with an error naming the op and input 'X'. With nonneg_input = 0 the kernel only
-  uses the stop when X happens to be non-negative.
 * Predictive mode (`mode` = "predictive", SnaPEA's speculation): runtime inputs 3 `n_terms` (int64,
   (K,), values in [0, C/group*KH*KW]) and 4 `threshold` (float, (K,), not NaN). After the first
   N = min(n_terms[k], T_k) terms, if S_N < threshold[k] the output is predicted 0 and the rest is
-  skipped; otherwise the computation goes on (with the exact stop where it applies). Inputs 3 and 4
-  are runtime inputs so the optimizer can change them without rebuilding a session.
-* Output 1 `macs` (int64 scalar): the multiply-accumulates actually performed. The reference counts
-  them per output element (the element's stop index); the kernel works on blocks of up to 64
-  output positions of one filter and checks its stop conditions only at block level: after the
-  positive terms, after each piece of a negative band (the band's terms whose rows fall in one
-  96-row chunk of the im2col, or in a few chunks for a small band: about 32 terms or more), and
-  at N in predictive mode; a block stops when all its positions are stopped, and counts
-  (terms done) x (positions in the block). So reference macs <= kernel macs <= dense macs, and y
-  is the same.
+  skipped; otherwise the computation goes on, with SnaPEA's exact stop when the whole input X of
+  the run is non-negative: from j >= P_k on, as soon as S_j <= 0 the output is 0 and the remaining
+  (negative) terms are skipped. Inputs 3 and 4 are runtime inputs so the optimizer can change them
+  without rebuilding a session.
+* Output 1 `macs` (int64 scalar): the multiply-accumulates actually performed. Exact mode: on the
+  sparse path, per output, the reduction rows whose input is not 0 (zero weights included: they
+  sit in the filter lanes), what `reference` counts; on the dense path every term. Predictive
+  mode: the reference counts per output element its stop index; the kernel works on blocks of up
+  to 64 output positions of one filter and checks its stop conditions only at block level (after
+  the positive terms, after each piece of a negative band, at N), a block stops when all its
+  positions are stopped and counts (terms done) x (positions in the block); so reference macs <=
+  kernel macs <= dense macs there, and y is the same.
 """
 
 from __future__ import annotations
@@ -253,7 +263,8 @@ def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | Non
 def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: str | None = None,
               mode: str = "exact", nonneg_input: int | None = None,
               n_terms: np.ndarray | str | None = None, threshold: np.ndarray | str | None = None,
-              other: str | None = None, skip_zeros: int | None = None, kernel_shape=None, strides=(1, 1), pads=None, dilations=(1, 1), group: int = 1,
+              other: str | None = None, skip_zeros: int | None = None, kernel_shape=None, strides=(1, 1),
+              pads=None, dilations=(1, 1), group: int = 1,
               auto_pad: str = "NOTSET", name: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """The EarlyExitConv node and the extra initializers it needs.
 

@@ -43,7 +43,7 @@ OP = "SparseQuantConv"
 MAX_GAP = 255
 # Above this fraction of nonzero weights the kernel runs the dense GEMM core on the dequantized weights
 # (faster than its sparse kernel there); = kDenseAbove in sparse_quant_conv.cc.
-DENSE_ABOVE = 0.45
+DENSE_ABOVE = 0.6
 
 __all__ = ["DENSE_ABOVE", "OP", "compress", "kernel_macs_per_position", "compression_stats", "decompress", "frac_bits_for", "make_node", "reference"]
 
@@ -185,7 +185,7 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, compressed: di
     `compressed` is what `compress` returned; b_name names an existing (K,) float initializer or None;
     other: the residual operand's tensor name at a residual site (input 5), or None.
     sparse_path: 1 = always the sparse kernel (macs = N*OH*OW*nonzeros), 0 = always the dense GEMM on the
-    dequantized weights (macs = N*OH*OW*K*C/group*KH*KW), None = by density (dense above 45% nonzeros).
+    dequantized weights (macs = N*OH*OW*K*C/group*KH*KW), None = by density (dense above 60% nonzeros).
     """
     K, Cg, KH, KW = compressed["weight_shape"]
     if kernel_shape is not None and tuple(kernel_shape) != (KH, KW):
