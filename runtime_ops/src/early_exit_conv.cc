@@ -166,7 +166,7 @@ struct EarlyExitKernel {
   // Exact mode: weights packed per (group, filter chunk) as CRS rows of fcp = 8*nv floats (filters
   // past the group's end are zero), wpack[((grp*nfc + chunk)*CRS + r)*fcp + l].
   int64_t nv = 1, fcp = 8, nfc = 1;
-  std::vector<float> wpack;
+  gemm::AlignedFloats wpack;  // 64-byte aligned: no weight load of the dot straddles two cache lines
   gemm::ConvWeights dense;  // exact mode's dense path (the packed GEMM core), bias included
 
   EarlyExitKernel() = default;  // for the standalone benchmark harness
@@ -219,12 +219,14 @@ struct EarlyExitKernel {
     nfc = (kg8 + nv_max - 1) / nv_max;
     nv = (kg8 + nfc - 1) / nfc;
     fcp = 8 * nv;
-    wpack.assign(static_cast<size_t>(G * nfc * CRS * fcp), 0.f);
+    const size_t wn = static_cast<size_t>(G * nfc * CRS * fcp);
+    wpack = gemm::AllocFloats(wn);
+    std::fill(wpack.get(), wpack.get() + wn, 0.f);
     for (int64_t grp = 0; grp < G; ++grp)
       for (int64_t c = 0; c < nfc; ++c)
         for (int64_t l = 0; l < fcp && c * fcp + l < Kg; ++l) {
           const float* wk = W + (grp * Kg + c * fcp + l) * CRS;
-          float* dst = wpack.data() + static_cast<size_t>((grp * nfc + c) * CRS) * fcp + l;
+          float* dst = wpack.get() + static_cast<size_t>((grp * nfc + c) * CRS) * fcp + l;
           for (int64_t r = 0; r < CRS; ++r) dst[r * fcp] = wk[r];
         }
   }
@@ -615,6 +617,7 @@ struct EarlyExitKernel {
         const int64_t n = static_cast<int64_t>(it) / ngr / G;
         const int64_t oh = gi / gw, ow0 = gi % gw * 8, p0 = oh * g.OW + ow0;
         const int n8 = static_cast<int>(std::min<int64_t>(8, g.OW - ow0));
+        const __m256i lanes = sr::LaneMask(n8);
         const float* base = pi.data + (n * g.C + grp * g.Cg()) * pi.chan + oh * g.SH * pi.row + ow0;
         int32_t cnt[8];
         sr::CompactLanes8([&](int64_t r) { return base + roff[static_cast<size_t>(r)]; }, CRS, n8, rc, val, idx, R8,
@@ -622,21 +625,31 @@ struct EarlyExitKernel {
         for (int j = 0; j < n8; ++j) macs += int64_t{cnt[j]} * Kg;
         for (int64_t c = 0; c < nfc; ++c) {
           const int64_t k0 = grp * Kg + c * fcp, kn = std::min(fcp, Kg - c * fcp);
-          const float* wc = wpack.data() + static_cast<size_t>((grp * nfc + c) * CRS) * fcp;
-          for (int j = 0; j < n8; ++j) {
-            float* acc = tile + j * fcp;
-            for (int64_t l = 0; l < fcp; ++l) acc[l] = l < kn ? bias[k0 + l] : 0.f;
-            if (rp.other)
-              for (int64_t l = 0; l < kn; ++l) acc[l] += rp.other[(n * g.K + k0 + l) * P + p0 + j];
+          const float* wc = wpack.get() + static_cast<size_t>((grp * nfc + c) * CRS) * fcp;
+          // tile[j][l] = bias + other of filter k0+l at position j: 8x8 blocks of `other`
+          // (8 filters x the group's 8 positions) transposed into the position-major tile
+          for (int64_t v = 0; v < fcp; v += 8) {
+            __m256 t[8];
+            for (int l = 0; l < 8; ++l)
+              t[l] = (rp.other && v + l < kn)
+                         ? _mm256_maskload_ps(rp.other + (n * g.K + k0 + v + l) * P + p0, lanes)
+                         : _mm256_setzero_ps();
+            sr::Transpose8(t);
+            __m256 b = _mm256_setzero_ps();
+            if (v < kn) b = _mm256_maskload_ps(bias.data() + k0 + v, sr::LaneMask(static_cast<int>(std::min<int64_t>(8, kn - v))));
+            for (int j = 0; j < 8; ++j) _mm256_store_ps(tile + j * fcp + v, _mm256_add_ps(t[j], b));
           }
           for (int64_t q = 0; q < nrc; ++q)
             for (int j = 0; j < n8; ++j) {
               const int32_t e0 = bnd[j * (nrc + 1) + q], e1 = bnd[j * (nrc + 1) + q + 1];
               if (e1 > e0) dot(wc, val + j * R8 + e0, idx + j * R8 + e0, e1 - e0, tile + j * fcp);
             }
-          for (int64_t l = 0; l < kn; ++l) {
-            float* out = Y + (n * g.K + k0 + l) * P + p0;
-            for (int j = 0; j < n8; ++j) out[j] = sr::Relu(tile[j * fcp + l]);
+          for (int64_t v = 0; v < kn; v += 8) {  // back to filter-major: 8x8 transposes
+            __m256 t[8];
+            for (int j = 0; j < 8; ++j) t[j] = _mm256_load_ps(tile + j * fcp + v);
+            sr::Transpose8(t);
+            for (int l = 0; l < 8 && v + l < kn; ++l)
+              _mm256_maskstore_ps(Y + (n * g.K + k0 + v + l) * P + p0, lanes, sr::Relu(t[l]));
           }
         }
       }

@@ -156,6 +156,11 @@ struct CompressTable {
 };
 inline constexpr CompressTable kCompress{};
 
+// All bits set in lanes [0, n) (maskload / maskstore of the first n floats).
+OZ_SR_INLINE __m256i LaneMask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 // In place: r[i] lane j <- r[j] lane i.
 OZ_SR_INLINE void Transpose8(__m256 (&r)[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
