@@ -548,7 +548,7 @@ struct EarlyExitKernel {
       rp.other = sr::OtherInput(context, 5, has_other, g, N, kOp);
       auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
       float* Y = y.GetTensorMutableData<float>();
-      const int64_t total_macs = (N > 0 && P > 0) ? (predictive ? Run(context, g, rp, X, Y, N) : RunExact(context, g, rp, X, Y, N)) : 0;
+      const int64_t total_macs = (N > 0 && P > 0) ? Run(context, g, rp, X, Y, N) : 0;
       if (ctx.GetOutputCount() > 1) {
         auto m = ctx.GetOutput(1, std::vector<int64_t>{});
         *m.GetTensorMutableData<int64_t>() = total_macs;
