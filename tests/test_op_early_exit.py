@@ -22,21 +22,27 @@ ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pyb
               ort.capi.onnxruntime_pybind11_state.RuntimeException, ort.capi.onnxruntime_pybind11_state.InvalidGraph)
 
 
-def _session(w, b, x_shape, *, mode="exact", nonneg_input=None, threads=2, **conv):
+def _session(w, b, x_shape, *, mode="exact", nonneg_input=None, threads=2, residual=False, skip_zeros=1, **conv):
+    """skip_zeros=1 (exact mode's sparse path) unless told: its MAC count is the reference's."""
     pred = mode == "predictive"
     node, inits = ee.make_node("X", "W", "B" if b is not None else None, "Y", macs_output="macs", mode=mode,
                                nonneg_input=nonneg_input, n_terms="NT" if pred else None,
-                               threshold="TH" if pred else None, **conv)
+                               threshold="TH" if pred else None, other="O" if residual else None,
+                               skip_zeros=None if pred else skip_zeros, **conv)
     inits["W"] = np.asarray(w, np.float32)
     if b is not None:
         inits["B"] = np.asarray(b, np.float32)
-    rt = {"NT": (TensorProto.INT64, [w.shape[0]]), "TH": (TensorProto.FLOAT, [w.shape[0]])} if pred else None
+    rt = {"NT": (TensorProto.INT64, [w.shape[0]]), "TH": (TensorProto.FLOAT, [w.shape[0]])} if pred else {}
+    if residual:
+        rt["O"] = (TensorProto.FLOAT, None)  # any shape reaches the op: it checks it itself
     return make_session(single_op_model(node, inits, x_shape, runtime_inputs=rt, outputs=["Y", "macs"]), threads=threads)
 
 
-def _run(x, w, b, *, mode="exact", n_terms=None, threshold=None, nonneg_input=None, threads=2, **conv):
-    s = _session(w, b, x.shape, mode=mode, nonneg_input=nonneg_input, threads=threads, **conv)
-    feeds = {"X": x}
+def _run(x, w, b, *, mode="exact", n_terms=None, threshold=None, nonneg_input=None, threads=2, other=None,
+         skip_zeros=1, **conv):
+    s = _session(w, b, x.shape, mode=mode, nonneg_input=nonneg_input, threads=threads, residual=other is not None,
+                 skip_zeros=skip_zeros, **conv)
+    feeds = {"X": x} if other is None else {"X": x, "O": np.asarray(other, np.float32)}
     if mode == "predictive":
         feeds.update(NT=np.asarray(n_terms, np.int64), TH=np.asarray(threshold, np.float32))
     y, macs = s.run(None, feeds)
@@ -98,21 +104,21 @@ def test_exact_matches_reference(case):
     y, macs = _run(x, w, b, **case["conv"])
     y_ref, macs_ref = ee.reference(x, w, b, **case["conv"])
     _close(y, y_ref)
-    dense = _dense(x.shape, w.shape, y_ref.shape)
-    assert macs_ref <= macs <= dense
+    assert macs == macs_ref  # the rows with a nonzero input, for every filter
+    assert macs <= x.shape[0] * w.size * y.shape[2] * y.shape[3]
 
 
 @settings(max_examples=max(5, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_cases())
 def test_exact_with_signed_input_never_stops(case):
-    """nonneg_input=0 and an input with negative values: no early stop is valid, so every term runs."""
+    """nonneg_input=0 and an input with negative values: zero inputs are still skipped, nothing else."""
     x, w, b = _data(case, nonneg=False)
     if np.all(x >= 0):
         x[0, 0, 0, 0] = -1.0
     y, macs = _run(x, w, b, nonneg_input=0, **case["conv"])
     y_ref, macs_ref = ee.reference(x, w, b, **case["conv"])
     _close(y, y_ref)
-    assert macs == macs_ref == x.shape[0] * y.shape[2] * y.shape[3] * np.count_nonzero(w)
+    assert macs == macs_ref
 
 
 @pytest.mark.parametrize("x_shape,w_shape,conv", [
@@ -135,36 +141,110 @@ def test_exact_equals_onnxruntime_conv_relu(x_shape, w_shape, conv, shift):
         (y_ort,) = make_session(onnx_conv_relu_model(w, b, x_shape, **conv), threads=threads, library=False).run(None, {"X": x})
         _close(y, y_ort)
         _, macs_ref = ee.reference(x, w, b, **conv)
-        assert macs_ref <= macs <= _dense(x_shape, w_shape, y.shape)
-        if shift == 5.0:  # every output stays positive: nothing stops
-            assert macs == _dense(x_shape, w_shape, y.shape)
+        assert macs == macs_ref  # the bias does not matter: only zero inputs are skipped
 
 
 def test_exact_macs_counts():
-    """Exact counts at the kernel's granularity: all-negative outputs stop right after the positives."""
+    """Exact counts: every (position, filter) multiplies the rows whose input is not 0, no more, no fewer."""
     rng = np.random.default_rng(2)
-    x = rng.random((2, 6, 10, 10)).astype(np.float32)
+    x = (rng.random((2, 6, 10, 10)) + 0.1).astype(np.float32)
     w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
-    P = 10 * 10
-    npos = (w.reshape(5, -1) > 0).sum(axis=1)
-    b = np.full(5, -1e4, np.float32)
-    y, macs = _run(x, w, b, pads=(1, 1, 1, 1))
-    assert np.all(y == 0)
-    assert macs == 2 * P * int(npos.sum())
-    y, macs = _run(x, w, np.full(5, 1e4, np.float32), pads=(1, 1, 1, 1))
-    assert macs == 2 * P * w.size
+    P = 100
+    for b in (np.full(5, -1e4, np.float32), np.full(5, 1e4, np.float32)):
+        y, macs = _run(x, w, b)  # no padding, no zero input: dense, whatever the bias
+        assert macs == 2 * 64 * w.size
+    y, macs = _run(x, w, np.zeros(5, np.float32), pads=(1, 1, 1, 1))
+    inside = (3 * 3 * 64 + 2 * 3 * 4 * 8 + 4 * 4)  # taps inside the image over the 10x10 outputs (pads 1)
+    assert macs == 2 * 5 * 6 * inside
+    x[1, 2] = 0  # one channel of the second image dead: its 9 taps are skipped at every position
+    x[0, :, :5] = 0  # the top half of the first image dead
+    y, macs = _run(x, w, np.zeros(5, np.float32), pads=(1, 1, 1, 1))
+    _, macs_ref = ee.reference(x, w, np.zeros(5, np.float32), pads=(1, 1, 1, 1))
+    assert macs == macs_ref < 2 * 5 * 6 * inside - 5 * 9 * 64
+    assert P == 100
 
 
-def test_zero_weights_are_never_multiplied():
+@pytest.mark.parametrize("x_shape,w_shape,conv", [
+    ((2, 16, 13, 11), (24, 16, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ((1, 8, 9, 9), (8, 1, 3, 3), dict(pads=(2, 2, 2, 2), dilations=(2, 2), group=8)),
+    ((2, 3, 30, 30), (16, 3, 7, 7), dict(strides=(2, 2), pads=(3, 3, 3, 3))),
+])
+def test_exact_paths_agree(x_shape, w_shape, conv):
+    """The dense path (skip_zeros=0) counts every term; the sparse path (1) only nonzero inputs; the cost
+    model (None) picks one of the two per run: the sparse one on a mostly-zero input of a wide layer,
+    the dense one on an input without zeros. All equal Conv+Relu, with and without a shortcut."""
+    rng = np.random.default_rng(31)
+    x = np.maximum(rng.standard_normal(x_shape) - 0.8, 0).astype(np.float32)  # ~79% zeros
+    w = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype(np.float32)
+    b = (rng.standard_normal(w_shape[0]) * 0.1).astype(np.float32)
+    (y_ort,) = make_session(onnx_conv_relu_model(w, b, x_shape, **conv), threads=2, library=False).run(None, {"X": x})
+    y_ref, sparse_macs = ee.reference(x, w, b, **conv)
+    dense_macs = x_shape[0] * w.size * y_ort.shape[2] * y_ort.shape[3]
+    for sz, want in ((0, dense_macs), (1, sparse_macs)):
+        y, macs = _run(x, w, b, skip_zeros=sz, **conv)
+        _same_as_ort(y, y_ort)
+        assert macs == want
+    y, macs = _run(x, w, b, skip_zeros=None, **conv)
+    _same_as_ort(y, y_ort)
+    assert macs in (sparse_macs, dense_macs)
+    o = rng.standard_normal(y_ort.shape).astype(np.float32)
+    y_res = ee.reference(x, w, b, other=o, **conv)[0]
+    for sz in (0, 1, None):
+        y, _ = _run(x, w, b, other=o, skip_zeros=sz, **conv)
+        _close(y, y_res)
+    assert sparse_macs < dense_macs
+
+
+def test_exact_cost_model_fires_and_does_not():
+    """Auto: a 64-filter layer on a 90%-zero input lists the nonzero inputs; an 8-filter layer on an input
+    without zeros runs the dense GEMM (listing would cost more than it saves)."""
+    rng = np.random.default_rng(32)
+    x = np.maximum(rng.standard_normal((1, 32, 12, 12)) - 1.3, 0).astype(np.float32)
+    w = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    _, macs = _run(x, w, None, skip_zeros=None, pads=(1, 1, 1, 1))
+    assert macs == ee.reference(x, w, None, pads=(1, 1, 1, 1))[1] < 144 * w.size
+    x = (rng.random((1, 32, 12, 12)) + 0.5).astype(np.float32)
+    w = rng.standard_normal((8, 32, 3, 3)).astype(np.float32)
+    _, macs = _run(x, w, None, skip_zeros=None, pads=(1, 1, 1, 1))
+    assert macs == 144 * w.size
+
+
+def test_zero_inputs_are_never_multiplied_zero_weights_are():
+    """All-zero input: no MAC at all, output ReLU(bias). Zero weights sit in the filter lanes: multiplied."""
     w = np.zeros((3, 2, 3, 3), np.float32)
     w[0, 0, 1, 1] = 1.0
     w[2] = -0.5
-    x = np.ones((1, 2, 4, 4), np.float32)
     b = np.array([0.5, 0.25, 20.0], np.float32)
+    y, macs = _run(np.zeros((1, 2, 4, 4), np.float32), w, b, pads=(1, 1, 1, 1))
+    assert macs == 0 and np.array_equal(y, np.broadcast_to(np.maximum(b, 0).reshape(1, 3, 1, 1), y.shape))
+    x = np.zeros((1, 2, 4, 4), np.float32)
+    x[0, 1, 2, 2] = 2.0  # one nonzero input: it reaches the 9 outputs around it, for each of the 3 filters
     y, macs = _run(x, w, b, pads=(1, 1, 1, 1))
     _close(y, ee.reference(x, w, b, pads=(1, 1, 1, 1))[0])
+    assert macs == 3 * 9
     assert np.all(y[0, 1] == 0.25)
-    assert macs == 16 * (1 + 0 + 18)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_exact_nonfinite_input_is_conv_relu(bad):
+    """An inf / NaN input gives what Conv+Relu gives: NaN through the ReLU, 0*inf = NaN for zero weights,
+    -inf through negative weights to 0; neighbouring outputs untouched."""
+    rng = np.random.default_rng(21)
+    x = np.maximum(rng.standard_normal((2, 4, 9, 9)), 0).astype(np.float32)
+    x[1, 2, 4, 4] = bad
+    x[0, 0, 0, 8] = bad
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    w[1] = 0  # a zero filter: 0 * inf = NaN
+    w[2] = -np.abs(w[2])
+    b = (rng.standard_normal(6)).astype(np.float32)
+    for conv, sz in ((dict(pads=(1, 1, 1, 1)), 1), (dict(strides=(2, 2)), 0), ({}, None)):
+        y, _ = _run(x, w, b, nonneg_input=0, skip_zeros=sz, **conv)  # any path: a non-finite input takes the sparse one
+        (y_ort,) = make_session(onnx_conv_relu_model(w, b, x.shape, **conv), threads=2, library=False).run(None, {"X": x})
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ort))
+        np.testing.assert_array_equal(np.isinf(y), np.isinf(y_ort))
+        ok = np.isfinite(y_ort)
+        np.testing.assert_allclose(y[ok], y_ort[ok], rtol=1e-5, atol=1e-5)
+        assert (~ok).any()
 
 
 # ------------------------------------------------------------------------------------------ predictive mode
@@ -247,6 +327,147 @@ def test_concurrent_runs_on_one_session():
         _close(y, ee.reference(x, w, b, pads=(1, 1, 1, 1))[0])
 
 
+# ------------------------------------------------------------------------------------------ residual sites
+def _other(case, x, w, seed_shift=1):
+    """A residual input of the conv output's shape: a post-ReLU-like shortcut or a signed projection."""
+    y = ee.conv_relu_reference(x, w, None, **case["conv"])
+    rng = np.random.default_rng(case["seed"] + seed_shift)
+    o = rng.standard_normal(y.shape)
+    if rng.random() < 0.5:
+        o = np.maximum(o, 0)
+    return o.astype(np.float32)
+
+
+def _explicit_pads(x, w, conv):
+    """The same conv with auto_pad resolved to pads (onnxruntime refuses SAME_* with dilations)."""
+    _, geo = ee.im2col(x, w.shape, **conv)
+    return {**conv, "auto_pad": "NOTSET", "pads": tuple(geo.pads)}
+
+
+def _same_as_ort(y, y_ort):
+    """Exactness: the same zero set and non-zero values within 1e-5 relative (or 1e-5 of the scale)."""
+    scale = max(1.0, float(np.abs(y_ort).max()))
+    near_zero = np.abs(y_ort) <= 1e-6 * scale  # may legitimately round to either side of the ReLU
+    assert np.array_equal((y == 0)[~near_zero], (y_ort == 0)[~near_zero])
+    np.testing.assert_allclose(y, y_ort, rtol=1e-5, atol=2e-6 * scale)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.booleans())
+def test_residual_exact_matches_reference_and_onnxruntime(case, other_first):
+    x, w, b = _data(case)
+    o = _other(case, x, w)
+    y, macs = _run(x, w, b, other=o, **case["conv"])
+    y_ref, macs_ref = ee.reference(x, w, b, other=o, **case["conv"])
+    _close(y, y_ref)
+    assert macs_ref <= macs <= _dense(x.shape, w.shape, y_ref.shape)
+    m = ee.onnx_conv_add_relu_model(w, b, x.shape, other_first=other_first, **_explicit_pads(x, w, case["conv"]))
+    (y_ort,) = make_session(m, threads=2, library=False).run(None, {"X": x, "O": o})
+    _same_as_ort(y, y_ort)
+    # the shortcut is really added: without it the output differs wherever it moves the sum
+    y_plain, _ = _run(x, w, b, **case["conv"])
+    moved = np.abs(y_ref - ee.reference(x, w, b, **case["conv"])[0]) > 1e-3
+    if moved.any():
+        assert not np.allclose(y_plain[moved], y[moved])
+
+
+def test_residual_shortcut_starts_the_partial_sum():
+    """Predictive mode's kernel with a threshold that never cuts (-inf), so only the exact stop acts: a
+    very negative shortcut stops every output right after its positive terms; a very positive one
+    stops nothing (the bias alone would stop them all); a zero shortcut is the plain op."""
+    rng = np.random.default_rng(12)
+    x = rng.random((2, 6, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    P, npos = 100, int((w > 0).sum())
+    pred = dict(mode="predictive", n_terms=np.full(5, 54, np.int64), threshold=np.full(5, -np.inf, np.float32),
+                pads=(1, 1, 1, 1))
+    y, macs = _run(x, w, np.zeros(5, np.float32), other=np.full((2, 5, 10, 10), -1e4, np.float32), **pred)
+    assert np.all(y == 0) and macs == 2 * P * npos
+    b = np.full(5, -1e4, np.float32)
+    o = np.full((2, 5, 10, 10), 2e4, np.float32)
+    y, macs = _run(x, w, b, other=o, **pred)
+    assert macs == 2 * P * w.size
+    _close(y, ee.reference(x, w, b, other=o, pads=(1, 1, 1, 1))[0])
+    assert np.all(y > 0)
+    y0, macs0 = _run(x, w, b, other=np.zeros_like(o), **pred)
+    y1, macs1 = _run(x, w, b, **pred)
+    np.testing.assert_array_equal(y0, y1)
+    assert macs0 == macs1 == 2 * P * npos
+
+
+def test_residual_nan_and_inf_in_other_propagate():
+    """Conv+Add+Relu lets a NaN through and keeps +inf; -inf gives 0. The op does the same."""
+    rng = np.random.default_rng(13)
+    x = rng.random((1, 4, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((3, 4, 3, 3)).astype(np.float32)
+    b = np.zeros(3, np.float32)
+    o = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    o[0, 0, 1, 1], o[0, 1, 2, 2], o[0, 2, 3, 3] = np.nan, np.inf, -np.inf
+    y, _ = _run(x, w, b, other=o, pads=(1, 1, 1, 1))
+    (y_ort,) = make_session(ee.onnx_conv_add_relu_model(w, b, x.shape, pads=(1, 1, 1, 1)), threads=1,
+                            library=False).run(None, {"X": x, "O": o})
+    assert np.isnan(y[0, 0, 1, 1]) and np.isnan(y_ort[0, 0, 1, 1])
+    assert y[0, 1, 2, 2] == np.inf and y[0, 2, 3, 3] == 0
+    ok = ~np.isnan(y_ort)
+    np.testing.assert_allclose(y[ok], y_ort[ok], rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=max(5, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.sampled_from([0.1, 0.5]), st.booleans())
+def test_residual_predictive_matches_reference(case, fraction, nonneg):
+    x, w, b = _data(case, nonneg=nonneg)
+    o = _other(case, x, w)
+    conv = case["conv"]
+    n_terms, threshold = ee.calibrate_predictive(x, w, b, fraction=fraction, quantile=0.1, other=o, **conv)
+    y, macs = _run(x, w, b, mode="predictive", n_terms=n_terms, threshold=threshold, other=o, **conv)
+    y_ref, macs_ref = ee.reference(x, w, b, mode="predictive", n_terms=n_terms, threshold=threshold, other=o, **conv)
+    s_n = _partial_at(x, w, b, n_terms, conv) + o  # partial sums on the residual sum
+    near = np.abs(s_n - threshold.reshape(1, -1, 1, 1)) <= 1e-4 * (1 + np.abs(s_n))
+    np.testing.assert_allclose(y[~near], y_ref[~near], rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(y_ref).max())))
+
+
+def test_residual_calibration_fits_the_sum():
+    """Thresholds fitted with the shortcut differ from the plain ones and lose at most `quantile` of the
+    residual sum's positive outputs."""
+    rng = np.random.default_rng(14)
+    x = np.maximum(rng.standard_normal((2, 8, 10, 10)), 0).astype(np.float32)
+    w = (rng.standard_normal((4, 8, 3, 3)) / 8).astype(np.float32)
+    b = np.zeros(4, np.float32)
+    o = (rng.standard_normal((2, 4, 10, 10)) * 0.5 + 0.3).astype(np.float32)
+    conv = dict(pads=(1, 1, 1, 1))
+    nt, th = ee.calibrate_predictive(x, w, b, fraction=0.25, quantile=0.1, other=o, **conv)
+    _, th_plain = ee.calibrate_predictive(x, w, b, fraction=0.25, quantile=0.1, **conv)
+    assert not np.allclose(th, th_plain)
+    y_exact, _ = ee.reference(x, w, b, other=o, **conv)
+    y_pred, _ = ee.reference(x, w, b, mode="predictive", n_terms=nt, threshold=th, other=o, **conv)
+    lost = ((y_exact > 0) & (y_pred == 0)).sum(axis=(0, 2, 3)) / np.maximum(1, (y_exact > 0).sum(axis=(0, 2, 3)))
+    assert np.all(lost <= 0.1 + 1e-9)
+
+
+def test_residual_wrong_shape_is_refused():
+    w = np.ones((3, 2, 3, 3), np.float32)
+    x = np.ones((2, 2, 5, 5), np.float32)
+    s = _session(w, None, x.shape, residual=True, pads=(1, 1, 1, 1))
+    for bad in [(2, 3, 5, 4), (1, 3, 5, 5), (2, 4, 5, 5), (2, 3, 25)]:
+        with pytest.raises(ORT_ERRORS) as ei:
+            s.run(None, {"X": x, "O": np.zeros(bad, np.float32)})
+        msg = str(ei.value)
+        want = f"EarlyExitConv: input 'other' has shape ({', '.join(map(str, bad))}), expected (2, 3, 5, 5)"
+        assert want in msg, msg
+    s.run(None, {"X": x, "O": np.zeros((2, 3, 5, 5), np.float32)})  # the right shape runs
+    with pytest.raises(ValueError, match="other has shape"):
+        ee.reference(x, w, other=np.zeros((2, 3, 5, 4), np.float32), pads=(1, 1, 1, 1))
+
+
+def test_residual_make_node_inputs():
+    node, _ = ee.make_node("X", "W", None, "Y", other="sc")
+    assert list(node.input) == ["X", "W", "", "", "", "sc"]
+    node, _ = ee.make_node("X", "W", "B", "Y", mode="predictive", n_terms="NT", threshold="TH", other="sc")
+    assert list(node.input) == ["X", "W", "B", "NT", "TH", "sc"]
+    node, _ = ee.make_node("X", "W", "B", "Y")
+    assert list(node.input) == ["X", "W", "B"]
+
+
 # ------------------------------------------------------------------------------------------ errors
 def _raw_model(w, b=None, attrs=None, *, x_shape=(1, 2, 5, 5), extra=None, runtime=("X",), w_runtime=False):
     names = ["X", "W", "B" if b is not None else ""] + list((extra or {}).keys())
@@ -279,6 +500,7 @@ def test_errors_creation():
     x = {"X": np.ones((1, 2, 5, 5), np.float32)}
     _expect_error(_raw_model(w, attrs={"mode": "fast"}), ["EarlyExitConv", "attribute 'mode' is 'fast', expected 'exact' or 'predictive'"], x)
     _expect_error(_raw_model(w, attrs={"nonneg_input": 2}), ["attribute 'nonneg_input' is 2, expected 0 or 1"], x)
+    _expect_error(_raw_model(w, attrs={"skip_zeros": 2}), ["attribute 'skip_zeros' is 2, expected -1 (auto), 0 or 1"], x)
     _expect_error(_raw_model(w, attrs={"mode": "predictive"}), ["mode 'predictive' needs inputs 'n_terms' (3) and 'threshold' (4)"], x)
     _expect_error(_raw_model(w, extra={"NT": np.zeros(3, np.int64), "TH": np.zeros(3, np.float32)}),
                   ["only used in mode 'predictive'"], x)
@@ -323,3 +545,42 @@ def test_errors_run_time():
     y, macs = make_session(model(nt, np.full(3, -np.inf, np.float32)), threads=1).run(
         None, {"X": neg, "NT": nt, "TH": np.full(3, -np.inf, np.float32)})
     assert int(macs) == 3 * 9 * 18  # 3x3 outputs, every term
+
+
+# ------------------------------------------------------------------------------------------ real models
+@pytest.mark.parametrize("model", ["lenet5", "alexnet-mnist", "resnet-mnist", "resnet18-mnist"])
+def test_exact_on_zoo_models(model):
+    """Every Conv(+Add)+ReLU site of the zoo models whose input is non-negative, fed the activations the
+    model computes on real held-out digits (batch 3 and 1): both exact paths equal onnxruntime's own
+    Conv(+Add)+Relu, and the sparse path skips exactly the zero inputs."""
+    from onnxzero import zoo
+    from onnxzero.bench.op_early_exit import capture, conv_sites, site_models
+    from onnxzero.load import load_model
+    from onnxzero.passes.normalize import normalize
+
+    if model not in zoo.ENTRIES:
+        pytest.skip(f"zoo model {model} not in this checkout")
+    m, _ = normalize(load_model(f"zoo:{model}"))
+    digits = np.load(zoo.path("mnist"))["inputs"][:3].astype(np.float32)
+    sites = conv_sites(m)
+    acts = capture(m, sites, digits)
+    checked = residual = 0
+    for s in sites:
+        x = acts[s["x"]]
+        if not np.all(x >= 0):
+            assert s is sites[0] or model == "resnet18-mnist"  # only a stem reads the signed image
+            continue
+        feeds = {"X": x} | ({"O": acts[s["other"]]} if s["other"] else {})
+        (y_ort,) = make_session(site_models(s, x.shape)[1], threads=2, library=False).run(None, feeds)
+        for sz in (0, 1):
+            sess = make_session(site_models(s, x.shape, skip_zeros=sz)[0], threads=2)
+            for n in (3, 1):
+                y, macs = sess.run(None, {k: v[:n] for k, v in feeds.items()})
+                _same_as_ort(y, y_ort[:n])
+                if sz == 1 and n == 3:
+                    assert macs == ee.reference(x, s["w"], s["b"], **s["conv"])[1]
+        checked += 1
+        residual += s["other"] is not None
+    assert checked >= (1 if model == "lenet5" else 4)
+    if model.startswith("resnet"):
+        assert residual >= 2

@@ -15,21 +15,27 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxzero import DOMAIN, OP_VERSION
 from onnxzero.ops import make_session, single_op_model
+from onnxzero.ops import early_exit as ee
 from onnxzero.ops import sparse_quant as sq
 from onnxzero.ops.conv_relu import onnx_conv_relu_model
 
 EXAMPLES = int(os.environ.get("ONNXZERO_HYPOTHESIS_EXAMPLES", "30"))
 
 
-def _session(c, b=None, x_shape=(1, 1, 1, 1), *, threads=2, **conv):
-    node, inits = sq.make_node("X", "W", "B" if b is not None else None, "Y", compressed=c, macs_output="macs", **conv)
+def _session(c, b=None, x_shape=(1, 1, 1, 1), *, threads=2, residual=False, sparse_path=1, **conv):
+    """sparse_path=1 unless told: the sparse kernel, whose MAC count is the reference's."""
+    node, inits = sq.make_node("X", "W", "B" if b is not None else None, "Y", compressed=c, macs_output="macs",
+                               other="O" if residual else None, sparse_path=sparse_path, **conv)
     if b is not None:
         inits["B"] = np.asarray(b, np.float32)
-    return make_session(single_op_model(node, inits, x_shape, outputs=["Y", "macs"]), threads=threads)
+    rt = {"O": (TensorProto.FLOAT, None)} if residual else None  # any shape reaches the op: it checks it
+    return make_session(single_op_model(node, inits, x_shape, runtime_inputs=rt, outputs=["Y", "macs"]), threads=threads)
 
 
-def _run(x, c, b=None, **conv):
-    y, macs = _session(c, b, x.shape, **conv).run(None, {"X": x})
+def _run(x, c, b=None, *, other=None, threads=2, sparse_path=1, **conv):
+    feeds = {"X": x} if other is None else {"X": x, "O": np.asarray(other, np.float32)}
+    y, macs = _session(c, b, x.shape, residual=other is not None, threads=threads, sparse_path=sparse_path,
+                       **conv).run(None, feeds)
     return y, int(macs)
 
 
@@ -160,6 +166,80 @@ def test_kernel_matches_reference(case):
     assert macs == macs_ref
 
 
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.booleans())
+def test_residual_matches_reference_and_onnxruntime(case, other_first):
+    """Residual site: ReLU(compressed conv + b + other), equal to onnxruntime's Conv+Add+Relu on the
+    dequantized weights (same zero set, non-zeros within 1e-5 relative); macs do not change."""
+    rng = np.random.default_rng(case["seed"])
+    x = rng.standard_normal(case["x_shape"]).astype(np.float32)
+    w = rng.standard_normal(case["w_shape"]).astype(np.float32)
+    b = rng.standard_normal(case["w_shape"][0]).astype(np.float32)
+    th = float(np.quantile(np.abs(w), case["prune"])) if case["prune"] else 0.0
+    c = sq.compress(w, threshold=th)
+    y0, macs0 = _run(x, c, b, **case["conv"])
+    o = (rng.standard_normal(y0.shape) * 3).astype(np.float32)
+    y, macs = _run(x, c, b, other=o, **case["conv"])
+    y_ref, macs_ref = sq.reference(x, c, b, other=o, **case["conv"])
+    scale = max(1.0, float(np.abs(y_ref).max()))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5 * scale)
+    assert macs == macs_ref == macs0
+    _, geo = ee.im2col(x, w.shape, **case["conv"])
+    conv = {**case["conv"], "auto_pad": "NOTSET", "pads": tuple(geo.pads)}  # onnxruntime: no SAME_* with dilations
+    m = ee.onnx_conv_add_relu_model(sq.decompress(c), b, x.shape, other_first=other_first, **conv)
+    (y_ort,) = make_session(m, threads=2, library=False).run(None, {"X": x, "O": o})
+    near_zero = np.abs(y_ort) <= 1e-6 * scale
+    assert np.array_equal((y == 0)[~near_zero], (y_ort == 0)[~near_zero])
+    np.testing.assert_allclose(y, y_ort, rtol=1e-5, atol=2e-6 * scale)
+    moved = np.abs(y_ref - y0) > 1e-3  # the shortcut is really added (must not equal the plain op there)
+    assert not np.allclose(y[moved], y0[moved]) or not moved.any()
+
+
+@pytest.mark.parametrize("prune", [0.0, 0.3, 0.5, 0.9])
+def test_dense_and_sparse_paths_agree(prune):
+    """sparse_path=0 (the GEMM on the dequantized weights) and 1 give the same outputs, with and without a
+    shortcut; their MAC counts are the dense and the nonzero count; auto takes the dense path above 60%
+    nonzeros and the sparse one below."""
+    rng = np.random.default_rng(41)
+    x = np.maximum(rng.standard_normal((2, 16, 11, 13)), 0).astype(np.float32)
+    w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    c = sq.compress(w, threshold=float(np.quantile(np.abs(w), prune)) if prune else 0.0)
+    conv = dict(pads=(1, 1, 1, 1))
+    y_ref, nnz_macs = sq.reference(x, c, b, **conv)
+    dense_macs = 2 * 11 * 13 * w.size
+    o = rng.standard_normal(y_ref.shape).astype(np.float32)
+    y_res = sq.reference(x, c, b, other=o, **conv)[0]
+    for sp, want in ((0, dense_macs), (1, nnz_macs), (None, dense_macs if nnz_macs > sq.DENSE_ABOVE * dense_macs else nnz_macs)):
+        y, macs = _run(x, c, b, sparse_path=sp, **conv)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+        assert macs == want
+        y, _ = _run(x, c, b, other=o, sparse_path=sp, **conv)
+        np.testing.assert_allclose(y, y_res, rtol=1e-4, atol=1e-4)
+
+
+def test_residual_nan_propagates_and_wrong_shape_is_refused():
+    w, c = _good_stream()
+    x = np.ones((2, 2, 5, 5), np.float32)
+    o = np.zeros((2, 1, 5, 5), np.float32)
+    o[0, 0, 2, 2], o[1, 0, 0, 0], o[1, 0, 4, 4] = np.nan, np.inf, -np.inf
+    y, _ = _run(x, c, other=o, pads=(1, 1, 1, 1))
+    assert np.isnan(y[0, 0, 2, 2]) and y[1, 0, 0, 0] == np.inf and y[1, 0, 4, 4] == 0
+    ok = np.isfinite(o)
+    y_ref, _ = sq.reference(x, c, other=np.where(ok, o, 0), pads=(1, 1, 1, 1))
+    np.testing.assert_allclose(y[ok], y_ref[ok], rtol=1e-5)
+    s = _session(c, None, x.shape, residual=True, pads=(1, 1, 1, 1))
+    for bad in [(2, 1, 5, 4), (1, 1, 5, 5), (2, 2, 5, 5), (2, 25)]:
+        with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument) as ei:
+            s.run(None, {"X": x, "O": np.zeros(bad, np.float32)})
+        want = f"SparseQuantConv: input 'other' has shape ({', '.join(map(str, bad))}), expected (2, 1, 5, 5)"
+        assert want in str(ei.value), str(ei.value)
+    node, _ = sq.make_node("X", "W", None, "Y", compressed=c, other="sc")
+    assert list(node.input) == ["X", "W_values", "W_index", "W_row_ptr", "", "sc"]
+    node, _ = sq.make_node("X", "W", None, "Y", compressed=c)
+    assert list(node.input) == ["X", "W_values", "W_index", "W_row_ptr"]
+
+
 @pytest.mark.parametrize("x_shape,w_shape,conv", [
     ((1, 16, 23, 19), (24, 16, 3, 3), dict(pads=(1, 1, 1, 1))),                      # several position blocks, tail
     ((1, 40, 6, 6), (96, 40, 3, 3), dict(pads=(1, 1, 1, 1))),                        # one block, filter blocks (shared im2col)
@@ -236,6 +316,7 @@ def test_errors_node():
     _expect_error(_raw_model(_inputs(c), _attrs(c, weight_shape=[2, 2, 3, 3])), ["'weight_shape'", "K=2, expected 1"])
     _expect_error(_raw_model(_inputs(c), _attrs(c, weight_shape=[1, 2, 3, 2])), ["does not match attribute 'kernel_shape'"])
     _expect_error(_raw_model(_inputs(c), _attrs(c, channels=3)), ["'channels' is 3, expected 2"])
+    _expect_error(_raw_model(_inputs(c), _attrs(c, sparse_path=3)), ["attribute 'sparse_path' is 3, expected -1 (auto), 0 or 1"])
     _expect_error(_raw_model(_inputs(c), _attrs(c, strides=[1, 1, 1])), ["'strides'", "expected 2"])
     _expect_error(_raw_model(_inputs(c), _attrs(c, group=2, weight_shape=[1, 1, 3, 3])), ["K=1 filters, expected a multiple of group=2"])
     _expect_error(_raw_model(_inputs(c, B=np.zeros(2, np.float32)), _attrs(c)), ["input 'B' has shape (2,), expected (1,)"])

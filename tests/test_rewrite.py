@@ -230,7 +230,7 @@ def test_sparse_quant_equals_plain_conv_on_the_dequantized_weights(ort_run):
         assert st["weights"] == np.prod(s.site.w_shape) and st["fillers"] == 0
         assert st["%W_Z"] == pytest.approx(100.0 * st["entries"] / st["weights"])
         assert st["CR"] == pytest.approx(200.0 / st["%W_Z"])  # 100 / (%W_Z * 16 / 32)
-        macs += st["nonzeros"] * OH * OW
+        macs += st["macs_per_position"] * OH * OW  # nonzeros (sparse path) or weights (dense path)
     assert Evaluator(out).run(x).macs == macs
 
 
@@ -666,7 +666,7 @@ def test_zoo_model_rewritten_runs_with_sane_accuracy(name, technique, mnist):
             assert losses[chosen] <= st["max_loss"] == 1.0
             assert 100 - st["%W_Z"] == pytest.approx(100 * chosen, abs=2.0)
             K, OH, OW = s.site.y_shape
-            macs += st["nonzeros"] * OH * OW
+            macs += st["macs_per_position"] * OH * OW  # nonzeros (sparse path) or weights (dense path)
         assert r.macs == macs
 
 

@@ -1,37 +1,52 @@
 """EarlyExitConv: Conv(+bias)+ReLU with SnaPEA's early exit (Akhlaghi et al.; summarized in section
 3.2.1 of ../shared/papers/spatial-prediction-greedy-optimizer.txt).
 
-Semantics (this module's `reference` defines them; the C++ kernel follows it):
+Semantics (this module's `reference` defines them; the C++ kernel follows it). Design, decisions
+and measurements: docs/design-early-exit.md.
 
-* Term order. Each filter's nonzero weights are ordered once, at session creation: the positive
-  weights first, in increasing flattened (c, kh, kw) position, then the negative weights by
-  decreasing magnitude, in bands: the largest 1/4 of them, the next 1/4, the last 1/2
+* Exact mode (`mode` = "exact", the default): Y = ReLU(Conv(X) + bias [+ other]), exactly what
+  onnxruntime's Conv(+Add)+Relu computes (same zero set, non-zeros within float rounding; an inf or
+  NaN input gives what Conv gives: 0 * inf = NaN, NaN through the ReLU). The work skipped is the
+  one that is provably 0 for EVERY output on its own: the terms whose input value is 0 (after a
+  ReLU 33-69 % of them on the zoo's ResNet). Two paths, chosen per run (attribute `skip_zeros`:
+  -1 = by the kernel's cost model (default), 1 = always sparse, 0 = always dense):
+  - sparse: for each output position its nonzero inputs are listed once (8 positions at a time,
+    vectorized), and every filter multiplies only those (8 filters per SIMD lane group);
+  - dense: the packed GEMM core (gemm.h), every term, when listing would cost more than it saves
+    (few filters, few zeros, or weights too big for L2).
+  Attribute `nonneg_input` = 1 (the default in mode "exact") declares the site's input non-negative;
+  the kernel checks it (one pass over X, which also counts its zeros for the cost model) and refuses
+  a negative input with an error naming the op and input 'X'.
+  SnaPEA's sign-ordered early stop is NOT used in exact mode: on the zoo's ResNet it would skip
+  10-23 % of the terms even if every output stopped on its own, the zero inputs are 33-69 %, and the
+  two do not compose in one vector kernel at a useful rate (see the design note).
+* Term order (predictive mode). Each filter's nonzero weights are ordered once, at session creation:
+  the positive weights first, in increasing flattened (c, kh, kw) position, then the negative
+  weights by decreasing magnitude, in bands: the largest 1/4 of them, the next 1/4, the last 1/2
   (NEG_BAND_EDGES), each band in increasing position. (SnaPEA orders negatives strictly by
   magnitude; the bands keep most of that while letting the kernel sweep a band over the im2col
-  chunk by chunk, in L1, for all filters at once: a strict order means random reads from L2 that
-  run at half speed. Any order of the negatives keeps exact mode exact.) Zero weights are never
-  multiplied (they are counted as skipped). T_k = nonzero weights of filter k, P_k = positive ones.
-  S_j = bias + (sum of the first j terms) is the partial sum after j terms (S_0 = bias).
-* Exact early stop (both modes), enabled when the whole input X of the run is non-negative: from
-  the point where only negative terms remain (j >= P_k), as soon as S_j <= 0 the output is 0 and
-  the remaining terms are skipped: the result equals Conv+ReLU exactly, since every remaining term
-  is <= 0. Attribute `nonneg_input` = 1 (the default in mode "exact") declares the site's input
-  non-negative; the kernel then checks it (a vectorized min over X, every run) and refuses a
-  negative input with an error naming the op and input 'X'. With nonneg_input = 0 the kernel only
-  uses the stop when X happens to be non-negative.
+  chunk by chunk, in L1, for all filters at once.) Zero weights are never multiplied in predictive
+  mode. T_k = nonzero weights of filter k, P_k = positive ones. S_j = bias + other + (sum of the
+  first j terms) is the partial sum after j terms (S_0 = bias + other; other = 0 at a plain site).
+* Residual sites: optional last input 5 `other` (float, (N, K, OH, OW), a run-time tensor: the
+  identity shortcut or a projection's output); Y = ReLU(conv + bias + other). The shortcut value is
+  known before the first term, so it starts the partial sum and the exact stop stays exact; other
+  may have any sign. Predictive thresholds are fitted on that sum (`calibrate_predictive(other=)`).
 * Predictive mode (`mode` = "predictive", SnaPEA's speculation): runtime inputs 3 `n_terms` (int64,
   (K,), values in [0, C/group*KH*KW]) and 4 `threshold` (float, (K,), not NaN). After the first
   N = min(n_terms[k], T_k) terms, if S_N < threshold[k] the output is predicted 0 and the rest is
-  skipped; otherwise the computation goes on (with the exact stop where it applies). Inputs 3 and 4
-  are runtime inputs so the optimizer can change them without rebuilding a session.
-* Output 1 `macs` (int64 scalar): the multiply-accumulates actually performed. The reference counts
-  them per output element (the element's stop index); the kernel works on blocks of up to 64
-  output positions of one filter and checks its stop conditions only at block level: after the
-  positive terms, after each piece of a negative band (the band's terms whose rows fall in one
-  96-row chunk of the im2col, or in a few chunks for a small band: about 32 terms or more), and
-  at N in predictive mode; a block stops when all its positions are stopped, and counts
-  (terms done) x (positions in the block). So reference macs <= kernel macs <= dense macs, and y
-  is the same.
+  skipped; otherwise the computation goes on, with SnaPEA's exact stop when the whole input X of
+  the run is non-negative: from j >= P_k on, as soon as S_j <= 0 the output is 0 and the remaining
+  (negative) terms are skipped. Inputs 3 and 4 are runtime inputs so the optimizer can change them
+  without rebuilding a session.
+* Output 1 `macs` (int64 scalar): the multiply-accumulates actually performed. Exact mode: on the
+  sparse path, per output, the reduction rows whose input is not 0 (zero weights included: they
+  sit in the filter lanes), what `reference` counts; on the dense path every term. Predictive
+  mode: the reference counts per output element its stop index; the kernel works on blocks of up
+  to 64 output positions of one filter and checks its stop conditions only at block level (after
+  the positive terms, after each piece of a negative band, at N), a block stops when all its
+  positions are stopped and counts (terms done) x (positions in the block); so reference macs <=
+  kernel macs <= dense macs there, and y is the same.
 """
 
 from __future__ import annotations
@@ -75,8 +90,8 @@ def im2col(x: np.ndarray, w_shape, *, strides=(1, 1), pads=(0, 0, 0, 0), dilatio
 
 
 def conv_relu_reference(x, w, b=None, *, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
-                        auto_pad: str = "NOTSET") -> np.ndarray:
-    """ReLU(Conv(x, w) + b) in float64 (im2col + matmul)."""
+                        auto_pad: str = "NOTSET", other=None) -> np.ndarray:
+    """ReLU(Conv(x, w) + b [+ other]) in float64 (im2col + matmul); other: a residual site's (N, K, OH, OW)."""
     w = np.asarray(w, np.float64)
     cols, geo = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
     K = w.shape[0]
@@ -84,7 +99,12 @@ def conv_relu_reference(x, w, b=None, *, strides=(1, 1), pads=(0, 0, 0, 0), dila
     y = np.einsum("gkr,ngrp->ngkp", wg, cols).reshape(x.shape[0], K, geo.OH, geo.OW)
     if b is not None:
         y = y + np.asarray(b, np.float64).reshape(1, K, 1, 1)
-    return np.maximum(y, 0.0)
+    if other is not None:
+        other = np.asarray(other, np.float64)
+        if other.shape != y.shape:
+            raise ValueError(f"other has shape {other.shape}, expected {y.shape} (the conv output's shape)")
+        y = y + other
+    return np.where(y <= 0, 0.0, y)  # ReLU that keeps a NaN, like onnxruntime's
 
 
 # ------------------------------------------------------------------------------------------ semantics
@@ -104,8 +124,10 @@ def term_order(w_k: np.ndarray) -> tuple[np.ndarray, int]:
     return np.concatenate([pos, *bands]).astype(np.int64), int(pos.size)
 
 
-def _partial_sums(cols_g: np.ndarray, w_k: np.ndarray, bias: float):
-    """S (T+1, P) partial sums in term order for one filter and one image's group cols (CRS, P)."""
+def _partial_sums(cols_g: np.ndarray, w_k: np.ndarray, bias):
+    """S (T+1, P) partial sums in term order for one filter and one image's group cols (CRS, P).
+
+    bias: a scalar, or (P,) = bias + that output's residual value at a residual site."""
     order, npos = term_order(w_k)
     wf = np.asarray(w_k, np.float32).ravel().astype(np.float64)
     contrib = wf[order][:, None] * cols_g[order]
@@ -116,12 +138,30 @@ def _partial_sums(cols_g: np.ndarray, w_k: np.ndarray, bias: float):
     return S, npos
 
 
+def _start(bias: np.ndarray, other: np.ndarray | None, shape) -> np.ndarray:
+    """S_0 (N, K, P) in float64: bias, plus the residual input at a residual site."""
+    N, K, P = shape
+    s0 = np.broadcast_to(bias.reshape(1, K, 1), (N, K, P)).astype(np.float64)
+    if other is not None:
+        other = np.asarray(other, np.float32)
+        if other.ndim != 4 or other.shape[:2] != (N, K) or int(np.prod(other.shape[2:])) != P:
+            raise ValueError(f"{OP}: other has shape {other.shape}, expected (N, K, OH, OW) with N*K*OH*OW = "
+                             f"{N}*{K}*{P} (the conv output's shape)")
+        s0 = s0 + other.reshape(N, K, P).astype(np.float64)
+    return s0
+
+
 def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode: str = "exact",
               n_terms: np.ndarray | None = None, threshold: np.ndarray | None = None,
+              other: np.ndarray | None = None,
               strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
-              auto_pad: str = "NOTSET", return_elementwise: bool = False):
-    """(y, macs) of EarlyExitConv; macs counted per output element (each element's own stop index).
+              auto_pad: str = "NOTSET", return_elementwise: bool = False, snapea_count: bool = False):
+    """(y, macs) of EarlyExitConv, macs counted per output element.
 
+    Exact mode: y = ReLU(Conv + b [+ other]) and an element's MACs = the rows of its reduction whose
+    input is not 0 (what the exact kernel multiplies). Predictive mode: an element's MACs = its own
+    stop index in the SnaPEA term order. snapea_count=True gives that per-output stop count for
+    exact mode too (SnaPEA's ideal exact skipping, for comparison).
     return_elementwise=True returns (y, macs, macs_per_element (N, K, OH, OW)).
     """
     if mode not in MODES:
@@ -131,21 +171,27 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode
     K = w.shape[0]
     cols, geo = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
     N, P = x.shape[0], geo.OH * geo.OW
+    kg = K // group
+    if mode == "exact" and not snapea_count:
+        y = conv_relu_reference(x, w, b, strides=strides, pads=pads, dilations=dilations, group=group,
+                                auto_pad=auto_pad, other=other).astype(np.float32)
+        macs = np.repeat(np.count_nonzero(cols, axis=2), kg, axis=1).reshape(y.shape)  # NaN / inf count
+        return (y, int(macs.sum()), macs) if return_elementwise else (y, int(macs.sum()))
     bias = np.zeros(K) if b is None else np.asarray(b, np.float32).astype(np.float64)
     predictive = mode == "predictive"
     if predictive:
         n_terms = np.asarray(n_terms, np.int64)
         threshold = np.asarray(threshold, np.float32).astype(np.float64)
     exits = bool(np.all(x >= 0))
+    s0 = _start(bias, other, (N, K, P))
     y = np.zeros((N, K, P))
     macs = np.zeros((N, K, P), np.int64)
-    kg = K // group
     for k in range(K):
         g = k // kg
         for n in range(N):
-            S, npos = _partial_sums(cols[n, g], w[k], bias[k])
+            S, npos = _partial_sums(cols[n, g], w[k], s0[n, k])
             T = S.shape[0] - 1
-            final = np.maximum(S[T], 0.0)
+            final = np.where(S[T] <= 0, 0.0, S[T])  # ReLU that keeps a NaN, like onnxruntime's
             big = T + 1
             exit_at = np.full(P, big, np.int64)  # first j >= npos with S_j <= 0: the exact stop
             if exits:
@@ -168,7 +214,8 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode
 
 
 def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *,
-                         fraction: float = 0.25, quantile: float = 0.05, strides=(1, 1), pads=(0, 0, 0, 0),
+                         fraction: float = 0.25, quantile: float = 0.05, other: np.ndarray | None = None,
+                         strides=(1, 1), pads=(0, 0, 0, 0),
                          dilations=(1, 1), group: int = 1, auto_pad: str = "NOTSET") -> tuple[np.ndarray, np.ndarray]:
     """(n_terms (K,) int64, threshold (K,) float32) for predictive mode, from calibration inputs.
 
@@ -179,15 +226,17 @@ def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | Non
     output sits on the threshold). So at most about `quantile` of the outputs that should be
     positive get predicted 0 on the calibration data, and every output whose partial sum after N
     terms is below that is cut. A filter with no positive calibration output gets Th = +inf
-    (always predicted 0 after N terms).
+    (always predicted 0 after N terms). At a residual site `other` holds the calibration outputs'
+    residual values: partial sums and final values are those of conv + bias + other.
     """
     if not 0.0 <= fraction <= 1.0 or not 0.0 <= quantile <= 1.0:
         raise ValueError(f"{OP}: fraction {fraction} and quantile {quantile} must be in [0, 1]")
     x = np.asarray(x_calib, np.float32)
     w = np.asarray(w, np.float32)
     K = w.shape[0]
-    cols, _ = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
+    cols, geo = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
     bias = np.zeros(K) if b is None else np.asarray(b, np.float32).astype(np.float64)
+    s0 = _start(bias, other, (x.shape[0], K, geo.OH * geo.OW))
     kg = K // group
     n_terms = np.zeros(K, np.int64)
     threshold = np.full(K, np.inf, np.float32)
@@ -197,7 +246,7 @@ def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | Non
         n_terms[k] = nn
         partial, final = [], []
         for n in range(x.shape[0]):
-            S, _ = _partial_sums(cols[n, k // kg], w[k], bias[k])
+            S, _ = _partial_sums(cols[n, k // kg], w[k], s0[n, k])
             partial.append(S[nn])
             final.append(S[-1])
         partial, final = np.concatenate(partial), np.concatenate(final)
@@ -214,13 +263,17 @@ def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | Non
 def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: str | None = None,
               mode: str = "exact", nonneg_input: int | None = None,
               n_terms: np.ndarray | str | None = None, threshold: np.ndarray | str | None = None,
-              kernel_shape=None, strides=(1, 1), pads=None, dilations=(1, 1), group: int = 1,
+              other: str | None = None, skip_zeros: int | None = None, kernel_shape=None, strides=(1, 1),
+              pads=None, dilations=(1, 1), group: int = 1,
               auto_pad: str = "NOTSET", name: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """The EarlyExitConv node and the extra initializers it needs.
 
     Predictive mode: n_terms / threshold are either arrays (stored as initializers named
     f"{w_name}_n_terms" / f"{w_name}_threshold") or the names of runtime graph inputs.
     nonneg_input: None = the mode's default (1 in exact mode, 0 in predictive mode).
+    other: the residual operand's tensor name at a residual site (input 5), or None.
+    skip_zeros (exact mode): 1 = the sparse path (only nonzero inputs multiplied), 0 = the dense GEMM
+    path, None = the kernel's cost model decides per run (attribute absent, -1).
     """
     if mode not in MODES:
         raise ValueError(f"{OP}: mode is {mode!r}, expected one of {MODES}")
@@ -238,6 +291,10 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
                 inputs.append(nm)
     elif n_terms is not None or threshold is not None:
         raise ValueError(f"{OP}: n_terms / threshold are only used in predictive mode")
+    else:
+        inputs += ["", ""]
+    if other:
+        inputs.append(other)
     while inputs and inputs[-1] == "":
         inputs.pop()
     attrs: dict = {"strides": list(strides), "dilations": list(dilations), "group": int(group), "mode": mode}
@@ -249,6 +306,29 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
         attrs["pads"] = list(pads) if pads is not None else [0, 0, 0, 0]
     if nonneg_input is not None:
         attrs["nonneg_input"] = int(nonneg_input)
+    if skip_zeros is not None:
+        if skip_zeros not in (-1, 0, 1):
+            raise ValueError(f"{OP}: skip_zeros is {skip_zeros!r}, expected -1, 0 or 1")
+        attrs["skip_zeros"] = int(skip_zeros)
     outputs = [y] + ([macs_output] if macs_output else [])
     node = helper.make_node(OP, inputs, outputs, domain=DOMAIN, name=name or f"{OP}_{y}", **attrs)
     return node, inits
+
+
+def onnx_conv_add_relu_model(w: np.ndarray, b: np.ndarray | None, x_shape, *, other_first: bool = False,
+                             **conv_attrs) -> onnx.ModelProto:
+    """onnxruntime's own Conv(+B) -> Add(conv, O) -> Relu (a residual site; graph inputs X and O): what
+    the ops must equal with `other`. other_first puts O as the Add's first operand."""
+    from onnx import TensorProto
+
+    from onnxzero.ops.conv_relu import onnx_conv_relu_model
+
+    m = onnx_conv_relu_model(w, b, x_shape, **conv_attrs)
+    g = m.graph
+    conv, relu = g.node[0], g.node[1]
+    add = helper.make_node("Add", ["O", "C"] if other_first else ["C", "O"], ["S"])
+    relu.input[0] = "S"
+    g.node.insert(1, add)
+    g.input.append(helper.make_tensor_value_info("O", TensorProto.FLOAT, ["N", int(w.shape[0]), "OH", "OW"]))
+    assert conv.output[0] == "C"
+    return m

@@ -41,8 +41,11 @@ from onnxzero.ops.early_exit import conv_relu_reference
 
 OP = "SparseQuantConv"
 MAX_GAP = 255
+# Above this fraction of nonzero weights the kernel runs the dense GEMM core on the dequantized weights
+# (faster than its sparse kernel there); = kDenseAbove in sparse_quant_conv.cc.
+DENSE_ABOVE = 0.6
 
-__all__ = ["OP", "compress", "compression_stats", "decompress", "frac_bits_for", "make_node", "reference"]
+__all__ = ["DENSE_ABOVE", "OP", "compress", "kernel_macs_per_position", "compression_stats", "decompress", "frac_bits_for", "make_node", "reference"]
 
 
 def frac_bits_for(max_abs: float) -> int:
@@ -150,22 +153,39 @@ def compression_stats(w: np.ndarray, compressed: dict) -> dict:
     }
 
 
-def reference(x: np.ndarray, compressed: dict, b: np.ndarray | None = None, *, strides=(1, 1), pads=(0, 0, 0, 0),
-              dilations=(1, 1), group: int = 1, auto_pad: str = "NOTSET") -> tuple[np.ndarray, int]:
-    """(y, macs): ReLU(conv(x, decompress(compressed)) + b) in float64, and N*OH*OW*nonzeros."""
+def reference(x: np.ndarray, compressed: dict, b: np.ndarray | None = None, *, other: np.ndarray | None = None,
+              strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
+              auto_pad: str = "NOTSET") -> tuple[np.ndarray, int]:
+    """(y, macs): ReLU(conv(x, decompress(compressed)) + b [+ other]) in float64, and N*OH*OW*nonzeros.
+
+    other: the residual input (N, K, OH, OW) of a residual site, added before the ReLU."""
     w = decompress(compressed).astype(np.float64)
-    y = conv_relu_reference(x, w, b, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
+    y = conv_relu_reference(x, w, b, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad,
+                            other=other)
     nnz = int(np.count_nonzero(np.asarray(compressed["values"])))
     N, _, OH, OW = y.shape
     return y.astype(np.float32), N * OH * OW * nnz
 
 
+def kernel_macs_per_position(compressed: dict, sparse_path: int | None = None) -> int:
+    """The op's `macs` per output position (N*OH*OW of them): the nonzero weights on the sparse path,
+    every weight on the dense one (sparse_path 0, or None above DENSE_ABOVE nonzeros)."""
+    K, Cg, KH, KW = compressed["weight_shape"]
+    dense = K * Cg * KH * KW
+    nnz = int(np.count_nonzero(np.asarray(compressed["values"])))
+    use_dense = sparse_path == 0 or (sparse_path in (None, -1) and nnz > DENSE_ABOVE * dense)
+    return dense if use_dense else nnz
+
+
 def make_node(x: str, w_name: str, b_name: str | None, y: str, *, compressed: dict, macs_output: str | None = None,
-              kernel_shape=None, strides=(1, 1), pads=None, dilations=(1, 1), group: int = 1,
+              other: str | None = None, sparse_path: int | None = None, kernel_shape=None, strides=(1, 1), pads=None, dilations=(1, 1), group: int = 1,
               auto_pad: str = "NOTSET", name: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """The SparseQuantConv node and its initializers {w_name_values, w_name_index, w_name_row_ptr}.
 
-    `compressed` is what `compress` returned; b_name names an existing (K,) float initializer or None.
+    `compressed` is what `compress` returned; b_name names an existing (K,) float initializer or None;
+    other: the residual operand's tensor name at a residual site (input 5), or None.
+    sparse_path: 1 = always the sparse kernel (macs = N*OH*OW*nonzeros), 0 = always the dense GEMM on the
+    dequantized weights (macs = N*OH*OW*K*C/group*KH*KW), None = by density (dense above 60% nonzeros).
     """
     K, Cg, KH, KW = compressed["weight_shape"]
     if kernel_shape is not None and tuple(kernel_shape) != (KH, KW):
@@ -175,9 +195,15 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, compressed: di
         f"{w_name}_index": np.asarray(compressed["index"], np.uint8),
         f"{w_name}_row_ptr": np.asarray(compressed["row_ptr"], np.int64),
     }
-    inputs = [x, *inits.keys()] + ([b_name] if b_name else [])
+    inputs = [x, *inits.keys()] + [b_name or ""] + ([other] if other else [])
+    while inputs[-1] == "":
+        inputs.pop()
     attrs = {"kernel_shape": [KH, KW], "strides": list(strides), "dilations": list(dilations), "group": int(group),
              "weight_shape": [K, Cg, KH, KW], "channels": Cg, "frac_bits": int(compressed["frac_bits"])}
+    if sparse_path is not None:
+        if sparse_path not in (-1, 0, 1):
+            raise ValueError(f"{OP}: sparse_path is {sparse_path!r}, expected -1, 0 or 1")
+        attrs["sparse_path"] = int(sparse_path)
     if auto_pad != "NOTSET":
         attrs["auto_pad"] = auto_pad
     else:

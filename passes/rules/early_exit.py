@@ -48,7 +48,8 @@ class EarlyExitRule(SiteRule):
         mode = setting.get("mode", "exact")
         kw = conv_kwargs(site)
         if mode == "exact":
-            node, inits = op.make_node(site.x, site.w, site.b, out_name, mode="exact", name=f"{site.name}__early_exit", **kw)
+            node, inits = op.make_node(site.x, site.w, site.b, out_name, mode="exact", other=site.residual,
+                                       name=f"{site.name}__early_exit", **kw)
             return Replacement([node], inits, setting={"mode": "exact"})
         fraction = float(setting.get("fraction", 0.25))
         quantile = float(setting.get("quantile", 0.05))
@@ -57,15 +58,19 @@ class EarlyExitRule(SiteRule):
             recorded = {"mode": "predictive", "n_terms": np.asarray(n_terms).tolist(), "threshold": np.asarray(threshold).tolist()}
         else:
             recorded = {"mode": "predictive", "fraction": fraction, "quantile": quantile}
-            x = self.calibration.tensors([site.x])[site.x][:64]
+            # at a residual site the thresholds are fitted on conv + bias + shortcut, what the ReLU sees
+            names = [site.x] + ([site.residual] if site.residual else [])
+            t = self.calibration.tensors(names)
+            x = t[site.x][:64]
+            other = t[site.residual][:64] if site.residual else None
             cal_kw = {k: v for k, v in kw.items() if k != "kernel_shape"}
             n_terms, threshold = op.calibrate_predictive(x, weight(self.model, site.w), weight(self.model, site.b),
-                                                         fraction=fraction, quantile=quantile, **cal_kw)
+                                                         fraction=fraction, quantile=quantile, other=other, **cal_kw)
         # n_terms / threshold are runtime inputs with defaults so the optimizer can move them per run
         nt_name, th_name = f"{site.name}__n_terms", f"{site.name}__threshold"
         node, inits = op.make_node(site.x, site.w, site.b, out_name, mode="predictive",
                                    nonneg_input=int(site.input_nonneg), n_terms=nt_name, threshold=th_name,
-                                   name=f"{site.name}__early_exit", **kw)
+                                   other=site.residual, name=f"{site.name}__early_exit", **kw)
         return Replacement([node], inits,
                            runtime_inputs={nt_name: np.asarray(n_terms, np.int64), th_name: np.asarray(threshold, np.float32)},
                            setting=recorded)

@@ -57,9 +57,11 @@ class SparseQuantRule(SiteRule):
         thr, extra = self.threshold_for(site, setting)
         comp = op.compress(w, threshold=thr)
         # initializers named after the site, not the weight: two sites may share one weight
-        node, inits = op.make_node(site.x, f"{site.name}__w", site.b, out_name, compressed=comp, name=f"{site.name}__sparse_quant",
-                                   **conv_kwargs(site))
-        stats = op.compression_stats(w, comp)
+        node, inits = op.make_node(site.x, f"{site.name}__w", site.b, out_name, compressed=comp, other=site.residual,
+                                   name=f"{site.name}__sparse_quant", **conv_kwargs(site))
+        # what the kernel multiplies per output position: the nonzeros, or every weight when it takes
+        # the dense path (above DENSE_ABOVE nonzeros, where that is faster)
+        stats = {**op.compression_stats(w, comp), "macs_per_position": op.kernel_macs_per_position(comp)}
         return Replacement([node], inits, drop_initializers=[site.w],
                            setting={"threshold": thr, "frac_bits": comp["frac_bits"]}, stats={**stats, **extra})
 

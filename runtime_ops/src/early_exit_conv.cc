@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm.h"
 #include "op_def.h"
 #include "sparse_rows.h"
 
@@ -28,6 +29,7 @@ struct RunParams {
   bool predictive = false;
   const int64_t* n_terms = nullptr;
   const float* threshold = nullptr;
+  const float* other = nullptr;  // residual input (N, K, OH, OW) or nullptr
 };
 
 // A block's Col built chunk by chunk just before the first sweep reads it (so that
@@ -47,12 +49,105 @@ struct LazyCol {
   }
 };
 
+// Exact mode: acc[0..8*NV) += sum_e val[e] * W[idx[e]][0..8*NV) for one output position (its
+// nonzero inputs val at rows idx) and one chunk of 8*NV filters (wc: rows of 8*NV floats). S
+// accumulator sets take alternate entries so that small chunks still have >= 4 FMA chains.
+template <int NV, int S>
+OZ_SR_INLINE void DotLanes(const float* wc, const float* val, const int32_t* idx, int32_t n, float* acc) {
+  constexpr size_t FCP = 8 * NV;
+  __m256 a[S][NV];
+  OZ_SR_UNROLL for (int v = 0; v < NV; ++v) a[0][v] = _mm256_loadu_ps(acc + 8 * v);
+  OZ_SR_UNROLL for (int s = 1; s < S; ++s) OZ_SR_UNROLL for (int v = 0; v < NV; ++v) a[s][v] = _mm256_setzero_ps();
+  int32_t e = 0;
+  for (; e + S <= n; e += S) {
+    OZ_SR_UNROLL for (int s = 0; s < S; ++s) {
+      const __m256 x = _mm256_broadcast_ss(val + e + s);
+      const float* w = wc + static_cast<size_t>(idx[e + s]) * FCP;
+      OZ_SR_UNROLL for (int v = 0; v < NV; ++v) a[s][v] = _mm256_fmadd_ps(x, _mm256_loadu_ps(w + 8 * v), a[s][v]);
+    }
+  }
+  for (; e < n; ++e) {
+    const __m256 x = _mm256_broadcast_ss(val + e);
+    const float* w = wc + static_cast<size_t>(idx[e]) * FCP;
+    OZ_SR_UNROLL for (int v = 0; v < NV; ++v) a[0][v] = _mm256_fmadd_ps(x, _mm256_loadu_ps(w + 8 * v), a[0][v]);
+  }
+  OZ_SR_UNROLL for (int s = 1; s < S; ++s) OZ_SR_UNROLL for (int v = 0; v < NV; ++v) a[0][v] = _mm256_add_ps(a[0][v], a[s][v]);
+  OZ_SR_UNROLL for (int v = 0; v < NV; ++v) _mm256_storeu_ps(acc + 8 * v, a[0][v]);
+}
+
+template <int NV>
+void DotLanesFor(const float* wc, const float* val, const int32_t* idx, int32_t n, float* acc) {
+  DotLanes<NV, (NV >= 6 ? 1 : NV >= 3 ? 2 : 4)>(wc, val, idx, n, acc);
+}
+using DotFn = void (*)(const float*, const float*, const int32_t*, int32_t, float*);
+constexpr int kMaxNV = 12;  // 12 accumulators + a broadcast + a weight load: 14 of the 16 ymm
+constexpr DotFn kDot[kMaxNV + 1] = {nullptr, DotLanesFor<1>, DotLanesFor<2>, DotLanesFor<3>, DotLanesFor<4>,
+                                    DotLanesFor<5>, DotLanesFor<6>, DotLanesFor<7>, DotLanesFor<8>,
+                                    DotLanesFor<9>, DotLanesFor<10>, DotLanesFor<11>, DotLanesFor<12>};
+// Rows of a filter chunk's weights swept at a time: at most this many bytes (they stay in L1
+// while the 8 positions of a group read them).
+constexpr int64_t kChunkWeightBytes = 24 << 10;
+
+// One pass over X for exact mode: its zeros (what the sparse path skips), the first negative value
+// (refused when nonneg_input=1) and whether any value is inf or NaN (then only the sparse path,
+// which multiplies them by every weight as Conv does and keeps a NaN through the ReLU, is used).
+struct InputScan {
+  int64_t zeros = 0, neg_at = -1;
+  bool nonfinite = false;
+};
+InputScan ScanRange(const float* X, int64_t n) {
+  InputScan s;
+  const __m256 z = _mm256_setzero_ps();
+  __m256 neg = z, bad = z;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(X + i), d = _mm256_sub_ps(v, v);  // d: 0, or NaN for inf / NaN
+    neg = _mm256_or_ps(neg, _mm256_cmp_ps(v, z, _CMP_LT_OQ));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(d, d, _CMP_UNORD_Q));
+    s.zeros += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, z, _CMP_EQ_OQ))));
+  }
+  bool any_neg = !_mm256_testz_ps(neg, neg);
+  s.nonfinite = !_mm256_testz_ps(bad, bad);
+  for (; i < n; ++i) {
+    any_neg |= X[i] < 0.f;
+    s.nonfinite |= !std::isfinite(X[i]);
+    s.zeros += X[i] == 0.f;
+  }
+  if (any_neg)
+    for (int64_t j = 0; j < n; ++j)
+      if (X[j] < 0.f) {
+        s.neg_at = j;
+        break;
+      }
+  return s;
+}
+// The same over the session's pool (X may be megabytes: a serial pass would cost a visible share).
+InputScan ScanInput(OrtKernelContext* ctx, const float* X, int64_t n) {
+  const size_t tasks = sr::PartitionTasks(static_cast<size_t>((n + 16383) / 16384));
+  std::vector<InputScan> part(tasks);
+  sr::ForTasks(ctx, tasks, [&](size_t t) {
+    const int64_t T = static_cast<int64_t>(tasks), ti = static_cast<int64_t>(t);
+    const int64_t i0 = n * ti / T, i1 = n * (ti + 1) / T;
+    part[t] = ScanRange(X + i0, i1 - i0);
+    if (part[t].neg_at >= 0) part[t].neg_at += i0;
+  });
+  InputScan s;
+  for (const InputScan& p : part) {
+    s.zeros += p.zeros;
+    s.nonfinite |= p.nonfinite;
+    if (s.neg_at < 0) s.neg_at = p.neg_at;
+  }
+  return s;
+}
+
 struct EarlyExitKernel {
   ConvAttrs attrs;
   std::vector<int64_t> w_shape;
   int64_t K = 0, CRS = 0, nch = 1, kce = kChunkRows;
   bool predictive = false;
   int nonneg = 1;
+  int skip_zeros = -1;  // exact mode: 1 sparse path, 0 dense path, -1 by the cost model (SparsePays)
+  bool has_other = false;  // input 5 `other`: a residual site, ReLU(conv + bias + other)
   std::vector<float> bias;
   // Terms (uint16 Col row, float weight), stored in sweep order (see BuildTerms);
   // tptr: prefix sums of the filters' term counts (T_k = tptr[k+1] - tptr[k]).
@@ -68,6 +163,11 @@ struct EarlyExitKernel {
   std::vector<int64_t> pbase; // first piece of each band
   std::vector<size_t> soff;   // storage offset of (piece, filter); see BuildTerms
   int nbands = 1;             // bands incl. the positive one
+  // Exact mode: weights packed per (group, filter chunk) as CRS rows of fcp = 8*nv floats (filters
+  // past the group's end are zero), wpack[((grp*nfc + chunk)*CRS + r)*fcp + l].
+  int64_t nv = 1, fcp = 8, nfc = 1;
+  gemm::AlignedFloats wpack;  // 64-byte aligned: no weight load of the dot straddles two cache lines
+  gemm::ConvWeights dense;  // exact mode's dense path (the packed GEMM core), bias included
 
   EarlyExitKernel() = default;  // for the standalone benchmark harness
   explicit EarlyExitKernel(const OrtKernelInfo* info) {
@@ -79,6 +179,9 @@ struct EarlyExitKernel {
     const int64_t nn = AttrInt(info, "nonneg_input", predictive ? 0 : 1);
     if (nn != 0 && nn != 1) Fail(kOp, Msg("attribute 'nonneg_input' is ", nn, ", expected 0 or 1"));
     nonneg = static_cast<int>(nn);
+    const int64_t sz = AttrInt(info, "skip_zeros", -1);
+    if (sz < -1 || sz > 1) Fail(kOp, Msg("attribute 'skip_zeros' is ", sz, ", expected -1 (auto), 0 or 1"));
+    skip_zeros = static_cast<int>(sz);
     const bool has_n = sr::InputPresent(info, 3), has_t = sr::InputPresent(info, 4);
     if (predictive && !(has_n && has_t))
       Fail(kOp, Msg("mode 'predictive' needs inputs 'n_terms' (3) and 'threshold' (4), expected both, got ",
@@ -100,7 +203,32 @@ struct EarlyExitKernel {
       std::copy(b.as<float>(), b.as<float>() + K, bias.begin());
     }
 
+    has_other = sr::InputPresent(info, 5);
+
     BuildTerms(w.as<float>());
+    PackWeights(w.as<float>());
+    dense = gemm::ConvWeights(w.as<float>(), bias.data(), K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
+  }
+
+  // Filter chunks of at most 12 ymm, fewer when a chunk's weights would not stay in L2 (every
+  // position of a block re-reads them).
+  void PackWeights(const float* W) {
+    const int64_t G = attrs.group, Kg = K / G, kg8 = (Kg + 7) / 8;
+    const int64_t l2_floats = (int64_t{512} << 10) / 4;
+    const int64_t nv_max = std::max<int64_t>(1, std::min<int64_t>(kMaxNV, l2_floats / std::max<int64_t>(1, CRS * 8)));
+    nfc = (kg8 + nv_max - 1) / nv_max;
+    nv = (kg8 + nfc - 1) / nfc;
+    fcp = 8 * nv;
+    const size_t wn = static_cast<size_t>(G * nfc * CRS * fcp);
+    wpack = gemm::AllocFloats(wn);
+    std::fill(wpack.get(), wpack.get() + wn, 0.f);
+    for (int64_t grp = 0; grp < G; ++grp)
+      for (int64_t c = 0; c < nfc; ++c)
+        for (int64_t l = 0; l < fcp && c * fcp + l < Kg; ++l) {
+          const float* wk = W + (grp * Kg + c * fcp + l) * CRS;
+          float* dst = wpack.get() + static_cast<size_t>((grp * nfc + c) * CRS) * fcp + l;
+          for (int64_t r = 0; r < CRS; ++r) dst[r * fcp] = wk[r];
+        }
   }
 
   // The term lists and band / chunk offsets, from the dense weights (K, C/group, KH, KW).
@@ -220,7 +348,7 @@ struct EarlyExitKernel {
     int64_t running = 0;
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t i = k - k0;
-      sr::Fill<NA>(tile + i * LD, bias[k]);
+      sr::FillBias<NA>(tile + i * LD, bias[k], rp.other ? rp.other + (n * g.K + k) * P + p0 : nullptr, np);
       float* lv = livebuf + i * LD;
       OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(lv + 8 * v, valid[v]);
       done[i] = -1;
@@ -331,9 +459,9 @@ struct EarlyExitKernel {
         OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_load_ps(lv + 8 * v);
         const __m256 th = _mm256_set1_ps(rp.threshold[k]);
         OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_andnot_ps(_mm256_cmp_ps(a[v], th, _CMP_LT_OQ), live[v]);
-        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(_mm256_max_ps(a[v], z), live[v]));
+        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(sr::Relu(a[v]), live[v]));
       } else {
-        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(_mm256_max_ps(a[v], z), _mm256_load_ps(lv + 8 * v)));
+        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(sr::Relu(a[v]), _mm256_load_ps(lv + 8 * v)));
       }
       std::copy(acc, acc + np, out);
     }
@@ -352,6 +480,23 @@ struct EarlyExitKernel {
 
       RunParams rp;
       rp.predictive = predictive;
+      if (!predictive) {
+        const InputScan sc = ScanInput(context, X, xnum);
+        if (nonneg && sc.neg_at >= 0)
+          Fail(kOp, Msg("input 'X' has a negative value (", X[sc.neg_at], " at flat index ", sc.neg_at,
+                        "), expected a non-negative input: attribute nonneg_input=1 declares this site's input non-negative"));
+        rp.other = sr::OtherInput(context, 5, has_other, g, N, kOp);
+        auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
+        float* Y = y.GetTensorMutableData<float>();
+        int64_t total = 0;
+        if (N > 0 && P > 0) {
+          const double zf = xnum > 0 ? double(sc.zeros) / double(xnum) : 0.0;
+          const bool sparse = sc.nonfinite || skip_zeros == 1 || (skip_zeros == -1 && SparsePays(zf, g.Kg(), K * CRS));
+          total = sparse ? RunExact(context, g, rp, X, Y, N) : RunDense(context, g, rp, X, Y, N);
+        }
+        if (ctx.GetOutputCount() > 1) *ctx.GetOutput(1, std::vector<int64_t>{}).GetTensorMutableData<int64_t>() = total;
+        return;
+      }
       // Non-negative input? exits need every X >= 0 (a NaN disables them); only a
       // value < 0 breaks the nonneg_input=1 declaration.
       int64_t bad_at = -1, neg_at = -1;
@@ -400,6 +545,7 @@ struct EarlyExitKernel {
         }
       }
 
+      rp.other = sr::OtherInput(context, 5, has_other, g, N, kOp);
       auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
       float* Y = y.GetTensorMutableData<float>();
       const int64_t total_macs = (N > 0 && P > 0) ? Run(context, g, rp, X, Y, N) : 0;
@@ -410,7 +556,110 @@ struct EarlyExitKernel {
     });
   }
 
-  // The convolution itself (inputs already validated); returns the MACs done.
+  // The sparse path's cost relative to the dense GEMM core, per unit of dense work (measured on
+  // the bench layers, see docs/design-early-exit.md): its multiply-adds run at about 1/1.5 of the
+  // GEMM's rate and only on nonzero inputs; listing the nonzero inputs costs about as much as
+  // 2.5 dense multiply-adds per input value and 8-filter vector, i.e. 20/Kg of the dense work.
+  // Weights past ~768 KiB do not stay in L2 while the sparse path sweeps them once per 8
+  // positions (measured: 3.0x onnxruntime on 256x14x14, 2.4 MB of weights): dense path then.
+  static bool SparsePays(double zero_fraction, int64_t Kg, int64_t weights) {
+    if (weights * 4 > (int64_t{768} << 10)) return false;
+    return 1.5 * (1.0 - zero_fraction) + 20.0 / double(Kg) < 1.0;
+  }
+
+  // Exact mode, dense path: the packed GEMM core (every term of every output); at a residual site
+  // the shortcut is added and the ReLU applied in a second pass. Returns the MACs done.
+  int64_t RunDense(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
+                   int64_t N) const {
+    const gemm::ConvPlan plan(g, dense);
+    gemm::Epilogue ep;
+    ep.relu = rp.other == nullptr;
+    const int64_t macs = gemm::RunConv(context, plan, dense, X, N, Y, ep);
+    if (rp.other) sr::AddRelu(context, Y, rp.other, N * g.K * g.P());
+    return macs;
+  }
+
+  // Exact mode (see the header): per block of 8 output positions, the nonzero inputs of each
+  // position are listed once; every filter chunk then multiplies only those. Returns the MACs done.
+  int64_t RunExact(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
+                   int64_t N) const {
+    const int64_t P = g.P(), G = g.G, Kg = g.Kg();
+    sr::PaddedInput pi;  // always the padded copy: 8 lanes are read at once past a row's end
+    if (!sr::BuildPaddedInput(context, g, X, N, &pi, false)) Fail(kOp, "out of memory for the padded input copy");
+    const int64_t R8 = (CRS + 7) / 8 * 8;
+    // Offset of reduction row r = (c, kh, kw) in the padded, stride-phase-split input: output
+    // columns ow0..ow0+7 of output row oh read 8 consecutive floats at base(oh, ow0) + roff[r].
+    std::vector<int64_t> roff(static_cast<size_t>(CRS));
+    for (int64_t r = 0; r < CRS; ++r) {
+      const int64_t c = r / (g.KH * g.KW), kh = r / g.KW % g.KH, tap = r % g.KW * g.DW;
+      roff[static_cast<size_t>(r)] = c * pi.chan + kh * g.DH * pi.row + tap % pi.SW * pi.Wq + tap / pi.SW;
+    }
+    const int64_t rc = std::max<int64_t>(8, std::min<int64_t>(R8, kChunkWeightBytes / 4 / fcp / 8 * 8));
+    const int64_t nrc = (R8 + rc - 1) / rc;
+    const int64_t gw = (g.OW + 7) / 8, ngr = g.OH * gw;  // groups of <= 8 positions in one output row
+    const size_t items = static_cast<size_t>(N * G * ngr);
+    const size_t tasks = sr::PartitionTasks(items);
+    std::vector<int64_t> task_macs(tasks, 0);
+    std::atomic<bool> oom{false};
+    const DotFn dot = kDot[nv];
+    sr::ForTasks(context, tasks, [&](size_t t) {
+      float* val = sr::Scratch(0, static_cast<size_t>(8 * R8));
+      int32_t* idx = reinterpret_cast<int32_t*>(sr::Scratch(1, static_cast<size_t>(8 * R8)));
+      float* tile = sr::Scratch(2, static_cast<size_t>(8 * fcp + 8 * (nrc + 1)));  // [j][fcp] sums, then bnd
+      if (!val || !idx || !tile) {
+        oom = true;
+        return;
+      }
+      int32_t* bnd = reinterpret_cast<int32_t*>(tile + 8 * fcp);
+      int64_t macs = 0;
+      for (size_t it = t * items / tasks; it < (t + 1) * items / tasks; ++it) {
+        const int64_t gi = static_cast<int64_t>(it) % ngr, grp = static_cast<int64_t>(it) / ngr % G;
+        const int64_t n = static_cast<int64_t>(it) / ngr / G;
+        const int64_t oh = gi / gw, ow0 = gi % gw * 8, p0 = oh * g.OW + ow0;
+        const int n8 = static_cast<int>(std::min<int64_t>(8, g.OW - ow0));
+        const __m256i lanes = sr::LaneMask(n8);
+        const float* base = pi.data + (n * g.C + grp * g.Cg()) * pi.chan + oh * g.SH * pi.row + ow0;
+        int32_t cnt[8];
+        sr::CompactLanes8([&](int64_t r) { return base + roff[static_cast<size_t>(r)]; }, CRS, n8, rc, val, idx, R8,
+                          cnt, bnd);
+        for (int j = 0; j < n8; ++j) macs += int64_t{cnt[j]} * Kg;
+        for (int64_t c = 0; c < nfc; ++c) {
+          const int64_t k0 = grp * Kg + c * fcp, kn = std::min(fcp, Kg - c * fcp);
+          const float* wc = wpack.get() + static_cast<size_t>((grp * nfc + c) * CRS) * fcp;
+          // tile[j][l] = bias + other of filter k0+l at position j: 8x8 blocks of `other`
+          // (8 filters x the group's 8 positions) transposed into the position-major tile
+          for (int64_t v = 0; v < fcp; v += 8) {
+            __m256 t[8];
+            for (int l = 0; l < 8; ++l)
+              t[l] = (rp.other && v + l < kn)
+                         ? _mm256_maskload_ps(rp.other + (n * g.K + k0 + v + l) * P + p0, lanes)
+                         : _mm256_setzero_ps();
+            sr::Transpose8(t);
+            __m256 b = _mm256_setzero_ps();
+            if (v < kn) b = _mm256_maskload_ps(bias.data() + k0 + v, sr::LaneMask(static_cast<int>(std::min<int64_t>(8, kn - v))));
+            for (int j = 0; j < 8; ++j) _mm256_store_ps(tile + j * fcp + v, _mm256_add_ps(t[j], b));
+          }
+          for (int64_t q = 0; q < nrc; ++q)
+            for (int j = 0; j < n8; ++j) {
+              const int32_t e0 = bnd[j * (nrc + 1) + q], e1 = bnd[j * (nrc + 1) + q + 1];
+              if (e1 > e0) dot(wc, val + j * R8 + e0, idx + j * R8 + e0, e1 - e0, tile + j * fcp);
+            }
+          for (int64_t v = 0; v < kn; v += 8) {  // back to filter-major: 8x8 transposes
+            __m256 t[8];
+            for (int j = 0; j < 8; ++j) t[j] = _mm256_load_ps(tile + j * fcp + v);
+            sr::Transpose8(t);
+            for (int l = 0; l < 8 && v + l < kn; ++l)
+              _mm256_maskstore_ps(Y + (n * g.K + k0 + v + l) * P + p0, lanes, sr::Relu(t[l]));
+          }
+        }
+      }
+      task_macs[t] = macs;
+    });
+    if (oom) Fail(kOp, "out of memory for the per-thread scratch buffers");
+    return std::accumulate(task_macs.begin(), task_macs.end(), int64_t{0});
+  }
+
+  // Predictive mode's kernel (inputs already validated); returns the MACs done.
   int64_t Run(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
               int64_t N) const {
     const int64_t P = g.P(), G = g.G, Kg = g.Kg();
@@ -509,7 +758,7 @@ struct EarlyExitKernel {
 }  // namespace
 
 const OrtCustomOp* EarlyExitConvOp() {
-  static ConvOpDef<EarlyExitKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, true}, {kFloat, true}});
+  static ConvOpDef<EarlyExitKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, true}, {kFloat, true}, {kFloat, true}});
   return &op;
 }
 

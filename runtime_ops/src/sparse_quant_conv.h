@@ -3,7 +3,8 @@
 // the pruning-quantization paper), never densified.
 //
 // Inputs: 0 X (N,C,H,W) float; 1 values int8 (L,), 2 index uint8 (L,), 3 row_ptr
-// int64 (K+1,), all constant; 4 B (K,) float, optional constant.
+// int64 (K+1,), all constant; 4 B (K,) float, optional constant; 5 other (N,K,OH,OW)
+// float, optional run-time input: a residual site, Y = ReLU(conv + B + other).
 // Attributes: the Conv attributes with kernel_shape required, `channels` (C/group)
 // or `weight_shape` (K, C/group, KH, KW), and `frac_bits` (fl, required).
 //

@@ -126,7 +126,9 @@ bool InputPresent(const OrtKernelInfo* info, size_t index);
 // Plans the input of a run (stride 1: X itself) or fills the padded copy in
 // parallel on the session's pool (buffer: the calling thread's scratch slot 3).
 // Returns false if out of memory.
-bool BuildPaddedInput(OrtKernelContext* ctx, const ConvGeom& g, const float* X, int64_t N, PaddedInput* pi);
+// allow_direct = false: always the padded copy (whose slack allows 8-float over-reads at any row).
+bool BuildPaddedInput(OrtKernelContext* ctx, const ConvGeom& g, const float* X, int64_t N, PaddedInput* pi,
+                      bool allow_direct = true);
 
 // oz::ParallelFor on the session's pool; with ctx == nullptr (the standalone
 // benchmark harness) the tasks run serially on the calling thread.
@@ -138,6 +140,96 @@ void ForTasks(OrtKernelContext* ctx, size_t n, F&& fn) {
   }
   ParallelFor(ctx, n, std::forward<F>(fn));
 }
+
+// ---- the nonzero inputs of each output position ---------------------------------
+
+// kCompress.perm[m]: the lanes set in the 8-bit mask m, in increasing order (then zeros).
+struct CompressTable {
+  alignas(32) int32_t perm[256][8];
+  constexpr CompressTable() : perm() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int l = 0; l < 8; ++l)
+        if (m & (1 << l)) perm[m][n++] = l;
+    }
+  }
+};
+inline constexpr CompressTable kCompress{};
+
+// All bits set in lanes [0, n) (maskload / maskstore of the first n floats).
+OZ_SR_INLINE __m256i LaneMask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// In place: r[i] lane j <- r[j] lane i.
+OZ_SR_INLINE void Transpose8(__m256 (&r)[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// The nonzero inputs of 8 output positions (lanes), listed per position: rowp(r) points to the 8
+// lanes' input values of reduction row r (r < R; rows past R count as 0); lanes >= valid are
+// ignored. For each lane j: val[j*stride + e] (the value) and idx[j*stride + e] (the row), e <
+// cnt[j], in increasing row order; NaN and +-inf are kept (Conv multiplies them, by zero weights
+// too). bnd[j*(nrc+1) + q] = the entries of lane j with row < q*rc (rc: a multiple of 8; nrc =
+// ceil(R8/rc)), so a filter chunk can sweep the rows chunk by chunk. stride >= R rounded up to 8.
+// About one operation per input value (8x8 transposes, a permutation from kCompress per 8
+// rows), shared by every filter that reads the lists.
+template <class RowPtr>
+OZ_SR_INLINE void CompactLanes8(const RowPtr& rowp, int64_t R, int valid, int64_t rc, float* val, int32_t* idx,
+                                int64_t stride, int32_t* cnt, int32_t* bnd) {
+  const int64_t R8 = (R + 7) / 8 * 8, nrc = (R8 + rc - 1) / rc;
+  int32_t c[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const __m256 z = _mm256_setzero_ps();
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const int vmask = (1 << valid) - 1;
+  for (int j = 0; j < 8; ++j) bnd[j * (nrc + 1)] = 0;
+  for (int64_t r = 0; r < R8; r += 8) {
+    __m256 t[8];
+    const int64_t full = std::min<int64_t>(8, R - r);
+    for (int i = 0; i < 8; ++i) t[i] = i < full ? _mm256_loadu_ps(rowp(r + i)) : z;
+    Transpose8(t);  // t[j]: rows r..r+7 of lane j
+    const __m256i rows = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(r)), lane);
+    for (int j = 0; j < 8; ++j) {
+      const int m = ((vmask >> j) & 1) ? _mm256_movemask_ps(_mm256_cmp_ps(t[j], z, _CMP_NEQ_UQ)) : 0;
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.perm[m]));
+      _mm256_storeu_ps(val + j * stride + c[j], _mm256_permutevar8x32_ps(t[j], perm));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + j * stride + c[j]), _mm256_permutevar8x32_epi32(rows, perm));
+      c[j] += __builtin_popcount(static_cast<unsigned>(m));
+    }
+    if ((r + 8) % rc == 0 || r + 8 == R8) {
+      const int64_t q = (r + 8 + rc - 1) / rc;
+      for (int j = 0; j < 8; ++j) bnd[j * (nrc + 1) + q] = c[j];
+    }
+  }
+  for (int j = 0; j < 8; ++j) cnt[j] = c[j];
+}
+
+// ---- residual input ------------------------------------------------------------
+
+// The optional last input `other` (N, K, OH, OW) of a residual site (Conv -> Add(other) -> ReLU):
+// nullptr when the node does not declare it (`declared`, read at session creation). A tensor of
+// any other shape fails naming the op, input 'other', the shape got and the one expected.
+const float* OtherInput(OrtKernelContext* ctx, size_t index, bool declared, const ConvGeom& g, int64_t N,
+                        const char* op);
+
+// Y[i] = ReLU(Y[i] + other[i]) for i < n (NaN kept), on the session's pool: a residual site's
+// second pass after a GEMM that could not fuse the shortcut.
+void AddRelu(OrtKernelContext* ctx, float* Y, const float* other, int64_t n);
 
 // ---- task partition --------------------------------------------------------------
 
@@ -233,14 +325,37 @@ OZ_SR_INLINE void ValidMask(__m256 (&m)[NA], int np) {
     m[i] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(np - 8 * i), lane));
 }
 
-// Stores max(a*scale + bias, 0) (scale = 1 skips the multiply) to the first np lanes of y.
+// The starting partial sums of a block: lanes j < np get bias + other[j] (other: the block's
+// row of the residual input, or nullptr), lanes past np get bias (masked out later).
 template <int NA>
-OZ_SR_INLINE void StoreRelu(const float* acc, float scale, float bias, float* y, int np) {
-  const __m256 s = _mm256_set1_ps(scale), b = _mm256_set1_ps(bias), z = _mm256_setzero_ps();
+OZ_SR_INLINE void FillBias(float* acc, float bias, const float* other, int np) {
+  Fill<NA>(acc, bias);
+  if (!other) return;
+  const __m256 b = _mm256_set1_ps(bias);
   int j = 0;
-  for (; j + 8 <= np; j += 8)
-    _mm256_storeu_ps(y + j, _mm256_max_ps(_mm256_fmadd_ps(_mm256_load_ps(acc + j), s, b), z));
-  for (; j < np; ++j) y[j] = std::max(acc[j] * scale + bias, 0.f);
+  for (; j + 8 <= np; j += 8) _mm256_store_ps(acc + j, _mm256_add_ps(b, _mm256_loadu_ps(other + j)));
+  for (; j < np; ++j) acc[j] = bias + other[j];
+}
+
+// ReLU that lets a NaN through, as onnxruntime's Relu does (max_ps returns its second operand
+// when either is NaN).
+OZ_SR_INLINE __m256 Relu(__m256 v) { return _mm256_max_ps(_mm256_setzero_ps(), v); }
+OZ_SR_INLINE float Relu(float v) { return v <= 0.f ? 0.f : v; }
+
+// Stores ReLU(a*scale + bias + other) (other: the block's row of the residual input, or
+// nullptr) to the first np lanes of y.
+template <int NA>
+OZ_SR_INLINE void StoreRelu(const float* acc, float scale, float bias, const float* other, float* y, int np) {
+  const __m256 s = _mm256_set1_ps(scale), b = _mm256_set1_ps(bias);
+  int j = 0;
+  if (other) {
+    for (; j + 8 <= np; j += 8)
+      _mm256_storeu_ps(y + j, Relu(_mm256_add_ps(_mm256_fmadd_ps(_mm256_load_ps(acc + j), s, b), _mm256_loadu_ps(other + j))));
+    for (; j < np; ++j) y[j] = Relu(acc[j] * scale + bias + other[j]);
+    return;
+  }
+  for (; j + 8 <= np; j += 8) _mm256_storeu_ps(y + j, Relu(_mm256_fmadd_ps(_mm256_load_ps(acc + j), s, b)));
+  for (; j < np; ++j) y[j] = Relu(acc[j] * scale + bias);
 }
 
 }  // namespace sr
