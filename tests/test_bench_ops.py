@@ -40,9 +40,16 @@ def test_which_layers_are_chained():
     assert [layer.name for layer in chain_for(_layer("3x3 1->64 28x28"))] == \
         ["3x3 1->64 28x28", "3x3 64x28x28", "3x3 64x28x28"]
     assert chain_for(_layer("3x3 64x28x28")) == [_layer("3x3 64x28x28")] * 3
-    # channel-changing or strided layers have no same-shape chain
-    assert chain_for(_layer("1x1 256->64 56x56")) is None
-    assert chain_for(_layer("7x7/2 3->64 224x224")) is None
+    # only the ResNet-18/MNIST shapes are chained (the default bench stays short)
+    for layer in LAYERS:
+        assert (chain_for(layer) is not None) == (layer.name in RESNET18_MNIST)
+
+
+def test_default_run_is_the_targets_skips_on_every_layer():
+    from onnxzero.bench.common import DEFAULT_SKIPS
+    from onnxzero.bench.ops import TARGETS
+
+    assert {s for t in TARGETS.values() for s in t} <= set(DEFAULT_SKIPS)
 
 
 @pytest.mark.parametrize("op", sorted(discover()))

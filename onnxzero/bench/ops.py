@@ -2,7 +2,8 @@
 
 For every bench layer (onnxzero.bench.common.LAYERS) and every op module onnxzero/bench/op_*.py
 (each with `OP` and `build(layer, skip, rng) -> BenchCase`, optionally `SKIPS`, the skip targets it
-supports), at each skip target:
+supports), at each skip target (default: common.DEFAULT_SKIPS, the targets' skips; any of
+common.SKIPS on request):
 
   * the op's one-node model from `build`, and the reference: onnxruntime's standard Conv(+B) -> Relu
     with the same W and B (read from the op node's inputs 1 and 2) and the same Conv attributes,
@@ -49,7 +50,7 @@ from onnx import helper, numpy_helper
 
 import onnxzero.bench as bench_pkg
 from onnxzero import DOMAIN, get_library_path
-from onnxzero.bench.common import LAYERS, SKIPS, BenchCase, Layer, chain_for
+from onnxzero.bench.common import DEFAULT_SKIPS, LAYERS, BenchCase, Layer, chain_for
 from onnxzero.ops.conv_relu import onnx_conv_relu_model
 from onnxzero.ops.session import conv_geometry
 
@@ -298,7 +299,7 @@ def run_ops_bench(*, ops: list[str] | None = None, layers: list[str] | None = No
     """Run every (op, layer, skip) case; see the module docstring. Failing cases get an "error"."""
     modules = _select_ops(discover(), ops)
     chosen_layers = _select_layers(layers)
-    skips = list(SKIPS if skips is None else skips)
+    skips = list(DEFAULT_SKIPS if skips is None else skips)
     todo = []
     for layer in chosen_layers:
         for op, mod in modules.items():
