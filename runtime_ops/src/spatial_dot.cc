@@ -20,7 +20,9 @@ inline __m128 HSum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1));
 }
 
-template <int MF, int MP>
+// TAIL: segments end in a partial chunk (len % 8 != 0). A separate instantiation keeps the lane mask
+// out of the common case, where 12 accumulators + 3 pixels + 1 weight already use all 16 registers.
+template <int MF, int MP, bool TAIL>
 void DotTile(const DotJob& job, const int32_t* ks, const float* const* x, const int64_t* ycol, uint8_t* flags,
              const int64_t* fcol, const SegLayout& L) noexcept {
   constexpr int NA = MF * MP;
@@ -35,9 +37,10 @@ void DotTile(const DotJob& job, const int32_t* ks, const float* const* x, const 
 
   // X loads of the segment's last chunk are masked to the real floats (see spatial_conv.h: what lies
   // past a segment is the next pixel, and 0 * Inf there would be NaN here)
-  const int64_t len = L.len, lfull = len / 8 * 8;
-  const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(len - lfull)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const int64_t len = L.len, lfull = TAIL ? len / 8 * 8 : lpad;
+  const __m256i tail = TAIL ? _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(len - lfull)),
+                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+                            : _mm256_setzero_si256();
   auto step = [&](int u, const float* const* xp, const float* const* wq, int64_t i, auto masked)
       __attribute__((always_inline)) {
     auto ldx = [&](const float* q) __attribute__((always_inline)) {
@@ -75,7 +78,7 @@ void DotTile(const DotJob& job, const int32_t* ks, const float* const* x, const 
       }
     }
     for (; i < lfull; i += 8) step(0, xp, wp, i, kFull);
-    if (lfull < len) step(0, xp, wp, lfull, kTail);
+    if constexpr (TAIL) step(0, xp, wp, lfull, kTail);
     for (int f = 0; f < MF; ++f) wp[f] += lpad;
   }
 
@@ -115,12 +118,12 @@ using TileFn = void (*)(const DotJob&, const int32_t*, const float* const*, cons
 constexpr int kMaxMP = 6;
 constexpr int kMaxMF[kMaxMP + 1] = {0, 8, 6, 4, 3, 2, 2};
 
-template <int MP>
+template <int MP, bool TAIL>
 constexpr std::array<TileFn, 9> MakeRow() {
   std::array<TileFn, 9> r{};
   auto one = [&](auto mf_c) {
     constexpr int MF = decltype(mf_c)::value;
-    if constexpr (MF <= kMaxMF[MP]) r[MF] = &DotTile<MF, MP>;
+    if constexpr (MF <= kMaxMF[MP]) r[MF] = &DotTile<MF, MP, TAIL>;
   };
   one(std::integral_constant<int, 1>{});
   one(std::integral_constant<int, 2>{});
@@ -134,8 +137,10 @@ constexpr std::array<TileFn, 9> MakeRow() {
 }
 
 using TileTable = std::array<std::array<TileFn, 9>, kMaxMP + 1>;
-const TileTable kTilesAny = {
-    {std::array<TileFn, 9>{}, MakeRow<1>(), MakeRow<2>(), MakeRow<3>(), MakeRow<4>(), MakeRow<5>(), MakeRow<6>()}};
+const TileTable kTilesFull = {{std::array<TileFn, 9>{}, MakeRow<1, false>(), MakeRow<2, false>(), MakeRow<3, false>(),
+                               MakeRow<4, false>(), MakeRow<5, false>(), MakeRow<6, false>()}};
+const TileTable kTilesTail = {{std::array<TileFn, 9>{}, MakeRow<1, true>(), MakeRow<2, true>(), MakeRow<3, true>(),
+                               MakeRow<4, true>(), MakeRow<5, true>(), MakeRow<6, true>()}};
 
 
 // Pixel chunks: 3 at a time; a remainder of 1 (when there are >= 4) becomes 2 + 2.
@@ -150,7 +155,7 @@ inline int64_t ChunkAt(int64_t j0, int64_t np) {
 
 void DotBlock(const DotJob& job, const SegLayout& L, bool filters_outer) noexcept {
   if (job.nf <= 0 || job.np <= 0) return;
-  const TileTable& kTiles = kTilesAny;
+  const TileTable& kTiles = L.len % 8 ? kTilesTail : kTilesFull;
   if (filters_outer) {
     constexpr int64_t MF = 4;
     for (int64_t f0 = 0; f0 < job.nf; f0 += MF) {
