@@ -98,8 +98,10 @@ def test_records_table_and_json_have_chain_rows(tmp_path):
                        ("SpatialConv", "1x1 256->64 56x56", 0.5), ("ConvRelu", "1x1 256->64 56x56", 0.0)}
     for r in records:
         assert "error" not in r and "chain_error" not in r, r
+        assert r["ratio_p25"] > 0
         if r["layer"] == "3x3 512x4x4":
-            assert {"chain_ratio", "chain_op_ms", "chain_ort_ms", "chain_skip", "chain_layers"} <= set(r)
+            assert {"chain_ratio", "chain_op_ms", "chain_ort_ms", "chain_skip", "chain_layers", "chain_ratio_p25",
+                    "chain_ratio_min"} <= set(r)
             assert r["chain_ratio"] > 0 and r["chain_layers"] == ["3x3 512x4x4"] * 3
         else:  # no chain for a channel-changing layer
             assert not any(k.startswith("chain") for k in r)
