@@ -150,6 +150,28 @@ def test_residual_kernel_matches_reference(case, form, patch, density, runtime_m
     _check_against_reference(x, w, b, mask, patch=patch, runtime_mask=runtime_mask, other=other, **c["attrs"])
 
 
+@settings(max_examples=max(10, EXAMPLES // 6), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(case=conv_cases(), form=st.sampled_from(["layer", "filter", "full"]), bias=st.booleans(),
+       other_first=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_residual_all_ones_matches_onnxruntime_conv_add_relu(case, form, bias, other_first, seed):
+    """Any geometry, no prediction (all-ones mask of any form): onnxruntime's Conv+Add+Relu."""
+    rng = np.random.default_rng(seed)
+    c = case
+    # onnxruntime's Conv: "Dilation not supported for AutoPadType::SAME_UPPER or AutoPadType::SAME_LOWER"
+    assume(not (c["attrs"]["auto_pad"].startswith("SAME") and c["attrs"]["dilations"] != [1, 1]))
+    x = rng.standard_normal((c["N"], c["C"], c["H"], c["W"])).astype(np.float32)
+    w = rng.standard_normal((c["K"], c["C"] // c["group"], c["KH"], c["KW"])).astype(np.float32)
+    b = rng.standard_normal(c["K"]).astype(np.float32) if bias else None
+    other = (2 * rng.standard_normal((c["N"], c["K"], c["OH"], c["OW"]))).astype(np.float32)
+    mask = np.ones({"layer": (2, 2), "filter": (c["K"], 2, 2), "full": (c["K"], c["OH"], c["OW"])}[form], np.uint8)
+    attrs = {**c["attrs"], "kernel_shape": [c["KH"], c["KW"]]}
+    y, macs = _run(_session(w, b, patch=2, mask=mask, x_shape=x.shape, other=True, **attrs), x, other=other)
+    ref = _ort_conv_relu(x, w, b, other=other, other_first=other_first, **attrs)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+    assert macs == c["N"] * c["K"] * c["OH"] * c["OW"] * (c["C"] // c["group"]) * c["KH"] * c["KW"]
+
+
 @pytest.mark.parametrize("form", ["layer", "filter", "full"])
 @pytest.mark.parametrize("shape", [(2, 32, 24, 15, 17, 3), (1, 24, 40, 9, 9, 1), (1, 64, 16, 7, 7, 3)])
 def test_kernel_matches_reference_wide_channels(form, shape):
