@@ -319,18 +319,20 @@ def bench() -> None:
 @click.option("--skip", "skips", multiple=True, type=click.FloatRange(0, 0.99), help="Skip targets (repeatable).")
 @click.option("--runs", type=click.IntRange(min=5), default=20, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--chain/--no-chain", default=True, show_default=True,
+              help="Also time each op in a three-conv chain vs onnxruntime's chain (in context).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path))
 @_user_errors
 def bench_ops(ops: tuple[str, ...], layers: tuple[str, ...], skips: tuple[float, ...], runs: int, threads: int,
-              json_out: Path | None) -> None:
-    """Each custom op vs onnxruntime's Conv+Relu on real CNN layer shapes."""
+              chain: bool, json_out: Path | None) -> None:
+    """Each custom op vs onnxruntime's Conv+Relu on real CNN layer shapes, alone and in a chain."""
     from rich.console import Console
 
     from onnxzero.bench.ops import render_table, run_ops_bench
     from onnxzero.emit import atomic_write_json
 
     records = run_ops_bench(ops=list(ops) or None, layers=list(layers) or None, skips=list(skips) or None,
-                            runs=runs, threads=threads, progress=sys.stderr.isatty())
+                            runs=runs, threads=threads, progress=sys.stderr.isatty(), chain=chain)
     render_table(records, Console())
     if json_out:
         atomic_write_json(json_out, records)
