@@ -13,6 +13,7 @@ from onnxzero.passes.sites import Site
 
 class LazyRule(SiteRule):
     technique = "lazy"
+    residual = True
     keys = ("ratio",)
     needs_data = True
 

@@ -16,6 +16,7 @@ DEFAULT_PATCH = 2
 
 class SpatialRule(SiteRule):
     technique = "spatial"
+    residual = True
     keys = ("patch", "mask")
 
     def default_setting(self, site: Site, given: dict[str, Any]) -> dict[str, Any]:
