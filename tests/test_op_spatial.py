@@ -629,3 +629,21 @@ def test_bench_case_reaches_its_skip_target(name):
         y, macs = make_session(case.model).run(None, case.feeds)
         dense = layer.K * layer.C * layer.KH * layer.KW * y.shape[2] * y.shape[3]
         assert abs((1 - int(macs) / dense) - skip) < 0.01, (skip, 1 - int(macs) / dense)
+
+
+def test_rule_passes_the_residual_as_the_last_input():
+    """passes/rules/spatial.py: a residual site's `other` operand becomes input 4; a plain site has 4 inputs."""
+    from onnxzero.passes.rules.spatial import SpatialRule
+    from onnxzero.passes.sites import Site
+
+    base = dict(name="conv1", conv="conv1", activation="relu1", activation_op="Relu", clip_max=None, x="X", w="W",
+                b="B", conv_output="C", y="Y", x_shape=(8, 6, 6), w_shape=(4, 8, 3, 3), y_shape=(4, 6, 6),
+                strides=(1, 1), pads=(1, 1, 1, 1), auto_pad="NOTSET", dilations=(1, 1), group=1,
+                macs=4 * 8 * 9 * 36, input_nonneg=True, nonneg_reason="test")
+    import onnx
+
+    rule = SpatialRule(onnx.ModelProto(), None)  # rewrite() reads neither the model nor calibration
+    rep = rule.rewrite(Site(**base, residual="S", add="add1"), {"patch": 2}, "Y")
+    assert list(rep.nodes[0].input) == ["X", "W", "B", "conv1__mask", "S"]
+    rep = rule.rewrite(Site(**base), {"patch": 2}, "Y")
+    assert list(rep.nodes[0].input) == ["X", "W", "B", "conv1__mask"]

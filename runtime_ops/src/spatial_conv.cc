@@ -703,8 +703,8 @@ struct SpatialConvKernel {
     }
   }
 
-  int64_t Run(OrtKernelContext* context, const ConvGeom& g, int64_t N, const float* X, const float* O, float* Y, MaskForm form,
-              const uint8_t* mdata, bool dense) const {
+  int64_t Run(OrtKernelContext* context, const ConvGeom& g, int64_t N, const float* X, const float* O, float* Y,
+              MaskForm form, const uint8_t* mdata, bool dense) const {
     Shared s;
     s.g = &g;
     s.p = p;
@@ -821,8 +821,9 @@ struct SpatialConvKernel {
 }  // namespace
 
 const OrtCustomOp* SpatialConvOp() {
-  static ConvOpDef<SpatialConvKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false},
-                                                       {kFloat, true}});
+  // X, W, B (optional), mask, other (optional residual, last)
+  static ConvOpDef<SpatialConvKernel> op(
+      kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false}, {kFloat, true}});
   return &op;
 }
 
