@@ -40,36 +40,67 @@ def cli() -> None:
 
 # ---------------------------------------------------------------- profile
 @cli.command()
-@click.argument("model")
+@click.argument("models", nargs=-1, required=True)
 @click.option("--data", type=click.Path(path_type=Path), help=".npz with 'inputs' (and 'labels'); zoo models default to their zoo data.")
 @click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs per measurement.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the full report as JSON.")
 @click.option("--plots", type=click.Path(path_type=Path), help="Write PNG plots into this folder (created if missing).")
+@click.option("--html", "html_out", type=click.Path(path_type=Path), help="Write a self-contained HTML report.")
 @_user_errors
-def profile(model: str, data: Path | None, runs: int, json_out: Path | None, plots: Path | None) -> None:
+def profile(models: tuple[str, ...], data: Path | None, runs: int, json_out: Path | None, plots: Path | None,
+            html_out: Path | None) -> None:
     """Per-node latency, MACs and params, and how often each ReLU output is zero.
 
-    MODEL is an .onnx file or zoo:NAME (see `onnxzero zoo list`).
+    MODEL is an .onnx file or zoo:NAME (see `onnxzero zoo list`). With several models: one table
+    side by side (params, MACs, latency, accuracy, peak activation memory, energy estimate).
     """
     from rich.console import Console
 
+    from onnxzero import zoo as z
     from onnxzero.emit import atomic_write_json
+    from onnxzero.html_report import check_html_path, render_profile_html, write_html
     from onnxzero.load import check_output_path, input_files
     from onnxzero.profile import profile_model
+    from onnxzero.profile.compare import compare_models
+    from onnxzero.profile.effectual import effectual_macs
 
-    protect = input_files(model) + ((data,) if data else ())
+    protect = tuple(f for m in models for f in input_files(m)) + ((data,) if data else ())
     if json_out:
         check_output_path(json_out, protect)
+    if html_out:
+        check_html_path(html_out, protect)
+    if plots and len(models) > 1:
+        raise UserError("--plots takes one model, got several: expected one MODEL (or drop --plots)")
     if plots and plots.exists() and not plots.is_dir():
         raise UserError(f"--plots {plots} is a file, expected a directory")
     if plots:  # a folder the plots can be written into, checked before the profiling
         check_output_path(plots / "latency_per_node.png", protect)
-    report = profile_model(model, data=data, runs=runs, progress=sys.stderr.isatty())
     console = Console()
+    if len(models) > 1:
+        cmp_ = compare_models(list(models), data=data, runs=runs)
+        cmp_.render(console)
+        if json_out:
+            atomic_write_json(json_out, cmp_.to_json(), protect=protect)
+            console.print(f"wrote {json_out}")
+        if html_out:
+            write_html(html_out, render_profile_html(compare=cmp_), protect=protect)
+            console.print(f"wrote {html_out}")
+        return
+    model = models[0]
+    report = profile_model(model, data=data, runs=runs, progress=sys.stderr.isatty())
     report.render(console)
+    eff = effectual_macs(model, data=data) if (data or z.default_data(model)) else None
+    if eff is not None:
+        eff.render(console)
     if json_out:
-        atomic_write_json(json_out, report.to_json(), protect=protect)
+        j = report.to_json()
+        if eff is not None:
+            j["effectual"] = eff.to_json()
+        atomic_write_json(json_out, j, protect=protect)
         console.print(f"wrote {json_out}")
+    if html_out:
+        write_html(html_out, render_profile_html(report, effectual=eff), protect=protect)
+        console.print(f"wrote {html_out}")
     if plots:
         written = report.write_plots(plots)
         console.print(f"wrote {len(written)} plots to {plots}")
