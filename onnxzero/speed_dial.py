@@ -317,12 +317,15 @@ def _nsga2(knobs: list[Knob], evaluate: Callable[[tuple[int, ...]], Measured], *
            generations: int, seed: int) -> None:
     """pymoo's NSGA-II over one integer (option index) per site, objectives (-accuracy, latency),
     constraint loss - eps <= 0. Results land in `evaluate`'s cache; sites with one option are fixed."""
-    from pymoo.algorithms.moo.nsga2 import NSGA2
-    from pymoo.core.problem import ElementwiseProblem
-    from pymoo.operators.crossover.sbx import SBX
-    from pymoo.operators.mutation.pm import PM
-    from pymoo.operators.repair.rounding import RoundingRepair
-    from pymoo.optimize import minimize
+    try:
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        from pymoo.core.problem import ElementwiseProblem
+        from pymoo.operators.crossover.sbx import SBX
+        from pymoo.operators.mutation.pm import PM
+        from pymoo.operators.repair.rounding import RoundingRepair
+        from pymoo.optimize import minimize
+    except ImportError as e:  # a dependency of the package; this only happens in a broken install
+        raise UserError(f"--pareto needs pymoo>=0.6.2 (NSGA-II), which is not importable: {e}") from e
 
     upper = np.array([len(k.options) - 1 for k in knobs])
 
