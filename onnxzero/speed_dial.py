@@ -35,8 +35,10 @@ from onnxzero import UserError
 from onnxzero.evaluate import Evaluator, median_latency_ms, top1
 from onnxzero.ops import early_exit, lazy, spatial
 from onnxzero.passes.normalize import normalize
-from onnxzero.passes.rewrite import rewrite
+from onnxzero.passes.rewrite import provenance, rewrite
+from onnxzero.passes.rules import RULES
 from onnxzero.passes.rules.base import Calibration, weight
+from onnxzero.passes.sites import find_sites
 
 SPEED = "speed"
 ROUNDING = ("index = floor(clip(speed, 0, 1) * (P - 1) + 0.5): the nearest point, exactly half way goes to the "
@@ -86,13 +88,16 @@ class DialResult:
     evaluated: list[Measured] = field(default_factory=list)
 
 
-def runtime_knobs(model: onnx.ModelProto, sites) -> dict[str, dict[str, str]]:
+def runtime_knobs(model: onnx.ModelProto, sites, *, graph_inputs_only: bool = True) -> dict[str, dict[str, str]]:
     """{site name: {kind: graph input name}} for every custom op fed a run-time setting.
 
     A node belongs to the site whose input and weight it reads; a setting input counts only when it
-    is a graph input (with its default as an initializer), i.e. changeable per run.
+    is a graph input (with its default as an initializer), i.e. changeable per run, unless
+    graph_inputs_only is off (then constants count too).
     """
     graph_inputs = {i.name for i in model.graph.input}
+    if not graph_inputs_only:
+        graph_inputs |= {t.name for t in model.graph.initializer}
     by_xw = {(s.x, s.w): s.name for s in sites}
     out: dict[str, dict[str, str]] = {}
     for n in model.graph.node:
@@ -103,6 +108,41 @@ def runtime_knobs(model: onnx.ModelProto, sites) -> dict[str, dict[str, str]]:
         found = {k: n.input[i] for i, k in kinds.items() if i < len(n.input) and n.input[i] in graph_inputs}
         if site and found:
             out[site] = found
+    return out
+
+
+def seed_from_model(optimized: onnx.ModelProto, base: onnx.ModelProto) -> dict[str, dict[str, Any]]:
+    """The per-site config ({site: {"technique", setting...}}) that rewrites `base` (the normalized
+    float model) into `optimized` (a model onnxzero rewrote, e.g. the greedy search's result), given
+    the same calibration data (the lazy predictors are fitted on it; they are not settings).
+
+    The techniques and fixed settings come from the model's provenance; the run-time-settable values
+    (lazy ratio, spatial mask, predictive n_terms/threshold) are read from the ops' inputs, whether
+    frozen as constants or graph inputs with defaults, so the seed is exactly what was deployed.
+    """
+    prov = (provenance(optimized) or {}).get("sites") or {}
+    if not prov:
+        raise UserError("the optimized model has no onnxzero provenance (metadata 'onnxzero'): "
+                        "expected a model written by onnxzero optimize or rewrite")
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in prov.items():
+        tech = entry["technique"]
+        keys = RULES[tech].keys
+        out[name] = {"technique": tech, **{k: v for k, v in (entry.get("setting") or {}).items() if k in keys}}
+    values = _initializers(optimized)
+    for name, kinds in runtime_knobs(optimized, find_sites(base), graph_inputs_only=False).items():
+        if name not in out:
+            continue
+        got = {k: values[v] for k, v in kinds.items() if v in values}
+        cfg = out[name]
+        if "ratio" in got:
+            cfg["ratio"] = float(got["ratio"])
+        if "mask" in got:
+            cfg["mask"] = got["mask"].tolist()
+        if "n_terms" in got and "threshold" in got:
+            cfg.pop("fraction", None)
+            cfg.pop("quantile", None)
+            cfg["n_terms"], cfg["threshold"] = got["n_terms"].tolist(), got["threshold"].tolist()
     return out
 
 

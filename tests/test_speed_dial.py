@@ -17,7 +17,7 @@ from onnxzero.evaluate import Evaluator, top1
 from onnxzero.passes.normalize import normalize
 from onnxzero.passes.rewrite import rewrite
 from onnxzero.passes.sites import find_sites
-from onnxzero.speed_dial import SPEED, Measured, non_dominated, runtime_knobs, speed_dial
+from onnxzero.speed_dial import SPEED, Measured, non_dominated, runtime_knobs, seed_from_model, speed_dial
 
 LENET = {"/features/features.0/Conv": {"technique": "lazy", "ratio": 0.75},
          "/features/features.3/Conv": {"technique": "lazy", "ratio": 0.5}}
@@ -196,3 +196,27 @@ def test_resnet_mixed_techniques(mnist):
     for p in res.report["points"]:
         r = ev.run(x[900:], feeds={SPEED: np.asarray(p["speed"], np.float32)})
         assert top1(r.logits, y[900:]) == p["accuracy"] and r.macs == p["op_macs"]
+
+
+def test_seed_from_model_recovers_the_deployed_config(mnist):
+    """The greedy result is a model: its config (constants included) rewrites the float model identically."""
+    x, y = mnist
+    base, _ = normalize(onnx.load(zoo.path("resnet-mnist")))
+    plain = [s for s in find_sites(base) if s.residual is None]
+    cfg = {plain[0].name: {"technique": "spatial", "patch": 2, "mask": [[0, 1], [1, 0]]},
+           plain[1].name: {"technique": "lazy", "ratio": 0.6},
+           plain[2].name: {"technique": "early-exit", "mode": "predictive", "fraction": 0.25, "quantile": 0.05},
+           plain[3].name: {"technique": "sparse-quant", "prune": 0.7}}
+    deployed, _ = rewrite(base, config={"sites": cfg}, inputs=x[:100], labels=y[:100], normalized=True,
+                          runtime_settings=False)
+    seed = seed_from_model(deployed, base)
+    assert seed[plain[0].name] == {"technique": "spatial", "patch": 2, "mask": [[0, 1], [1, 0]]}
+    assert seed[plain[1].name] == {"technique": "lazy", "ratio": 0.6000000238418579}
+    assert set(seed[plain[2].name]) == {"technique", "mode", "n_terms", "threshold"}
+    assert seed[plain[3].name]["technique"] == "sparse-quant"
+    # the same calibration data: the lazy predictor is fitted on it (not a setting)
+    again, _ = rewrite(base, config={"sites": seed}, inputs=x[:100], labels=y[:100], normalized=True,
+                       runtime_settings=False)
+    np.testing.assert_array_equal(Evaluator(again).run(x[900:]).logits, Evaluator(deployed).run(x[900:]).logits)
+    with pytest.raises(UserError, match="^the optimized model has no onnxzero provenance"):
+        seed_from_model(base, base)
