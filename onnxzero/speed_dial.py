@@ -271,11 +271,24 @@ def pick(front: list[Measured], points: int) -> list[Measured]:
     return [front[i] for i in idx]
 
 
+RUNTIME_TECHNIQUES = ("lazy", "spatial", "early-exit")  # early-exit only in predictive mode
+
+
+def check_pareto_options(points: int, techniques) -> None:
+    """`optimize --pareto` checks, before the search runs: a one-line UserError, nothing written."""
+    if not isinstance(points, int) or isinstance(points, bool) or points < 2:
+        raise UserError(f"--points is {points!r}, expected an integer >= 2 (the most accurate and the fastest point)")
+    if not set(techniques) & set(RUNTIME_TECHNIQUES):
+        raise UserError(f"--pareto needs a run-time-settable technique (lazy, spatial or predictive early-exit) "
+                        f"in --techniques, got {','.join(techniques) or 'none'}")
+
+
 def speed_dial(model: onnx.ModelProto, calibration: tuple[np.ndarray, np.ndarray | None],
                validation: tuple[np.ndarray, np.ndarray | None], *, eps: float,
                seed_config: Mapping[str, Mapping[str, Any]], points: int = 8, pop_size: int = 16,
                generations: int = 10, latency: LatencyMeasurer | None = None, threads: int = 2,
-               objective: str = "latency", rounds: int = 7, seed: int = 0, normalized: bool = False) -> DialResult:
+               objective: str = "latency", rounds: int = 7, seed: int = 0, normalized: bool = False,
+               progress=None) -> DialResult:
     """Search the run-time settings' accuracy vs latency front and emit one model with a `speed` input.
 
     model: the float model; calibration / validation: (inputs, labels or None: the float model's
@@ -285,10 +298,10 @@ def speed_dial(model: onnx.ModelProto, calibration: tuple[np.ndarray, np.ndarray
     threads: the session's intra-op threads (spinning is off in every onnxzero session);
     objective: "latency" (the paper's) or "macs" (deterministic: whole-model MACs from the ops'
     counters); rounds: the front's candidates are re-timed interleaved this many times and keep the
-    median, so one lucky run cannot put a point on the front (latency objective only).
+    median, so one lucky run cannot put a point on the front (latency objective only);
+    progress: an object with start(total, what) and advance(n=1) (e.g. the search's Progress), or None.
     """
-    if not isinstance(points, int) or isinstance(points, bool) or points < 2:
-        raise UserError(f"--points is {points!r}, expected an integer >= 2 (the most accurate and the fastest point)")
+    check_pareto_options(points, RUNTIME_TECHNIQUES)
     if not 0 <= eps <= 100:
         raise UserError(f"--eps is {eps:g}, expected a value in [0, 100] (percentage points of top-1)")
     if objective not in ("latency", "macs"):
@@ -330,8 +343,12 @@ def speed_dial(model: onnx.ModelProto, calibration: tuple[np.ndarray, np.ndarray
             acc = top1(r.logits, cal_ref)
             lat = float(measure(ev.session, {ev.input_name: sample, **feeds}))
             cache[genome] = Measured(genome, acc, 100.0 * (base_acc - acc), dense_rest + r.macs, lat)
+            if progress is not None:
+                progress.advance()
         return cache[genome]
 
+    if progress is not None:  # an upper bound: NSGA-II drops duplicate genomes
+        progress.start(pop_size * generations, "NSGA-II run-time settings")
     cost = (lambda m: m.latency_ms) if objective == "latency" else (lambda m: float(m.macs))
     _nsga2(knobs, evaluate, cost, eps=eps, pop_size=pop_size, generations=generations, seed=seed)
     within = [m for m in cache.values() if m.loss <= eps]

@@ -255,3 +255,15 @@ def test_macs_objective(lenet, mnist):
     with pytest.raises(UserError, match="^--objective is 'energy', expected latency or macs$"):
         speed_dial(base, (x[:60], y[:60]), (x[60:90], y[60:90]), eps=3, seed_config=LENET, objective="energy",
                    normalized=True)
+
+
+def test_pareto_options_checked_before_the_search():
+    from onnxzero.speed_dial import check_pareto_options
+
+    check_pareto_options(2, ("sparse-quant", "lazy"))  # must not fire
+    with pytest.raises(UserError, match=r"^--points is 0, expected an integer >= 2"):
+        check_pareto_options(0, ("lazy",))
+    with pytest.raises(UserError) as e:
+        check_pareto_options(8, ("sparse-quant",))
+    assert str(e.value) == ("--pareto needs a run-time-settable technique (lazy, spatial or predictive early-exit) "
+                            "in --techniques, got sparse-quant")
