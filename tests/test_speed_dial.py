@@ -183,13 +183,15 @@ def test_resnet_mixed_techniques(mnist):
     base, _ = normalize(onnx.load(zoo.path("resnet-mnist")))
     plain = [s for s in find_sites(base) if s.residual is None]
     techs = [{"technique": "spatial", "patch": 2}, {"technique": "lazy", "ratio": 0.75},
-             {"technique": "early-exit", "mode": "predictive", "fraction": 0.5, "quantile": 0.02}]
+             {"technique": "early-exit", "mode": "predictive", "fraction": 0.5, "quantile": 0.02},
+             {"technique": "sparse-quant", "prune": 0.7}]  # fixed: not a run-time setting
     seed = {s.name: t for s, t in zip(plain, techs)}
     res = speed_dial(base, (x[:100], y[:100]), (x[900:], y[900:]), eps=3, seed_config=seed, points=3,
                      pop_size=8, generations=3, latency=macs_latency, normalized=True)
     onnx.checker.check_model(res.model, full_check=True)
     kinds = {k["technique"]: k["inputs"] for k in res.report["sites"]}
     assert set(kinds) == {"spatial", "lazy", "early-exit"}
+    assert sum(n.op_type == "SparseQuantConv" for n in res.model.graph.node) == 1
     graph_inputs = {i.name for i in res.model.graph.input}
     assert not graph_inputs & {n for v in kinds.values() for n in v}  # replaced by the tables
     ev = Evaluator(res.model)
