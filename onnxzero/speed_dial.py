@@ -251,16 +251,22 @@ def non_dominated(points: list[Measured], cost: Callable[[Measured], float] = la
     return sorted(front, key=lambda p: (-p.accuracy, cost(p)))
 
 
+def _interleaved(measure: LatencyMeasurer, runs: list[tuple[ort.InferenceSession, dict[str, np.ndarray]]],
+                 rounds: int) -> list[float]:
+    """The median of `rounds` measurements of each (session, feeds), taken round-robin so machine
+    noise hits all of them alike."""
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for t, (sess, feeds) in zip(times, runs):
+            t.append(float(measure(sess, feeds)))
+    return [float(np.median(t)) for t in times]
+
+
 def _retime(ev: Evaluator, sample: np.ndarray, knobs: list[Knob], measure: LatencyMeasurer, points: list[Measured],
             rounds: int) -> None:
-    """Each point's latency := the median of `rounds` measurements taken round-robin over the points,
-    so machine noise hits all of them alike."""
-    times: dict[int, list[float]] = {i: [] for i in range(len(points))}
-    for _ in range(rounds):
-        for i, m in enumerate(points):
-            times[i].append(float(measure(ev.session, {ev.input_name: sample, **_feeds(knobs, m.genome)})))
-    for i, m in enumerate(points):
-        m.latency_ms = float(np.median(times[i]))
+    lat = _interleaved(measure, [(ev.session, {ev.input_name: sample, **_feeds(knobs, m.genome)}) for m in points], rounds)
+    for m, v in zip(points, lat):
+        m.latency_ms = v
 
 
 def pick(front: list[Measured], points: int) -> list[Measured]:
@@ -373,19 +379,22 @@ def speed_dial(model: onnx.ModelProto, calibration: tuple[np.ndarray, np.ndarray
     # the report's figures: the emitted model, fed each point's speed, on the held-out split
     out_ev = Evaluator(dial, threads=threads)
     base_val = top1(float_ev.run(val_x).logits, val_ref)
+    speeds = [speed_value(i, len(chosen)) for i in range(len(chosen))]
+    # the float model (onnxruntime's own kernels) timed alongside the dial's points
+    *lat, base_lat = _interleaved(measure, [(out_ev.session, {out_ev.input_name: sample, SPEED: np.asarray(s, np.float32)})
+                                            for s in speeds] + [(float_ev.session, {float_ev.input_name: sample})], rounds)
     rows = []
-    for i, m in enumerate(chosen):
-        s = speed_value(i, len(chosen))
-        feeds = {SPEED: np.asarray(s, np.float32)}
-        r = out_ev.run(val_x, feeds=feeds)
+    for m, s, ms in zip(chosen, speeds, lat):
+        r = out_ev.run(val_x, feeds={SPEED: np.asarray(s, np.float32)})
         acc = top1(r.logits, val_ref)
         rows.append({"speed": s, "accuracy": acc, "loss": 100.0 * (base_val - acc), "macs": int(dense_rest + r.macs),
-                     "op_macs": int(r.macs), "latency_ms": float(measure(out_ev.session, {out_ev.input_name: sample, **feeds})),
+                     "op_macs": int(r.macs), "latency_ms": ms,
                      "settings": {kn.site: {"technique": kn.technique, **kn.labels[g]} for kn, g in zip(knobs, m.genome)},
                      "search": {"accuracy": m.accuracy, "loss": m.loss, "macs": int(m.macs), "latency_ms": m.latency_ms}})
     report = {"eps": eps, "objective": objective, "points": rows, "rounding": ROUNDING, "input": SPEED,
               "split": {"calibration": int(len(cal_x)), "validation": int(len(val_x))},
-              "baseline": {"accuracy": base_val, "calibration_accuracy": base_acc, "macs": base_macs},
+              "baseline": {"accuracy": base_val, "calibration_accuracy": base_acc, "macs": base_macs,
+                           "latency_ms": base_lat},
               "sites": [{"node": kn.site, "technique": kn.technique, "inputs": sorted(kn.inputs.values()),
                          "options": len(kn.options), "greedy_option": kn.seed} for kn in knobs],
               "nsga2": {"library": "pymoo", "pop_size": pop_size, "generations": generations,
@@ -418,21 +427,33 @@ def _nsga2(knobs: list[Knob], evaluate: Callable[[tuple[int, ...]], Measured], c
     except ImportError as e:  # a dependency of the package; this only happens in a broken install
         raise UserError(f"--pareto needs pymoo>=0.6.2 (NSGA-II), which is not importable: {e}") from e
 
-    upper = np.array([len(k.options) - 1 for k in knobs])
+    # a site with one option (e.g. an all-ones finer mask) is fixed at it: pymoo's operators divide by xu - xl
+    free = [i for i, k in enumerate(knobs) if len(k.options) > 1]
+    upper = np.array([len(knobs[i].options) - 1 for i in free])
+
+    def genome(x) -> tuple[int, ...]:
+        g = [knobs[i].seed for i in range(len(knobs))]
+        for i, v in zip(free, np.clip(np.round(x), 0, upper)):
+            g[i] = int(v)
+        return tuple(g)
+
+    if not free:
+        evaluate(genome([]))
+        return
 
     class Problem(ElementwiseProblem):
         def __init__(self):
-            super().__init__(n_var=len(knobs), n_obj=2, n_ieq_constr=1, xl=np.zeros(len(knobs)), xu=upper, vtype=int)
+            super().__init__(n_var=len(free), n_obj=2, n_ieq_constr=1, xl=np.zeros(len(free)), xu=upper, vtype=int)
 
         def _evaluate(self, x, out, *args, **kwargs):
-            m = evaluate(tuple(int(v) for v in np.clip(np.round(x), 0, upper)))
+            m = evaluate(genome(x))
             out["F"] = [-m.accuracy, cost(m)]
             out["G"] = [m.loss - eps]
 
     # seeds: the greedy result, every site at its most accurate option (0), every site at its last
     # option, then random genomes
     rng = np.random.default_rng(seed)
-    init = [[k.seed for k in knobs], [0] * len(knobs), list(upper)]
+    init = [[knobs[i].seed for i in free], [0] * len(free), list(upper)]
     while len(init) < pop_size:
         init.append([int(rng.integers(0, u + 1)) for u in upper])
     algorithm = NSGA2(pop_size=pop_size, sampling=np.array(init[:pop_size], dtype=float),

@@ -269,3 +269,20 @@ def test_pareto_options_checked_before_the_search():
         check_pareto_options(8, ("sparse-quant",))
     assert str(e.value) == ("--pareto needs a run-time-settable technique (lazy, spatial or predictive early-exit) "
                             "in --techniques, got sparse-quant")
+
+
+def test_site_with_a_single_option_is_fixed_yet_folded_into_the_dial(mnist):
+    """A per-filter all-ones spatial mask has no other option of its shape: NSGA-II varies only the
+    lazy site, and the spatial site still reads its mask from the speed table (no leftover input)."""
+    x, y = mnist
+    base, _ = normalize(onnx.load(zoo.path("lenet5")))
+    s0, s1 = find_sites(base)
+    seed = {s0.name: {"technique": "spatial", "patch": 2, "mask": np.ones((6, 2, 2), np.uint8).tolist()},
+            s1.name: {"technique": "lazy", "ratio": 0.5}}
+    res = speed_dial(base, (x[:200], y[:200]), (x[500:700], y[500:700]), eps=5, seed_config=seed, points=3,
+                     pop_size=6, generations=2, latency=macs_latency, normalized=True)
+    assert [k["options"] for k in res.report["sites"]] == [1, 8]
+    assert [i.name for i in res.model.graph.input] == [base.graph.input[0].name, SPEED]
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in res.model.graph.initializer}
+    table = init[f"{s0.name}__mask__table"]
+    assert table.shape == (len(res.report["points"]), 6, 2, 2) and table.min() == 1
