@@ -510,3 +510,40 @@ def emit(model_rt: onnx.ModelProto, knobs: list[Knob], genomes: list[tuple[int, 
     m.metadata_props.add(key="onnxzero.speed_dial", value=f"{n} points; {ROUNDING}")
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def _setting_text(s: Mapping[str, Any]) -> str:
+    if "ratio" in s:
+        return f"ratio {s['ratio']:g}"
+    if "mask" in s:
+        return "mask " + "/".join("".join(str(v) for v in row) for row in s["mask"])
+    if "mask_ones" in s:
+        return f"mask {s['mask_ones']:.0%} ones"
+    if s.get("prediction") == "off":
+        return "no prediction"
+    if "fraction" in s:
+        return f"N {s['fraction']:g}, q {s['quantile']:g}"
+    return "greedy's calibration"
+
+
+def render(report: Mapping[str, Any], console) -> None:
+    """The dial on the terminal (a rich Console): one row per speed value, then each site's setting
+    per point on its own line, site names in full (never cut: soft wrap only)."""
+    from rich.table import Table
+
+    b = report["baseline"]
+    t = Table(title=f"speed dial: {len(report['points'])} points within eps = {report['eps']:g} "
+                    f"(objective {report['objective']}), held-out figures on {report['split']['validation']} samples")
+    for col in ("speed", "top-1", "loss (pts)", "MACs / sample", "latency (ms)"):
+        t.add_column(col, justify="right")
+    t.add_row("float", f"{b['accuracy'] * 100:.2f}%", "", f"{b['macs']:,}", f"{b['latency_ms']:.3f}")
+    for p in report["points"]:
+        t.add_row(f"{p['speed']:.3g}", f"{p['accuracy'] * 100:.2f}%", f"{p['loss']:+.2f}", f"{p['macs']:,}",
+                  f"{p['latency_ms']:.3f}")
+    console.print(t)
+    for site in report["sites"]:
+        settings = " | ".join(_setting_text(p["settings"][site["node"]]) for p in report["points"])
+        console.print(f"{site['node']} ({site['technique']}): {settings}", soft_wrap=True, highlight=False, markup=False)
+    console.print(f"speed -> point: {report['rounding']}", soft_wrap=True, highlight=False, markup=False)
+    if "note" in report:
+        console.print(report["note"], soft_wrap=True, highlight=False, markup=False)

@@ -7,6 +7,8 @@ exercised by the CLI, never asserted here.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -286,3 +288,18 @@ def test_site_with_a_single_option_is_fixed_yet_folded_into_the_dial(mnist):
     init = {i.name: onnx.numpy_helper.to_array(i) for i in res.model.graph.initializer}
     table = init[f"{s0.name}__mask__table"]
     assert table.shape == (len(res.report["points"]), 6, 2, 2) and table.min() == 1
+
+
+def test_render_lists_every_point_with_full_site_names(lenet):
+    from rich.console import Console
+
+    from onnxzero.speed_dial import render
+
+    _, res = lenet
+    con = Console(record=True, width=60, color_system=None, file=io.StringIO())
+    render(res.report, con)
+    text = con.export_text()
+    for site in LENET:
+        ratios = " | ".join(f"ratio {p['settings'][site]['ratio']:g}" for p in res.report["points"])
+        assert f"{site} (lazy): {ratios}" in text
+    assert f"{res.report['points'][-1]['macs']:,}" in text and "│ float │" in text
