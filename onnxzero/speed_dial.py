@@ -269,12 +269,16 @@ def _retime(ev: Evaluator, sample: np.ndarray, knobs: list[Knob], measure: Laten
         m.latency_ms = v
 
 
-def pick(front: list[Measured], points: int) -> list[Measured]:
-    """At most `points` of the front, both ends always, the rest evenly spaced by rank."""
+def pick(front: list[Measured], points: int, cost: Callable[[Measured], float] = lambda m: m.latency_ms) -> list[Measured]:
+    """At most `points` of the front (most accurate first): both ends always, then for each cost evenly
+    spaced between them the nearest point not yet taken, so near-duplicates do not fill the dial."""
     if len(front) <= points:
         return list(front)
-    idx = sorted({int(round(i)) for i in np.linspace(0, len(front) - 1, points)})
-    return [front[i] for i in idx]
+    taken = {0, len(front) - 1}
+    for target in np.linspace(cost(front[0]), cost(front[-1]), points)[1:-1]:
+        free = [i for i in range(len(front)) if i not in taken]
+        taken.add(min(free, key=lambda i: (abs(cost(front[i]) - target), i)))
+    return [front[i] for i in sorted(taken)]
 
 
 RUNTIME_TECHNIQUES = ("lazy", "spatial", "early-exit")  # early-exit only in predictive mode
@@ -373,7 +377,7 @@ def speed_dial(model: onnx.ModelProto, calibration: tuple[np.ndarray, np.ndarray
             _retime(ev, sample, knobs, measure, todo, rounds)
             retimed.update(m.genome for m in todo)
     front = non_dominated(within, cost)
-    chosen = pick(front, points)
+    chosen = pick(front, points, cost)
     dial = emit(model_rt, knobs, [m.genome for m in chosen])
 
     # the report's figures: the emitted model, fed each point's speed, on the held-out split
@@ -402,7 +406,7 @@ def speed_dial(model: onnx.ModelProto, calibration: tuple[np.ndarray, np.ndarray
                         "retimed": len(retimed), "rounds": rounds if objective == "latency" else 0},
               "explored": [{"accuracy": m.accuracy, "macs": int(m.macs), "latency_ms": m.latency_ms} for m in cache.values()]}
     if len(front) > len(chosen):
-        report["note"] = f"the front has {len(front)} points; {len(chosen)} evenly spaced by rank are on the dial"
+        report["note"] = f"the front has {len(front)} points; {len(chosen)} evenly spaced by {objective} are on the dial"
     elif len(chosen) < points:
         report["note"] = f"the front has only {len(chosen)} points, fewer than --points {points}"
     return DialResult(dial, report, chosen, list(cache.values()))

@@ -303,3 +303,12 @@ def test_render_lists_every_point_with_full_site_names(lenet):
         ratios = " | ".join(f"ratio {p['settings'][site]['ratio']:g}" for p in res.report["points"])
         assert f"{site} (lazy): {ratios}" in text
     assert f"{res.report['points'][-1]['macs']:,}" in text and "│ float │" in text
+
+
+def test_pick_spreads_points_by_cost():
+    from onnxzero.speed_dial import pick
+
+    costs = [100.0, 99.9, 99.8, 60.0, 50.0, 20.0, 10.0]
+    front = [Measured((i,), 1 - i / 10, 0, int(c), c) for i, c in enumerate(costs)]
+    assert [m.genome[0] for m in pick(front, 4)] == [0, 3, 4, 6]  # targets 100, 70 (-> 60), 40 (-> 50), 10
+    assert pick(front, 7) == front and len(pick(front, 2)) == 2
