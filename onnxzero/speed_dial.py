@@ -55,7 +55,7 @@ PREDICTIVE = ((0.5, 0.02), (0.5, 0.1), (0.25, 0.05), (0.25, 0.15))
 LatencyMeasurer = Callable[[ort.InferenceSession, dict[str, np.ndarray]], float]
 
 
-def median_latency(runs: int = 30) -> LatencyMeasurer:
+def median_latency(runs: int = 20) -> LatencyMeasurer:
     """The default measurer: whole-model median wall-clock latency over `runs` runs."""
     return lambda sess, feeds: median_latency_ms(sess, feeds, runs=runs)
 
@@ -297,14 +297,14 @@ def speed_dial(model: onnx.ModelProto, calibration: tuple[np.ndarray, np.ndarray
                validation: tuple[np.ndarray, np.ndarray | None], *, eps: float,
                seed_config: Mapping[str, Mapping[str, Any]], points: int = 8, pop_size: int = 16,
                generations: int = 10, latency: LatencyMeasurer | None = None, threads: int = 2,
-               objective: str = "latency", rounds: int = 7, seed: int = 0, normalized: bool = False,
+               objective: str = "latency", rounds: int = 5, seed: int = 0, normalized: bool = False,
                progress=None) -> DialResult:
     """Search the run-time settings' accuracy vs latency front and emit one model with a `speed` input.
 
     model: the float model; calibration / validation: (inputs, labels or None: the float model's
     own top-1 then stands for the labels); eps: top-1 points the search may lose on the calibration
     split; seed_config: the greedy result {site: {"technique": ..., setting...}} (rewrite's
-    config["sites"]); latency: measurer(session, feeds) -> ms (default: median of 30 runs);
+    config["sites"]); latency: measurer(session, feeds) -> ms (default: median of 20 runs);
     threads: the session's intra-op threads (spinning is off in every onnxzero session);
     objective: "latency" (the paper's) or "macs" (deterministic: whole-model MACs from the ops'
     counters); rounds: the front's candidates are re-timed interleaved this many times and keep the
@@ -366,8 +366,9 @@ def speed_dial(model: onnx.ModelProto, calibration: tuple[np.ndarray, np.ndarray
         raise UserError(f"no run-time setting of the greedy result stays within --eps {eps:g} on the calibration split")
     retimed: set[tuple[int, ...]] = set()
     if objective == "latency":
-        # until every point on the front has been re-timed: re-time the front and the rank behind it
-        for _ in range(8):
+        # until every point on the front has been re-timed (a few passes at most: each costs
+        # rounds x candidates measurements): re-time the front and the rank behind it
+        for _ in range(4):
             front = non_dominated(within)
             if all(m.genome in retimed for m in front):
                 break
