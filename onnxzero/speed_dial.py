@@ -365,6 +365,7 @@ def speed_dial(model: onnx.ModelProto, calibration: tuple[np.ndarray, np.ndarray
     if not within:  # the all-accurate genome is always evaluated; it only fails eps if the seed ops do
         raise UserError(f"no run-time setting of the greedy result stays within --eps {eps:g} on the calibration split")
     retimed: set[tuple[int, ...]] = set()
+    pool = within
     if objective == "latency":
         # until every point on the front has been re-timed (a few passes at most: each costs
         # rounds x candidates measurements): re-time the front and the rank behind it
@@ -377,7 +378,9 @@ def speed_dial(model: onnx.ModelProto, calibration: tuple[np.ndarray, np.ndarray
             todo = [m for m in front + non_dominated(rest) if m.genome not in retimed][:4 * points]
             _retime(ev, sample, knobs, measure, todo, rounds)
             retimed.update(m.genome for m in todo)
-    front = non_dominated(within, cost)
+        else:  # not settled after the passes: only re-timed points may make the front
+            pool = [m for m in within if m.genome in retimed]
+    front = non_dominated(pool, cost)
     chosen = pick(front, points, cost)
     dial = emit(model_rt, knobs, [m.genome for m in chosen])
 
