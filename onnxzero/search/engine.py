@@ -1,5 +1,6 @@
 """Measure candidates by real onnxruntime runs: accuracy and MACs from the ops' own counters on the
-calibration split, latency of the site's op in isolation on a real activation.
+calibration split; latency only ever of the whole model as deployed (search/latency.py), never of
+an op alone, which hid the reorders and lost fusions a custom op costs in context.
 
 Sessions are built once per technique with every site's setting as a run-time input (spatial
 masks, lazy ratios, predictive (N, Th)), so trying a setting is a forward pass, not a rebuild.
@@ -15,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from onnxzero.evaluate import Evaluator, median_latency_ms, session, top1
+from onnxzero.evaluate import Evaluator, top1
 from onnxzero.ops import early_exit
 from onnxzero.passes.rewrite import rewrite
 from onnxzero.passes.rules import Calibration
@@ -38,12 +39,15 @@ class Measured:
     loss: float             # percentage points vs the float model on the same split
     macs: int               # this site's MACs per sample, from its op's counter
     dense_macs: int
-    latency_ms: float | None = None        # the site's op alone, batch 1, real activation
-    dense_latency_ms: float | None = None  # onnxruntime's Conv+Relu on the same input
+    latency_ms: float | None = None        # the whole model with only this site rewritten (frozen settings)
+    dense_latency_ms: float | None = None  # the original model, interleaved with it in the same measurement
 
     def saved(self, objective: str) -> float:
-        if objective == "latency" and self.latency_ms is not None and self.dense_latency_ms is not None:
-            return self.dense_latency_ms - self.latency_ms
+        """Latency: the share of whole-model time this site's rewrite saves; MACs: the MACs it saves."""
+        if objective == "latency":
+            if self.latency_ms is None or not self.dense_latency_ms:
+                return 0.0
+            return 1.0 - self.latency_ms / self.dense_latency_ms
         return float(self.dense_macs - self.macs)
 
     def to_json(self) -> dict[str, Any]:
@@ -124,7 +128,8 @@ class Engine:
             return self._predictive[key]
 
     # -- one candidate ------------------------------------------------------------------------
-    def measure(self, c: Candidate, *, latency: bool) -> Measured:
+    def measure(self, c: Candidate) -> Measured:
+        """Accuracy and MACs on the calibration split with only c's site changed (settings fed at run time)."""
         s = self.sites[c.site]
         if c.technique == "sparse-quant":
             model, _ = rewrite(self.base, config={"sites": {c.site: {"technique": "sparse-quant", "prune": c.setting["prune"]}}},
@@ -138,33 +143,21 @@ class Engine:
         macs = r.site_macs[node.output[1]] if len(node.output) > 1 and node.output[1] in r.site_macs else \
             next(v for k, v in r.site_macs.items() if k.startswith(node.output[0]))
         acc = top1(r.logits, self.ref)
-        m = Measured(c.key, c.site, c.technique, _jsonable(c.setting), acc, 100.0 * (self.base_accuracy - acc),
-                     int(macs), int(s.macs or 0))
-        if latency:
-            m.latency_ms, m.dense_latency_ms = self.site_latency(model, s, feeds)
-        return m
+        return Measured(c.key, c.site, c.technique, _jsonable(c.setting), acc, 100.0 * (self.base_accuracy - acc),
+                        int(macs), int(s.macs or 0))
 
-    def site_latency(self, model: onnx.ModelProto, s: Site, feeds: dict[str, np.ndarray],
-                     *, runs: int = 15) -> tuple[float, float]:
-        """(op, onnxruntime Conv+Relu) median latency of this site alone on a real batch-1 activation."""
-        x = self.calibration.tensors([s.x])[s.x][:1]
-        node = _site_node(model, s)
-        op_model = _single_node_model(model, node, s, with_inputs=[n for n in node.input[1:] if n in feeds])
-        op_sess = session(op_model, threads=self.threads)
-        op_feeds = {s.x: x, **{n: feeds[n] for n in node.input[1:] if n in feeds}}
-        conv = helper.make_node("Conv", [s.x, s.w] + ([s.b] if s.b else []), ["c"], strides=list(s.strides),
-                                dilations=list(s.dilations), group=s.group,
-                                **({"pads": list(s.pads)} if s.pads is not None else {"auto_pad": s.auto_pad}))
-        relu = helper.make_node("Relu", ["c"], [s.y])
-        inits = [numpy_helper.from_array(weight(self.base, n), n) for n in (s.w, s.b) if n]
-        g = helper.make_graph([conv, relu], "dense", [helper.make_tensor_value_info(s.x, onnx.TensorProto.FLOAT, list(x.shape))],
-                              [helper.make_tensor_value_info(s.y, onnx.TensorProto.FLOAT, None)], inits)
-        dense = session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), threads=self.threads, library=False)
-        a, b = [], []
-        for _ in range(3):  # interleave so machine noise hits both alike
-            a.append(median_latency_ms(op_sess, op_feeds, runs=runs))
-            b.append(median_latency_ms(dense, {s.x: x}, runs=runs))
-        return float(np.median(a)), float(np.median(b))
+    def materialize(self, site: str, c: dict[str, Any]) -> dict[str, Any]:
+        """Early-exit settings become explicit (n_terms, threshold) so a model is self-contained."""
+        if c["technique"] == "early-exit" and c.get("mode") == "predictive" and "n_terms" not in c:
+            nt, th = self.predictive(self.sites[site], c)
+            return {**c, "n_terms": nt, "threshold": th}
+        return c
+
+    def deployed(self, config: dict[str, dict[str, Any]]):
+        """(model, rewrite report) as `optimize` would emit it for `config` (site -> setting): settings frozen."""
+        cfg = {s: self.materialize(s, c) for s, c in config.items()}
+        return rewrite(self.base, config={"sites": cfg}, inputs=self.x, labels=self.ref, normalized=True,
+                       runtime_settings=False)
 
 
 def _site_node(model: onnx.ModelProto, s: Site) -> onnx.NodeProto:
@@ -173,25 +166,6 @@ def _site_node(model: onnx.ModelProto, s: Site) -> onnx.NodeProto:
         if n.name.startswith(prefix) and n.domain:
             return n
     raise KeyError(f"no op for site {s.name}")
-
-
-def _single_node_model(model: onnx.ModelProto, node: onnx.NodeProto, s: Site, *, with_inputs: list[str]) -> onnx.ModelProto:
-    inits = {t.name: t for t in model.graph.initializer}
-    n = onnx.NodeProto()
-    n.CopyFrom(node)
-    del n.output[1:]
-    graph_inputs = [helper.make_tensor_value_info(s.x, onnx.TensorProto.FLOAT, None)]
-    consts = []
-    for name in n.input[1:]:
-        if not name:
-            continue
-        if name in with_inputs:
-            t = inits[name]
-            graph_inputs.append(helper.make_tensor_value_info(name, t.data_type, None))
-        elif name in inits:
-            consts.append(inits[name])
-    g = helper.make_graph([n], "site", graph_inputs, [helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)], consts)
-    return helper.make_model(g, opset_imports=list(model.opset_import))
 
 
 def _jsonable(v: Any) -> Any:
