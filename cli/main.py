@@ -262,26 +262,21 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
         atomic_write_json(report_path, rep, protect=protect)
         console.print(f"wrote {report_path}")
     cache.unlink(missing_ok=True)  # the search completed: nothing left to resume
-    if "held_out" in rep:
-        click.echo(f"onnxzero: {rep['held_out']}; backed off"
-                   + ("" if rep["met_eps"] else ": no combination held, the model is labelled met_eps false"), err=True)
+    if "held_out" in rep and rep["met_eps"]:
+        click.echo(f"onnxzero: {rep['held_out']}; backed off to a choice that holds there", err=True)
     if objective == "macs" and "note" in rep:
         raise UserError(f"{rep['note']}; no model written")
-    if result.model is None and rep["met_eps"]:  # the original is the fastest within eps
-        click.echo(rep["note"])
-        return
-    if result.model is None:
-        raise UserError(f"no configuration met eps = {eps:g}; no model written (use --best-effort to write the best found)")
     if not rep["decision"]["written"]:
-        if not best_effort:
-            if not rep["met_eps"]:
-                raise UserError(f"no configuration met eps = {eps:g} on held-out data; no model written "
-                                "(use --best-effort to write the best found)")
-            click.echo(rep["note"])
-            return
+        if result.model is None or not best_effort:
+            if rep["met_eps"]:  # the original is the fastest within eps: a result, not an error
+                click.echo(rep["note"])
+                return
+            raise UserError(f"{rep.get('held_out', f'no configuration met eps = {eps:g}')}; no model written "
+                            "(use --best-effort to write the best found, labelled)")
         why = (f"did not meet eps={eps:g} on held-out data" if not rep["met_eps"] else
                f"not faster than the original by {margin:g} % (x{rep['latency_ratio']:.2f})")
         result.model.metadata_props.add(key="onnxzero_best_effort", value=why)
+        result.model.metadata_props.add(key="onnxzero_met_eps", value=str(rep["met_eps"]).lower())
         console.print(f"[bold yellow]best effort: this model {why}[/]")
     atomic_write_bytes(out, result.model.SerializeToString(), protect=protect)
     console.print(f"wrote {out}")
