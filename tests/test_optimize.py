@@ -181,7 +181,7 @@ def test_resume_uses_a_matching_cache(tmp_path, small_data):
 
 
 @pytest.mark.parametrize("content", [b'{"version": 2, "key": "ab', b"[]", b"{}",
-                                     b'{"version": 2, "key": "x", "measured": {}, "combined": [], "extra": 1}',
+                                     b'{"version": 2, "key": "x", "probes": {}, "measured": {}, "combined": [], "extra": 1}',
                                      "wrong-type", bytes(range(256)) * 4],
                          ids=["truncated", "list", "empty", "unknown-key", "wrong-type", "random-bytes"])
 def test_resume_with_a_corrupt_cache_is_one_line_and_ignored(tmp_path, small_data, content):

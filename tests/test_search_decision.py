@@ -63,6 +63,7 @@ def test_every_rewrite_slower_keeps_the_original(mnist):
     assert r.report["note"] == "no faster model within eps 5: the original is the fastest on this machine (best found x1.10)"
     assert meas.calls  # candidates were timed in the whole model
     assert all(runs == 40 for _, runs in meas.calls)  # no final 300-run check: nothing to check
+    assert len(meas.calls) == 4 and not r.first_level  # 2 sites x 2 techniques probed, no accuracy run needed
 
 
 def test_slower_combination_is_never_emitted(mnist):
@@ -91,10 +92,12 @@ def test_site_that_buys_no_time_is_not_rewritten(mnist):
     assert r.report["latency_ratio"] == pytest.approx(0.8)
 
 
-def test_site_neutral_alone_is_not_timed_into_the_model(mnist):
-    r, _ = search(mnist, lambda ops: -0.2 if B in sites_of(ops) else 0.0)
+def test_site_whose_boldest_setting_buys_nothing_is_not_measured(mnist):
+    r, meas = search(mnist, lambda ops: -0.2 if B in sites_of(ops) else 0.0)
     assert set(emitted_sites(r)) == {B}
-    assert all(m.saved("latency") == 0 for m in r.first_level if m.site == A and m.latency_ms is not None)
+    assert r.report["search"]["hopeless"] == [f"{A}|early-exit", f"{A}|lazy"]
+    assert not [m for m in r.first_level if m.site == A]  # no accuracy run spent on A
+    assert sum(1 for ops, _ in meas.calls if sites_of(ops) == {A}) == 2  # one probe per technique
 
 
 def test_ties_go_to_the_smaller_accuracy_loss(mnist):

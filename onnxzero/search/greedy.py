@@ -171,14 +171,15 @@ def load_cache(path: Path, key: str) -> tuple[dict[str, Any] | None, str]:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         return None, f"it is not readable JSON ({type(e).__name__})"
-    if not isinstance(data, dict) or set(data) != {"version", "key", "measured", "combined"}:
-        return None, "it is not a search cache (expected keys version, key, measured, combined)"
+    if not isinstance(data, dict) or set(data) != {"version", "key", "probes", "measured", "combined"}:
+        return None, "it is not a search cache (expected keys version, key, probes, measured, combined)"
     if data["version"] != CACHE_VERSION:
         return None, f"it is cache version {data['version']!r}, expected {CACHE_VERSION}"
     if data["key"] != key:
         return None, "it was made for another model, data, split or options"
-    if not isinstance(data["measured"], dict) or not isinstance(data["combined"], list):
-        return None, "its 'measured' or 'combined' entry has the wrong type"
+    if not isinstance(data["measured"], dict) or not isinstance(data["combined"], list) or not isinstance(data["probes"], dict) \
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data["probes"].values()):
+        return None, "its 'probes', 'measured' or 'combined' entry has the wrong type"
     for k, v in data["measured"].items():
         if not (isinstance(v, dict) and _REQUIRED <= set(v) <= _MEASURED_FIELDS and v["key"] == k
                 and all(isinstance(v[f], (int, float)) and not isinstance(v[f], bool) for f in ("accuracy", "loss", "macs", "dense_macs"))
@@ -211,7 +212,7 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
     latency = options.objective == "latency"
 
     key = cache_key(model, inputs, labels, cal, options)
-    cache: dict[str, Any] = {"version": CACHE_VERSION, "key": key, "measured": {}, "combined": []}
+    cache: dict[str, Any] = {"version": CACHE_VERSION, "key": key, "probes": {}, "measured": {}, "combined": []}
     if resume and cache_path and cache_path.exists():
         loaded, why = load_cache(cache_path, key)
         if loaded is None:
@@ -227,6 +228,9 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
     # ---- 1. first level: accuracy and MACs --------------------------------------------------------
     cands = _candidates(engine, sites, options)
     cand_by_key = {c.key: c for c in cands}
+    base_macs = dense_model_macs(base)
+    hopeless = _probe(engine, measurer, base, sample, cands, base_macs, options, cache, save, progress) if latency else set()
+    cands = [c for c in cands if (c.site, c.technique) not in hopeless]
     todo = [c for c in cands if c.key not in cache["measured"]]
     progress.start(len(cands), "first-level candidates")
     progress.advance(len(cands) - len(todo))
@@ -249,7 +253,6 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
     measured = {c.key: Measured(**cache["measured"][c.key]) for c in cands}
 
     # ---- 1b. whole-model latency of the candidates that can still win -----------------------------
-    base_macs = dense_model_macs(base)
     timed = 0
     if latency:
         def time_one(m: Measured) -> None:
@@ -429,8 +432,10 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
         report["sites"] = [_site_row(s, None, None) for s in sites]
         if combined:
             report["baseline"]["latency_ms"] = float(np.median([c.base_latency_ms for c in combined]))
+        # no combination within eps: the fastest single-site rewrite timed (a boldest-setting probe, or
+        # a setting within eps), which bounds what any combination of them could have done
         single = [m.latency_ms / m.dense_latency_ms for m in measured.values()
-                  if m.latency_ms is not None and m.dense_latency_ms and m.loss <= options.eps]
+                  if m.latency_ms is not None and m.dense_latency_ms and m.loss <= options.eps] + list(cache["probes"].values())
         decision["written"] = False
         decision["final_ratio"] = min(single) if single else None
         decision["reason"] = "the original is the fastest within eps" if latency else "no configuration met eps"
@@ -444,7 +449,9 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
     report["decision"] = decision
     report["met_eps"] = met_eps
     report["search"] = {"candidates_evaluated": len(measured) + len(combined), "first_level": len(measured),
-                        "latency_timed": timed, "combinations": len(combined), "seconds": time.time() - t0}
+                        "latency_timed": timed, "probes": len(cache["probes"]),
+                        "hopeless": sorted(f"{s}|{t}" for s, t in hopeless), "combinations": len(combined),
+                        "seconds": time.time() - t0}
     base_lat = report["baseline"]["latency_ms"] or 0.0
     report["pareto"] = pareto([{"accuracy": engine.base_accuracy, "macs": base_macs, "latency_ms": base_lat, "label": "float model"}]
                               + [{"accuracy": engine.base_accuracy - c.loss / 100, "macs": c.macs,
@@ -477,10 +484,59 @@ def _candidates(engine: Engine, sites: list[Site], o: SearchOptions) -> list[Can
 
 
 def _site_config(m: Measured, cands: dict[str, Candidate]) -> dict[str, Any]:
-    c = cands[m.key]
+    return _cand_config(cands[m.key])
+
+
+def _cand_config(c: Candidate) -> dict[str, Any]:
     setting = dict(c.setting)
     setting.pop("granularity", None)
     return {"technique": c.technique, **setting}
+
+
+def _aggressiveness(c: Candidate) -> float:
+    """Orders a (site, technique)'s settings by how much work they may skip (higher skips more)."""
+    if c.technique == "lazy":
+        return -float(c.setting["ratio"])
+    if c.technique == "sparse-quant":
+        return float(c.setting["prune"])
+    if c.technique == "spatial":
+        return -float(np.mean(c.setting["mask"]))  # fewer positions computed first
+    if c.setting.get("mode") == "exact":
+        return 0.0
+    return float(c.setting["quantile"]) + 1.0 - float(c.setting["fraction"])  # earlier and bolder prediction
+
+
+def _probe(engine: Engine, measurer: Measurer, base, sample, cands: list[Candidate], base_macs: int,
+           o: SearchOptions, cache: dict[str, Any], save, progress: Progress) -> set[tuple[str, str]]:
+    """(site, technique) pairs that cannot speed the whole model up, found before any accuracy run.
+
+    A latency run at batch 1 costs far less than an accuracy run over the calibration split, so each
+    pair's most aggressive setting is timed in the whole model first: when even it is no faster than
+    the original, its gentler settings (which skip less) are never measured. A site whose share of
+    the model's MACs is below min_share is not even timed: it cannot make a difference."""
+    groups: dict[tuple[str, str], list[Candidate]] = {}
+    for c in cands:
+        groups.setdefault((c.site, c.technique), []).append(c)
+    hopeless = set()
+    progress.start(len(groups), "whole-model latency of each site's boldest setting")
+    try:
+        for (site, t), cs in groups.items():
+            if engine.sites[site].macs / base_macs < o.min_share:
+                hopeless.add((site, t))
+            else:
+                p = max(cs, key=_aggressiveness)
+                if p.key not in cache["probes"]:
+                    model, _ = engine.deployed({site: _cand_config(p)})
+                    lat, b = measurer.compare(model, base, sample, runs=o.latency_runs)
+                    cache["probes"][p.key] = lat / b
+                if cache["probes"][p.key] > 1 - o.tie:
+                    hopeless.add((site, t))
+            progress.advance()
+    except KeyboardInterrupt:
+        save()
+        raise
+    save()
+    return hopeless
 
 
 def _macs_by_site(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> dict[str, int]:
