@@ -244,3 +244,28 @@ def test_eps_that_fails_on_held_out_data_is_not_met_silently(tmp_path, mnist):
     assert r2.exit_code == 0, r2.output
     meta = {p.key: p.value for p in onnx.load(tmp_path / "o.onnx").metadata_props}
     assert meta["onnxzero_met_eps"] == "false" and "held-out" in meta["onnxzero_best_effort"]
+
+
+def test_candidate_run_from_cached_activations_matches_the_whole_model(mnist):
+    """The search runs a candidate only from its site on, fed the float model's activations there;
+    accuracy and the op's MAC counter must be what the whole model gives (residual stages included)."""
+    from onnxzero.passes.normalize import normalize
+    from onnxzero.passes.sites import find_sites
+    from onnxzero.search.engine import Engine
+    from onnxzero.search.greedy import _candidates
+
+    base, _ = normalize(load_model("zoo:resnet-mnist"))
+    sites = [s for s in find_sites(base) if s.macs]
+    x, y = mnist.inputs[:300], mnist.labels[:300]
+    cut, whole = Engine(base, sites, x, y), Engine(base, sites, x, y)
+    whole.suffix = lambda *a: None  # the whole model, as before the cut
+    cands = _candidates(cut, sites, SearchOptions(eps=3))
+    picked = [c for c in cands if c.key.endswith(("ratio=0.5", "mask=0001,patch=2", "quantile=0.15", "prune=0.8"))]
+    assert len(picked) == 4 * len(sites)
+    changed = 0
+    for c in picked:
+        a, b = cut.measure(c), whole.measure(c)
+        assert a.accuracy == b.accuracy and abs(a.macs - b.macs) <= 1, c.key
+        changed += a.macs < a.dense_macs
+    assert changed >= len(sites)  # the settings reached the ops: they skipped work
+    assert all(v is not None for v in cut._suffix.values()) and len(cut._suffix) == 3 * len(sites)

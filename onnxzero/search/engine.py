@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
-from onnxzero.evaluate import Evaluator, top1
+from onnxzero.evaluate import Evaluator, expose_macs, session, top1
 from onnxzero.ops import early_exit
 from onnxzero.passes.rewrite import rewrite
 from onnxzero.passes.rules import Calibration
@@ -64,7 +64,15 @@ class Engine:
         self.base_accuracy = top1(Evaluator(base, threads=threads).run(calib_x).logits, calib_ref)
         self._tech: dict[str, tuple[onnx.ModelProto, Evaluator, dict[str, np.ndarray]]] = {}
         self._predictive: dict[tuple[str, float, float], tuple[np.ndarray, np.ndarray]] = {}
+        self._suffix: dict[tuple, Suffix | None] = {}
+        self._acts: dict[str, np.ndarray] = {}  # the float model's activations on the calibration split
+        self._base_names = {self._input_name(base)} | {o for n in base.graph.node for o in n.output}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _input_name(model: onnx.ModelProto) -> str:
+        init = {t.name for t in model.graph.initializer}
+        return next(i.name for i in model.graph.input if i.name not in init)
 
     # -- technique models: every site rewritten, settings fed at run time -----------------------
     def technique_model(self, technique: str, variant: tuple = ()):
@@ -134,17 +142,55 @@ class Engine:
         if c.technique == "sparse-quant":
             model, _ = rewrite(self.base, config={"sites": {c.site: {"technique": "sparse-quant", "prune": c.setting["prune"]}}},
                                normalized=True)
-            ev, feeds = Evaluator(model, threads=self.threads), {}
+            feeds, key, ev = {}, None, None
         else:
             model, ev, defaults = self.technique_model(c.technique, self.variant(c))
-            feeds = self._feeds(c, defaults)
-        r = ev.run(self.x, feeds=feeds)
+            feeds, key = self._feeds(c, defaults), (c.technique, *self.variant(c), c.site)
         node = _site_node(model, s)
-        macs = r.site_macs[node.output[1]] if len(node.output) > 1 and node.output[1] in r.site_macs else \
-            next(v for k, v in r.site_macs.items() if k.startswith(node.output[0]))
-        acc = top1(r.logits, self.ref)
+        suffix = self.suffix(model, node, key)
+        if suffix is not None:
+            logits, site_macs = suffix.run(feeds)
+        else:
+            r = (ev or Evaluator(model, threads=self.threads)).run(self.x, feeds=feeds)
+            logits, site_macs = r.logits, r.site_macs
+        macs = site_macs[node.output[1]] if len(node.output) > 1 and node.output[1] in site_macs else \
+            next(v for k, v in site_macs.items() if k.startswith(node.output[0]))
+        acc = top1(logits, self.ref)
         return Measured(c.key, c.site, c.technique, _jsonable(c.setting), acc, 100.0 * (self.base_accuracy - acc),
                         int(macs), int(s.macs or 0))
+
+    def suffix(self, model: onnx.ModelProto, node: onnx.NodeProto, key: tuple | None) -> "Suffix | None":
+        """The part of `model` from the site's op on, fed the float model's cached activations at the cut,
+        so a candidate's accuracy run does not recompute the unchanged layers before its site.
+        None when the cut needs a tensor the float model does not have (then the whole model runs)."""
+        with self._lock:
+            if key is not None and key in self._suffix:
+                return self._suffix[key]
+        nodes = list(model.graph.node)
+        i = next(j for j, n in enumerate(nodes) if n.name == node.name)
+        inits = {t.name: t for t in model.graph.initializer}
+        before = {x.name for x in model.graph.input} | {o for n in nodes[:i] for o in n.output}
+        used = {x for n in nodes[i:] for x in n.input if x}
+        cut = sorted(x for x in used & before if x not in inits)
+        out = None
+        if all(x in self._base_names for x in cut):
+            with self._lock:
+                missing = [x for x in cut if x not in self._acts and x != self._input_name(self.base)]
+                if missing:
+                    self._acts.update(Evaluator(self.base, extra_outputs=missing, threads=self.threads).run(self.x).extras)
+                acts = {x: self.x if x == self._input_name(self.base) else self._acts[x] for x in cut}
+            if all(a.dtype == np.float32 and len(a) == len(self.x) for a in acts.values()):
+                settings = [i for i in model.graph.input if i.name in used and i.name in inits]
+                g = helper.make_graph(nodes[i:], "suffix",
+                                      [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, ["N", *acts[x].shape[1:]])
+                                       for x in cut] + settings,
+                                      list(model.graph.output), [inits[x] for x in sorted(used) if x in inits])
+                m = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+                out = Suffix(m, acts, threads=self.threads)
+        if key is not None:
+            with self._lock:
+                self._suffix[key] = out
+        return out
 
     def materialize(self, site: str, c: dict[str, Any]) -> dict[str, Any]:
         """Early-exit settings become explicit (n_terms, threshold) so a model is self-contained."""
@@ -158,6 +204,29 @@ class Engine:
         cfg = {s: self.materialize(s, c) for s, c in config.items()}
         return rewrite(self.base, config={"sites": cfg}, inputs=self.x, labels=self.ref, normalized=True,
                        runtime_settings=False)
+
+
+class Suffix:
+    """One session over the rest of a model, run on cached activations in batches."""
+
+    def __init__(self, model: onnx.ModelProto, acts: dict[str, np.ndarray], *, threads: int, batch_size: int = 250):
+        counted, self.macs_outputs = expose_macs(model)
+        self.session = session(counted, threads=threads)
+        self.acts, self.batch_size = acts, batch_size
+        self.logits_name = model.graph.output[0].name
+        self.n = len(next(iter(acts.values())))
+        self.inputs = {i.name for i in (*self.session.get_inputs(), *self.session.get_overridable_initializers())}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
+        names = [self.logits_name, *self.macs_outputs]
+        feeds = {k: v for k, v in feeds.items() if k in self.inputs}  # earlier sites' settings are cut off
+        logits, macs = [], dict.fromkeys(self.macs_outputs, 0)
+        for i in range(0, self.n, self.batch_size):
+            out = self.session.run(names, {**{k: v[i:i + self.batch_size] for k, v in self.acts.items()}, **feeds})
+            logits.append(out[0])
+            for k, v in zip(self.macs_outputs, out[1:]):
+                macs[k] += int(v)
+        return np.concatenate(logits), {k: v // max(1, self.n) for k, v in macs.items()}
 
 
 def _site_node(model: onnx.ModelProto, s: Site) -> onnx.NodeProto:
