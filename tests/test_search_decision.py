@@ -63,7 +63,7 @@ def test_every_rewrite_slower_keeps_the_original(mnist):
     assert r.report["note"] == "no faster model within eps 5: the original is the fastest on this machine (best found x1.10)"
     assert meas.calls  # candidates were timed in the whole model
     assert all(runs == 40 for _, runs in meas.calls)  # no final 300-run check: nothing to check
-    assert len(meas.calls) == 4 and not r.first_level  # 2 sites x 2 techniques probed, no accuracy run needed
+    assert len(meas.calls) == 6 and not r.first_level  # 2 sites x 2 techniques + 2 chains probed, no accuracy run
 
 
 def test_slower_combination_is_never_emitted(mnist):
@@ -98,6 +98,18 @@ def test_site_whose_boldest_setting_buys_nothing_is_not_measured(mnist):
     assert r.report["search"]["hopeless"] == [f"{A}|early-exit", f"{A}|lazy"]
     assert not [m for m in r.first_level if m.site == A]  # no accuracy run spent on A
     assert sum(1 for ops, _ in meas.calls if sites_of(ops) == {A}) == 2  # one probe per technique
+
+
+def test_technique_that_pays_only_as_a_chain_is_found(mnist):
+    # one EarlyExitConv alone costs 10 % (reorders around it); both, side by side, save 30 %
+    def cost(ops):
+        return -0.3 if ops == {(A, "EarlyExitConv"), (B, "EarlyExitConv")} else 0.1 * len(ops)
+
+    r, _ = search(mnist, cost, techniques=("early-exit",))
+    assert r.report["search"]["chains"] == ["early-exit"]
+    assert set(emitted_sites(r)) == {A, B} and r.report["latency_ratio"] == pytest.approx(0.7)
+    r2, _ = search(mnist, lambda ops: 0.1 * len(ops), techniques=("early-exit",))  # no chain pays: none found
+    assert r2.report["search"]["chains"] == [] and not r2.first_level
 
 
 def test_ties_go_to_the_smaller_accuracy_loss(mnist):

@@ -229,7 +229,8 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
     cands = _candidates(engine, sites, options)
     cand_by_key = {c.key: c for c in cands}
     base_macs = dense_model_macs(base)
-    hopeless = _probe(engine, measurer, base, sample, cands, base_macs, options, cache, save, progress) if latency else set()
+    hopeless, chains = _probe(engine, measurer, base, sample, cands, base_macs, options, cache, save, progress) \
+        if latency else (set(), set())
     cands = [c for c in cands if (c.site, c.technique) not in hopeless]
     todo = [c for c in cands if c.key not in cache["measured"]]
     progress.start(len(cands), "first-level candidates")
@@ -307,6 +308,17 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
             seed = {s: v for s, v in seed.items() if v}
             if seed and seed not in seeds:
                 seeds.append(seed)
+    # A technique that pays only as a chain (its ops next to each other, no reorders between them)
+    # shows no gain site by site: seed it on every site, ranked by the MACs its settings skip.
+    for t in sorted(chains):
+        seed = {}
+        for s in sites:
+            ms = sorted((m for m in measured.values() if m.site == s.name and m.technique == t
+                         and m.loss <= options.eps and m.macs < m.dense_macs), key=lambda m: (m.macs, m.loss))
+            if ms:
+                seed[s.name] = ms[:options.top_m]
+        if seed and seed not in seeds:
+            seeds.append(seed)
 
     # ---- 3. network level with back-off ------------------------------------------------------------
     site_dense = {s.name: int(s.macs) for s in sites}
@@ -450,7 +462,8 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
     report["met_eps"] = met_eps
     report["search"] = {"candidates_evaluated": len(measured) + len(combined), "first_level": len(measured),
                         "latency_timed": timed, "probes": len(cache["probes"]),
-                        "hopeless": sorted(f"{s}|{t}" for s, t in hopeless), "combinations": len(combined),
+                        "hopeless": sorted(f"{s}|{t}" for s, t in hopeless), "chains": sorted(chains),
+                        "combinations": len(combined),
                         "seconds": time.time() - t0}
     base_lat = report["baseline"]["latency_ms"] or 0.0
     report["pareto"] = pareto([{"accuracy": engine.base_accuracy, "macs": base_macs, "latency_ms": base_lat, "label": "float model"}]
@@ -507,36 +520,52 @@ def _aggressiveness(c: Candidate) -> float:
 
 
 def _probe(engine: Engine, measurer: Measurer, base, sample, cands: list[Candidate], base_macs: int,
-           o: SearchOptions, cache: dict[str, Any], save, progress: Progress) -> set[tuple[str, str]]:
-    """(site, technique) pairs that cannot speed the whole model up, found before any accuracy run.
+           o: SearchOptions, cache: dict[str, Any], save, progress: Progress) -> tuple[set[tuple[str, str]], set[str]]:
+    """((site, technique) pairs that cannot speed the whole model up, techniques that pay only as a
+    chain), found before any accuracy run.
 
     A latency run at batch 1 costs far less than an accuracy run over the calibration split, so each
     pair's most aggressive setting is timed in the whole model first: when even it is no faster than
     the original, its gentler settings (which skip less) are never measured. A site whose share of
-    the model's MACs is below min_share is not even timed: it cannot make a difference."""
+    the model's MACs is below min_share is not even timed: it cannot make a difference. Each technique
+    is also timed with every site at its boldest setting: where that is faster although no site alone
+    is (onnxruntime reorders only at a chain's edges), the technique's sites stay in the search."""
     groups: dict[tuple[str, str], list[Candidate]] = {}
     for c in cands:
         groups.setdefault((c.site, c.technique), []).append(c)
-    hopeless = set()
-    progress.start(len(groups), "whole-model latency of each site's boldest setting")
+    hopeless, small, boldest = set(), set(), {}
+    techniques = sorted({t for _, t in groups})
+
+    def probe(key: str, config: dict[str, dict[str, Any]]) -> float:
+        if key not in cache["probes"]:
+            model, _ = engine.deployed(config)
+            lat, b = measurer.compare(model, base, sample, runs=o.latency_runs)
+            cache["probes"][key] = lat / b
+        return cache["probes"][key]
+
+    progress.start(len(groups) + len(techniques), "whole-model latency of each site's boldest setting")
     try:
         for (site, t), cs in groups.items():
             if engine.sites[site].macs / base_macs < o.min_share:
-                hopeless.add((site, t))
+                small.add((site, t))
             else:
-                p = max(cs, key=_aggressiveness)
-                if p.key not in cache["probes"]:
-                    model, _ = engine.deployed({site: _cand_config(p)})
-                    lat, b = measurer.compare(model, base, sample, runs=o.latency_runs)
-                    cache["probes"][p.key] = lat / b
-                if cache["probes"][p.key] > 1 - o.tie:
+                p = boldest[(site, t)] = max(cs, key=_aggressiveness)
+                if probe(p.key, {site: _cand_config(p)}) > 1 - o.tie:
                     hopeless.add((site, t))
+            progress.advance()
+        chains = set()
+        for t in techniques:
+            ps = [p for (_, pt), p in boldest.items() if pt == t]
+            if len(ps) > 1 and all((p.site, t) in hopeless for p in ps) and \
+                    probe(f"chain|{t}", {p.site: _cand_config(p) for p in ps}) <= 1 - o.tie:
+                chains.add(t)
+                hopeless -= {(p.site, t) for p in ps}
             progress.advance()
     except KeyboardInterrupt:
         save()
         raise
     save()
-    return hopeless
+    return hopeless | small, chains
 
 
 def _macs_by_site(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> dict[str, int]:
