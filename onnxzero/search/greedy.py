@@ -219,7 +219,8 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
             progress.note(f"--resume: ignored {cache_path}: {why}; starting afresh")
         else:
             cache = loaded
-            progress.note(f"resumed {len(cache['measured'])} measured candidates from {cache_path}")
+            probes = f" and {len(cache['probes'])} latency probes" if cache["probes"] else ""
+            progress.note(f"resumed {len(cache['measured'])} measured candidates{probes} from {cache_path}")
 
     def save() -> None:
         if cache_path:
