@@ -218,14 +218,28 @@ def _ones_range(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--val-fraction", type=click.FloatRange(0.05, 0.95), default=0.5, show_default=True,
               help="Share of the data held out for the final figures.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Candidates evaluated in parallel.")
-@click.option("--resume", is_flag=True, help="Continue from OUT.search.json left by an interrupted run.")
-@click.option("--best-effort", is_flag=True, help="If nothing meets eps, still write the best model found (labelled).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch size the latency is measured (and the final check is made) at.")
+@click.option("--margin", type=click.FloatRange(0, 100, max_open=True), default=3.0, show_default=True,
+              help="Objective latency: write the model only if it is at least this many % faster than the original.")
+@click.option("--final-runs", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Interleaved runs per model in the final optimized-vs-original check.")
+@click.option("--resume", is_flag=True,
+              help="Continue from OUT.search.json, the cache an interrupted run leaves (removed after a completed run).")
+@click.option("--best-effort", is_flag=True,
+              help="If nothing meets eps, or nothing is faster than the original, still write the best model found (labelled).")
 @_user_errors
 def optimize(model: str, eps: float, data: Path | None, output: Path | None, report_path: Path | None, techniques: str,
              objective: str, mode: str, patch_sizes: tuple[int, ...], ones_range: tuple[int, int],
-             granularity_threshold: float, top_m: int, val_fraction: float, jobs: int, resume: bool,
-             best_effort: bool) -> None:
-    """Search per-site techniques and settings under an accuracy budget; write a faster model."""
+             granularity_threshold: float, top_m: int, val_fraction: float, jobs: int, batch: int, margin: float,
+             final_runs: int, resume: bool, best_effort: bool) -> None:
+    """Search per-site techniques and settings under an accuracy budget; write a faster model.
+
+    With --objective latency (the default) every candidate is timed in the whole model as deployed
+    (onnxruntime's graph optimizations on) against the original; the model is written only if a
+    final interleaved check finds it faster by --margin, else the original is reported the fastest
+    and nothing is written (exit 0).
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -240,7 +254,8 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
 
     opts = SearchOptions(eps=eps, techniques=tuple(t.strip() for t in techniques.split(",") if t.strip()),
                          objective=objective, mode=mode, patch_sizes=patch_sizes or (2,), ones_range=ones_range,
-                         granularity_threshold=granularity_threshold, top_m=top_m, jobs=jobs, val_fraction=val_fraction)
+                         granularity_threshold=granularity_threshold, top_m=top_m, jobs=jobs, val_fraction=val_fraction,
+                         batch=batch, margin=margin / 100, final_runs=final_runs)
     opts.validate()
     src = resolve_model_path(model)
     out = output or (Path.cwd() if model.startswith(z.PREFIX) else src.parent) / f"{src.stem}.onnxzero.onnx"
@@ -274,7 +289,7 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
                 bar.advance(self.task, n)
 
             def note(self, text: str) -> None:
-                bar.console.print(text)
+                click.echo(f"onnxzero: {text}", err=True)  # one line, never wrapped
 
         cache = out.with_name(out.name + ".search.json")
         try:
@@ -283,16 +298,27 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
             console.print(f"interrupted: what was measured is kept in {cache}; rerun with --resume to continue")
             raise
     render(result.report, console)
+    rep = result.report
     if report_path:
-        atomic_write_json(report_path, result.report, protect=protect)
+        atomic_write_json(report_path, rep, protect=protect)
         console.print(f"wrote {report_path}")
-    if "note" in result.report:
-        raise UserError(f"{result.report['note']}; no model written (try --objective macs)")
-    if result.model is None or (not result.met_eps and not best_effort):
-        raise UserError(f"no configuration met eps = {eps:g}; no model written (use --best-effort to write the best found)")
-    if not result.met_eps:
-        result.model.metadata_props.add(key="onnxzero_best_effort", value=f"did not meet eps={eps:g}")
-        console.print(f"[bold yellow]best effort: this model does NOT meet eps = {eps:g}[/]")
+    cache.unlink(missing_ok=True)  # the search completed: nothing left to resume
+    if "held_out" in rep and rep["met_eps"]:
+        click.echo(f"onnxzero: {rep['held_out']}; backed off to a choice that holds there", err=True)
+    if objective == "macs" and "note" in rep:
+        raise UserError(f"{rep['note']}; no model written")
+    if not rep["decision"]["written"]:
+        if result.model is None or not best_effort:
+            if rep["met_eps"]:  # the original is the fastest within eps: a result, not an error
+                click.echo(rep["note"])
+                return
+            raise UserError(f"{rep.get('held_out', f'no configuration met eps = {eps:g}')}; no model written "
+                            "(use --best-effort to write the best found, labelled)")
+        why = (f"did not meet eps={eps:g}" + (" on held-out data" if "held_out" in rep else "") if not rep["met_eps"] else
+               f"not faster than the original by {margin:g} % (x{rep['latency_ratio']:.2f})")
+        result.model.metadata_props.add(key="onnxzero_best_effort", value=why)
+        result.model.metadata_props.add(key="onnxzero_met_eps", value=str(rep["met_eps"]).lower())
+        console.print(f"[bold yellow]best effort: this model {why}[/]")
     atomic_write_bytes(out, result.model.SerializeToString(), protect=protect)
     console.print(f"wrote {out}")
 

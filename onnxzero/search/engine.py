@@ -1,5 +1,6 @@
 """Measure candidates by real onnxruntime runs: accuracy and MACs from the ops' own counters on the
-calibration split, latency of the site's op in isolation on a real activation.
+calibration split; latency only ever of the whole model as deployed (search/latency.py), never of
+an op alone, which hid the reorders and lost fusions a custom op costs in context.
 
 Sessions are built once per technique with every site's setting as a run-time input (spatial
 masks, lazy ratios, predictive (N, Th)), so trying a setting is a forward pass, not a rebuild.
@@ -17,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxzero.evaluate import Evaluator, median_latency_ms, session, top1
+from onnxzero.evaluate import Evaluator, expose_macs, session, top1
 from onnxzero.ops import early_exit
 from onnxzero.passes.rewrite import rewrite
 from onnxzero.passes.rules import Calibration
@@ -38,12 +39,15 @@ class Measured:
     loss: float             # percentage points vs the float model on the same split
     macs: int               # this site's MACs per sample, from its op's counter
     dense_macs: int
-    latency_ms: float | None = None        # the site's op alone, batch 1, real activation
-    dense_latency_ms: float | None = None  # onnxruntime's Conv+Relu on the same input
+    latency_ms: float | None = None        # the whole model with only this site rewritten (frozen settings)
+    dense_latency_ms: float | None = None  # the original model, interleaved with it in the same measurement
 
     def saved(self, objective: str) -> float:
-        if objective == "latency" and self.latency_ms is not None and self.dense_latency_ms is not None:
-            return self.dense_latency_ms - self.latency_ms
+        """Latency: the share of whole-model time this site's rewrite saves; MACs: the MACs it saves."""
+        if objective == "latency":
+            if self.latency_ms is None or not self.dense_latency_ms:
+                return 0.0
+            return 1.0 - self.latency_ms / self.dense_latency_ms
         return float(self.dense_macs - self.macs)
 
     def to_json(self) -> dict[str, Any]:
@@ -60,7 +64,15 @@ class Engine:
         self.base_accuracy = top1(Evaluator(base, threads=threads).run(calib_x).logits, calib_ref)
         self._tech: dict[str, tuple[onnx.ModelProto, Evaluator, dict[str, np.ndarray]]] = {}
         self._predictive: dict[tuple[str, float, float], tuple[np.ndarray, np.ndarray]] = {}
+        self._suffix: dict[tuple, Suffix | None] = {}
+        self._acts: dict[str, np.ndarray] = {}  # the float model's activations on the calibration split
+        self._base_names = {self._input_name(base)} | {o for n in base.graph.node for o in n.output}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _input_name(model: onnx.ModelProto) -> str:
+        init = {t.name for t in model.graph.initializer}
+        return next(i.name for i in model.graph.input if i.name not in init)
 
     # -- technique models: every site rewritten, settings fed at run time -----------------------
     def technique_model(self, technique: str, variant: tuple = ()):
@@ -124,47 +136,97 @@ class Engine:
             return self._predictive[key]
 
     # -- one candidate ------------------------------------------------------------------------
-    def measure(self, c: Candidate, *, latency: bool) -> Measured:
+    def measure(self, c: Candidate) -> Measured:
+        """Accuracy and MACs on the calibration split with only c's site changed (settings fed at run time)."""
         s = self.sites[c.site]
         if c.technique == "sparse-quant":
             model, _ = rewrite(self.base, config={"sites": {c.site: {"technique": "sparse-quant", "prune": c.setting["prune"]}}},
                                normalized=True)
-            ev, feeds = Evaluator(model, threads=self.threads), {}
+            feeds, key, ev = {}, None, None
         else:
             model, ev, defaults = self.technique_model(c.technique, self.variant(c))
-            feeds = self._feeds(c, defaults)
-        r = ev.run(self.x, feeds=feeds)
+            feeds, key = self._feeds(c, defaults), (c.technique, *self.variant(c), c.site)
         node = _site_node(model, s)
-        macs = r.site_macs[node.output[1]] if len(node.output) > 1 and node.output[1] in r.site_macs else \
-            next(v for k, v in r.site_macs.items() if k.startswith(node.output[0]))
-        acc = top1(r.logits, self.ref)
-        m = Measured(c.key, c.site, c.technique, _jsonable(c.setting), acc, 100.0 * (self.base_accuracy - acc),
-                     int(macs), int(s.macs or 0))
-        if latency:
-            m.latency_ms, m.dense_latency_ms = self.site_latency(model, s, feeds)
-        return m
+        suffix = self.suffix(model, node, key)
+        if suffix is not None:
+            logits, site_macs = suffix.run(feeds)
+        else:
+            r = (ev or Evaluator(model, threads=self.threads)).run(self.x, feeds=feeds)
+            logits, site_macs = r.logits, r.site_macs
+        macs = site_macs[node.output[1]] if len(node.output) > 1 and node.output[1] in site_macs else \
+            next(v for k, v in site_macs.items() if k.startswith(node.output[0]))
+        acc = top1(logits, self.ref)
+        return Measured(c.key, c.site, c.technique, _jsonable(c.setting), acc, 100.0 * (self.base_accuracy - acc),
+                        int(macs), int(s.macs or 0))
 
-    def site_latency(self, model: onnx.ModelProto, s: Site, feeds: dict[str, np.ndarray],
-                     *, runs: int = 15) -> tuple[float, float]:
-        """(op, onnxruntime Conv+Relu) median latency of this site alone on a real batch-1 activation."""
-        x = self.calibration.tensors([s.x])[s.x][:1]
-        node = _site_node(model, s)
-        op_model = _single_node_model(model, node, s, with_inputs=[n for n in node.input[1:] if n in feeds])
-        op_sess = session(op_model, threads=self.threads)
-        op_feeds = {s.x: x, **{n: feeds[n] for n in node.input[1:] if n in feeds}}
-        conv = helper.make_node("Conv", [s.x, s.w] + ([s.b] if s.b else []), ["c"], strides=list(s.strides),
-                                dilations=list(s.dilations), group=s.group,
-                                **({"pads": list(s.pads)} if s.pads is not None else {"auto_pad": s.auto_pad}))
-        relu = helper.make_node("Relu", ["c"], [s.y])
-        inits = [numpy_helper.from_array(weight(self.base, n), n) for n in (s.w, s.b) if n]
-        g = helper.make_graph([conv, relu], "dense", [helper.make_tensor_value_info(s.x, onnx.TensorProto.FLOAT, list(x.shape))],
-                              [helper.make_tensor_value_info(s.y, onnx.TensorProto.FLOAT, None)], inits)
-        dense = session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), threads=self.threads, library=False)
-        a, b = [], []
-        for _ in range(3):  # interleave so machine noise hits both alike
-            a.append(median_latency_ms(op_sess, op_feeds, runs=runs))
-            b.append(median_latency_ms(dense, {s.x: x}, runs=runs))
-        return float(np.median(a)), float(np.median(b))
+    def suffix(self, model: onnx.ModelProto, node: onnx.NodeProto, key: tuple | None) -> "Suffix | None":
+        """The part of `model` from the site's op on, fed the float model's cached activations at the cut,
+        so a candidate's accuracy run does not recompute the unchanged layers before its site.
+        None when the cut needs a tensor the float model does not have (then the whole model runs)."""
+        with self._lock:
+            if key is not None and key in self._suffix:
+                return self._suffix[key]
+        nodes = list(model.graph.node)
+        i = next(j for j, n in enumerate(nodes) if n.name == node.name)
+        inits = {t.name: t for t in model.graph.initializer}
+        before = {x.name for x in model.graph.input} | {o for n in nodes[:i] for o in n.output}
+        used = {x for n in nodes[i:] for x in n.input if x}
+        cut = sorted(x for x in used & before if x not in inits)
+        out = None
+        if all(x in self._base_names for x in cut):
+            with self._lock:
+                missing = [x for x in cut if x not in self._acts and x != self._input_name(self.base)]
+                if missing:
+                    self._acts.update(Evaluator(self.base, extra_outputs=missing, threads=self.threads).run(self.x).extras)
+                acts = {x: self.x if x == self._input_name(self.base) else self._acts[x] for x in cut}
+            if all(a.dtype == np.float32 and len(a) == len(self.x) for a in acts.values()):
+                settings = [i for i in model.graph.input if i.name in used and i.name in inits]
+                g = helper.make_graph(nodes[i:], "suffix",
+                                      [helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, ["N", *acts[x].shape[1:]])
+                                       for x in cut] + settings,
+                                      list(model.graph.output), [inits[x] for x in sorted(used) if x in inits])
+                m = helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+                out = Suffix(m, acts, threads=self.threads)
+        if key is not None:
+            with self._lock:
+                self._suffix[key] = out
+        return out
+
+    def materialize(self, site: str, c: dict[str, Any]) -> dict[str, Any]:
+        """Early-exit settings become explicit (n_terms, threshold) so a model is self-contained."""
+        if c["technique"] == "early-exit" and c.get("mode") == "predictive" and "n_terms" not in c:
+            nt, th = self.predictive(self.sites[site], c)
+            return {**c, "n_terms": nt, "threshold": th}
+        return c
+
+    def deployed(self, config: dict[str, dict[str, Any]]):
+        """(model, rewrite report) as `optimize` would emit it for `config` (site -> setting): settings frozen."""
+        cfg = {s: self.materialize(s, c) for s, c in config.items()}
+        return rewrite(self.base, config={"sites": cfg}, inputs=self.x, labels=self.ref, normalized=True,
+                       runtime_settings=False)
+
+
+class Suffix:
+    """One session over the rest of a model, run on cached activations in batches."""
+
+    def __init__(self, model: onnx.ModelProto, acts: dict[str, np.ndarray], *, threads: int, batch_size: int = 250):
+        counted, self.macs_outputs = expose_macs(model)
+        self.session = session(counted, threads=threads)
+        self.acts, self.batch_size = acts, batch_size
+        self.logits_name = model.graph.output[0].name
+        self.n = len(next(iter(acts.values())))
+        self.inputs = {i.name for i in (*self.session.get_inputs(), *self.session.get_overridable_initializers())}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, int]]:
+        names = [self.logits_name, *self.macs_outputs]
+        feeds = {k: v for k, v in feeds.items() if k in self.inputs}  # earlier sites' settings are cut off
+        logits, macs = [], dict.fromkeys(self.macs_outputs, 0)
+        for i in range(0, self.n, self.batch_size):
+            out = self.session.run(names, {**{k: v[i:i + self.batch_size] for k, v in self.acts.items()}, **feeds})
+            logits.append(out[0])
+            for k, v in zip(self.macs_outputs, out[1:]):
+                macs[k] += int(v)
+        return np.concatenate(logits), {k: v // max(1, self.n) for k, v in macs.items()}
 
 
 def _site_node(model: onnx.ModelProto, s: Site) -> onnx.NodeProto:
@@ -173,25 +235,6 @@ def _site_node(model: onnx.ModelProto, s: Site) -> onnx.NodeProto:
         if n.name.startswith(prefix) and n.domain:
             return n
     raise KeyError(f"no op for site {s.name}")
-
-
-def _single_node_model(model: onnx.ModelProto, node: onnx.NodeProto, s: Site, *, with_inputs: list[str]) -> onnx.ModelProto:
-    inits = {t.name: t for t in model.graph.initializer}
-    n = onnx.NodeProto()
-    n.CopyFrom(node)
-    del n.output[1:]
-    graph_inputs = [helper.make_tensor_value_info(s.x, onnx.TensorProto.FLOAT, None)]
-    consts = []
-    for name in n.input[1:]:
-        if not name:
-            continue
-        if name in with_inputs:
-            t = inits[name]
-            graph_inputs.append(helper.make_tensor_value_info(name, t.data_type, None))
-        elif name in inits:
-            consts.append(inits[name])
-    g = helper.make_graph([n], "site", graph_inputs, [helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)], consts)
-    return helper.make_model(g, opset_imports=list(model.opset_import))
 
 
 def _jsonable(v: Any) -> Any:

@@ -20,9 +20,10 @@ def render(report: dict[str, Any], console: Console) -> None:
     b, o = report["baseline"], report.get("optimized")
     t = Table(title=f"onnxzero optimize: eps = {report['eps']:g} points, objective = {report['objective']}, "
                     f"validated on {report['split']['validation']} held-out samples")
-    for col in ("", "top-1", "MACs / sample", "latency (ms, batch 1)"):
+    for col in ("", "top-1", "MACs / sample", f"latency (ms, batch {report.get('batch', 1)})"):
         t.add_column(col, justify="right")
-    t.add_row("original", f"{b['accuracy'] * 100:.2f}%", f"{b['macs']:,}", f"{b['latency_ms']:.3f}")
+    lat = f"{b['latency_ms']:.3f}" if b.get("latency_ms") is not None else "-"
+    t.add_row("original", f"{b['accuracy'] * 100:.2f}%", f"{b['macs']:,}", lat)
     if o:
         t.add_row("optimized", f"{o['accuracy'] * 100:.2f}%", f"{o['macs']:,}", f"{o['latency_ms']:.3f}")
         t.add_row("change", f"{-report['validation_loss']:+.2f} pts", f"-{report['mac_reduction'] * 100:.1f}%",
@@ -36,9 +37,11 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(st)
     sr = report["search"]
     console.print(f"search: {sr['candidates_evaluated']} candidates measured ({sr['first_level']} first-level, "
-                  f"{sr['combinations']} combinations) in {sr['seconds']:.0f} s; "
+                  f"{sr.get('latency_timed', 0)} timed in the whole model, {sr['combinations']} combinations) in {sr['seconds']:.0f} s; "
                   f"{len(report['pareto'])} points on the accuracy/MACs/latency Pareto front", highlight=False)
-    if "note" in report:
-        console.print(f"[bold yellow]{report['note']}[/]")
-    elif not report["met_eps"]:
-        console.print(f"[bold red]no configuration met eps = {report['eps']:g} on the calibration split[/]")
+    d = report.get("decision") or {}
+    if report["objective"] == "latency" and o:
+        console.print(f"final check: optimized x{d['final_ratio']:.3f} of the original, median of {d['final_runs']} "
+                      f"interleaved runs each at batch {d['batch']}; written only if <= x{1 - d['margin']:.3f}", highlight=False)
+    # the outcome itself (note, held-out back-off, no model) is printed by the caller, one line each
+
