@@ -228,11 +228,15 @@ def _ones_range(ctx, param, value: str) -> tuple[int, int]:
               help="Continue from OUT.search.json, the cache an interrupted run leaves (removed after a completed run).")
 @click.option("--best-effort", is_flag=True,
               help="If nothing meets eps, or nothing is faster than the original, still write the best model found (labelled).")
+@click.option("--html", "html_out", type=click.Path(path_type=Path), help="Write a self-contained HTML report.")
+@click.option("--pareto", is_flag=True, help="Then search the run-time settings' accuracy vs latency front (NSGA-II) "
+              "and write ONE model with a scalar input `speed` (0 = most accurate within eps, 1 = fastest).")
+@click.option("--points", type=int, default=8, show_default=True, help="With --pareto: points on the speed dial (>= 2).")
 @_user_errors
 def optimize(model: str, eps: float, data: Path | None, output: Path | None, report_path: Path | None, techniques: str,
              objective: str, mode: str, patch_sizes: tuple[int, ...], ones_range: tuple[int, int],
              granularity_threshold: float, top_m: int, val_fraction: float, jobs: int, batch: int, margin: float,
-             final_runs: int, resume: bool, best_effort: bool) -> None:
+             final_runs: int, resume: bool, best_effort: bool, html_out: Path | None, pareto: bool, points: int) -> None:
     """Search per-site techniques and settings under an accuracy budget; write a faster model.
 
     With --objective latency (the default) every candidate is timed in the whole model as deployed
@@ -245,7 +249,7 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
 
     from onnxzero import zoo as z
     from onnxzero.data import check_fits, load_dataset
-    from onnxzero.emit import atomic_write_bytes, atomic_write_json
+    from onnxzero.emit import atomic_write_json, write_model
     from onnxzero.load import check_output_path, input_files, load_model, resolve_model_path
     from onnxzero.search import SearchOptions
     from onnxzero.search import optimize as run_search
@@ -257,6 +261,10 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
                          granularity_threshold=granularity_threshold, top_m=top_m, jobs=jobs, val_fraction=val_fraction,
                          batch=batch, margin=margin / 100, final_runs=final_runs)
     opts.validate()
+    if pareto:
+        from onnxzero.speed_dial import check_pareto_options
+
+        check_pareto_options(points, opts.techniques)
     src = resolve_model_path(model)
     out = output or (Path.cwd() if model.startswith(z.PREFIX) else src.parent) / f"{src.stem}.onnxzero.onnx"
     data_path = data or z.default_data(model)
@@ -264,17 +272,15 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
     check_output_path(out, protect)
     if report_path:
         check_output_path(report_path, protect)
+    if html_out:
+        from onnxzero.html_report import check_html_path
+
+        check_html_path(html_out, protect)
     m = load_model(model)
     if data_path is None:
         raise UserError("no data: expected --data FILE.npz with 'inputs' (and 'labels') to measure accuracy on")
     ds = load_dataset(data_path)
     check_fits(ds, m)
-    if ds.labels is not None:
-        n_out = m.graph.output[0].type.tensor_type.shape.dim
-        classes = n_out[-1].dim_value if n_out and n_out[-1].HasField("dim_value") else None
-        if ds.labels.min() < 0 or (classes and ds.labels.max() >= classes):
-            raise UserError(f"{data_path}: labels range {ds.labels.min()}..{ds.labels.max()}, expected 0..{(classes or 1) - 1} "
-                            f"for the model's {classes} outputs")
     console = Console(stderr=False)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -299,9 +305,32 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
             raise
     render(result.report, console)
     rep = result.report
+    out_model = result.model
+    writes = result.model is not None and (rep["decision"]["written"] or best_effort) and \
+        not (objective == "macs" and "note" in rep)
+    if pareto and writes:
+        from onnxzero.passes.normalize import normalize
+        from onnxzero.search.greedy import split
+        from onnxzero.speed_dial import render as render_dial
+        from onnxzero.speed_dial import seed_from_model, speed_dial
+
+        base, _ = normalize(m)
+        cal, val = split(len(ds.inputs), opts.val_fraction)  # the greedy search's own split
+        labels = (lambda idx: None) if ds.labels is None else (lambda idx: ds.labels[idx])
+        dial = speed_dial(base, (ds.inputs[cal], labels(cal)), (ds.inputs[val], labels(val)), eps=eps,
+                          seed_config=seed_from_model(result.model, base), points=points, objective=objective,
+                          normalized=True)
+        render_dial(dial.report, console)
+        rep["speed_dial"] = dial.report
+        out_model = dial.model
     if report_path:
         atomic_write_json(report_path, rep, protect=protect)
         console.print(f"wrote {report_path}")
+    if html_out:
+        from onnxzero.html_report import render_optimize_html, write_html
+
+        write_html(html_out, render_optimize_html(rep, explored=[c.to_json() for c in result.combined]), protect=protect)
+        console.print(f"wrote {html_out}")
     cache.unlink(missing_ok=True)  # the search completed: nothing left to resume
     if "held_out" in rep and rep["met_eps"]:
         click.echo(f"onnxzero: {rep['held_out']}; backed off to a choice that holds there", err=True)
@@ -316,10 +345,10 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
                             "(use --best-effort to write the best found, labelled)")
         why = (f"did not meet eps={eps:g}" + (" on held-out data" if "held_out" in rep else "") if not rep["met_eps"] else
                f"not faster than the original by {margin:g} % (x{rep['latency_ratio']:.2f})")
-        result.model.metadata_props.add(key="onnxzero_best_effort", value=why)
-        result.model.metadata_props.add(key="onnxzero_met_eps", value=str(rep["met_eps"]).lower())
+        out_model.metadata_props.add(key="onnxzero_best_effort", value=why)
+        out_model.metadata_props.add(key="onnxzero_met_eps", value=str(rep["met_eps"]).lower())
         console.print(f"[bold yellow]best effort: this model {why}[/]")
-    atomic_write_bytes(out, result.model.SerializeToString(), protect=protect)
+    write_model(out, out_model, protect=protect)
     console.print(f"wrote {out}")
 
 

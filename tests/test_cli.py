@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -134,3 +135,25 @@ def test_profile_of_a_rewritten_model_several_models_and_html(tmp_path):
     r = run("profile", "zoo:lenet5", "zoo:alexnet-mnist", "--plots", tmp_path / "plots")
     assert_user_error(r, "--plots takes one model, got several: expected one MODEL (or drop --plots)")
     assert not (tmp_path / "plots").exists()
+
+
+def test_optimize_writes_html_and_a_speed_dial_model(tmp_path):
+    out, rep, page = tmp_path / "l.onnx", tmp_path / "r.json", tmp_path / "r.html"
+    r = run("optimize", "zoo:lenet5", "--eps", "3", "--objective", "macs", "--techniques", "lazy", "--pareto",
+            "--points", "3", "-o", out, "--report", rep, "--html", page)
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    dial = report["speed_dial"]["points"]
+    assert 2 <= len(dial) <= 3 and [p["speed"] for p in dial][0] == 0.0
+    model = onnx.load(out)
+    assert "speed" in [i.name for i in model.graph.input]
+    html = page.read_text()
+    assert all(s["node"] in html for s in report["sites"])
+
+
+def test_optimize_pareto_needs_two_points_and_a_runtime_technique(tmp_path):
+    r = run("optimize", "zoo:lenet5", "--eps", "3", "--pareto", "--points", "1", "-o", tmp_path / "l.onnx")
+    assert_user_error(r, "--points")
+    r = run("optimize", "zoo:lenet5", "--eps", "3", "--pareto", "--techniques", "sparse-quant", "-o", tmp_path / "l.onnx")
+    assert_user_error(r, "--pareto")
+    assert list(tmp_path.iterdir()) == []

@@ -31,7 +31,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     console.print(t)
     st = Table(title="sites")
     for col in ("site", "technique", "setting", "MACs before", "MACs after"):
-        st.add_column(col, justify="right" if col.startswith("MACs") else "left")
+        st.add_column(col, justify="right" if col.startswith("MACs") else "left", overflow="fold")
     for s in report["sites"]:
         st.add_row(s["node"], s["technique"] or "dense", _setting(s["setting"]), f"{s['macs_before']:,}", f"{s['macs_after']:,}")
     console.print(st)
