@@ -491,7 +491,7 @@ struct EarlyExitKernel {
         int64_t total = 0;
         if (N > 0 && P > 0) {
           const double zf = xnum > 0 ? double(sc.zeros) / double(xnum) : 0.0;
-          const bool sparse = sc.nonfinite || skip_zeros == 1 || (skip_zeros == -1 && SparsePays(zf, g.Kg(), K * CRS));
+          const bool sparse = sc.nonfinite || skip_zeros == 1 || (skip_zeros == -1 && SparsePays(zf, g.Kg(), CRS, K * CRS));
           total = sparse ? RunExact(context, g, rp, X, Y, N) : RunDense(context, g, rp, X, Y, N);
         }
         if (ctx.GetOutputCount() > 1) *ctx.GetOutput(1, std::vector<int64_t>{}).GetTensorMutableData<int64_t>() = total;
@@ -559,12 +559,14 @@ struct EarlyExitKernel {
   // The sparse path's cost relative to the dense GEMM core, per unit of dense work (measured on
   // the bench layers, see docs/design-early-exit.md): its multiply-adds run at about 1/1.5 of the
   // GEMM's rate and only on nonzero inputs; listing the nonzero inputs costs about as much as
-  // 2.5 dense multiply-adds per input value and 8-filter vector, i.e. 20/Kg of the dense work.
+  // 2.5 dense multiply-adds per input value and 8-filter vector, i.e. 20/Kg of the dense work;
+  // starting and storing each output (8x8 transposes) about 16/CRS of it (a 1x1 conv on 32
+  // channels: 3.2x onnxruntime on the sparse path, 1.6x on the dense one).
   // Weights past ~768 KiB do not stay in L2 while the sparse path sweeps them once per 8
   // positions (measured: 3.0x onnxruntime on 256x14x14, 2.4 MB of weights): dense path then.
-  static bool SparsePays(double zero_fraction, int64_t Kg, int64_t weights) {
+  static bool SparsePays(double zero_fraction, int64_t Kg, int64_t CRS, int64_t weights) {
     if (weights * 4 > (int64_t{768} << 10)) return false;
-    return 1.5 * (1.0 - zero_fraction) + 20.0 / double(Kg) < 1.0;
+    return 1.5 * (1.0 - zero_fraction) + 20.0 / double(Kg) + 16.0 / double(CRS) < 1.0;
   }
 
   // Exact mode, dense path: the packed GEMM core (every term of every output); at a residual site
