@@ -344,7 +344,6 @@ struct EarlyExitKernel {
     int64_t* thr_at = state + Kb;
     __m256 valid[NA];
     sr::ValidMask(valid, np);
-    const __m256 z = _mm256_setzero_ps();
     int64_t running = 0;
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t i = k - k0;
