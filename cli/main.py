@@ -40,36 +40,68 @@ def cli() -> None:
 
 # ---------------------------------------------------------------- profile
 @cli.command()
-@click.argument("model")
+@click.argument("models", nargs=-1, required=True)
 @click.option("--data", type=click.Path(path_type=Path), help=".npz with 'inputs' (and 'labels'); zoo models default to their zoo data.")
 @click.option("--runs", type=click.IntRange(min=1), default=10, show_default=True, help="Timed runs per measurement.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the full report as JSON.")
 @click.option("--plots", type=click.Path(path_type=Path), help="Write PNG plots into this folder (created if missing).")
+@click.option("--html", "html_out", type=click.Path(path_type=Path), help="Write a self-contained HTML report.")
 @_user_errors
-def profile(model: str, data: Path | None, runs: int, json_out: Path | None, plots: Path | None) -> None:
+def profile(models: tuple[str, ...], data: Path | None, runs: int, json_out: Path | None, plots: Path | None,
+            html_out: Path | None) -> None:
     """Per-node latency, MACs and params, and how often each ReLU output is zero.
 
-    MODEL is an .onnx file or zoo:NAME (see `onnxzero zoo list`).
+    MODEL is an .onnx file or zoo:NAME (see `onnxzero zoo list`). With several models: one table
+    side by side (params, MACs, latency, accuracy, peak activation memory, energy estimate).
     """
     from rich.console import Console
 
+    from onnxzero import zoo as z
     from onnxzero.emit import atomic_write_json
+    from onnxzero.html_report import check_html_path, render_profile_html, write_html
     from onnxzero.load import check_output_path, input_files
     from onnxzero.profile import profile_model
+    from onnxzero.profile.compare import compare_models
+    from onnxzero.profile.effectual import effectual_macs
 
-    protect = input_files(model) + ((data,) if data else ())
+    protect = tuple(f for m in models for f in input_files(m)) + ((data,) if data else ())
     if json_out:
         check_output_path(json_out, protect)
+    if html_out:
+        check_html_path(html_out, protect)
+    if plots and len(models) > 1:
+        raise UserError("--plots takes one model, got several: expected one MODEL (or drop --plots)")
     if plots and plots.exists() and not plots.is_dir():
         raise UserError(f"--plots {plots} is a file, expected a directory")
-    report = profile_model(model, data=data, runs=runs, progress=sys.stderr.isatty())
+    if plots:  # a folder the plots can be written into, checked before the profiling
+        check_output_path(plots / "latency_per_node.png", protect)
     console = Console()
+    if len(models) > 1:
+        cmp_ = compare_models(list(models), data=data, runs=runs)
+        cmp_.render(console)
+        if json_out:
+            atomic_write_json(json_out, cmp_.to_json(), protect=protect)
+            console.print(f"wrote {json_out}")
+        if html_out:
+            write_html(html_out, render_profile_html(compare=cmp_), protect=protect)
+            console.print(f"wrote {html_out}")
+        return
+    model = models[0]
+    report = profile_model(model, data=data, runs=runs, progress=sys.stderr.isatty())
     report.render(console)
+    eff = effectual_macs(model, data=data) if (data or z.default_data(model)) else None
+    if eff is not None:
+        eff.render(console)
     if json_out:
-        atomic_write_json(json_out, report.to_json(), protect=protect)
+        j = report.to_json()
+        if eff is not None:
+            j["effectual"] = eff.to_json()
+        atomic_write_json(json_out, j, protect=protect)
         console.print(f"wrote {json_out}")
+    if html_out:
+        write_html(html_out, render_profile_html(report, effectual=eff), protect=protect)
+        console.print(f"wrote {html_out}")
     if plots:
-        plots.mkdir(parents=True, exist_ok=True)
         written = report.write_plots(plots)
         console.print(f"wrote {len(written)} plots to {plots}")
 
@@ -83,10 +115,16 @@ def profile(model: str, data: Path | None, runs: int, json_out: Path | None, plo
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="JSON with per-site settings.")
 @click.option("--data", type=click.Path(path_type=Path), help="Calibration .npz (lazy, sparse-quant, predictive early exit).")
 @click.option("--explain", is_flag=True, help="List every Conv with the site it became, or why it is not one.")
+@click.option("--allow-unchanged", is_flag=True,
+              help="Write OUT even when no site was rewritten (by default that is an error and nothing is written).")
 @_user_errors
 def rewrite(model: str, output: Path | None, technique: str | None, config_path: Path | None, data: Path | None,
-            explain: bool) -> None:
-    """Rewrite MODEL's Conv+ReLU sites into onnxzero's custom ops."""
+            explain: bool, allow_unchanged: bool) -> None:
+    """Rewrite MODEL's Conv+ReLU sites into onnxzero's custom ops.
+
+    When no site can be rewritten, the verdicts say why, the exit status is 1 and nothing is
+    written, unless --allow-unchanged.
+    """
     import json
 
     from rich.console import Console
@@ -94,7 +132,7 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
 
     from onnxzero import zoo as z
     from onnxzero.data import check_fits, load_dataset
-    from onnxzero.emit import atomic_write_bytes
+    from onnxzero.emit import write_model
     from onnxzero.load import check_output_path, input_files, load_model, resolve_model_path
     from onnxzero.passes.normalize import normalize
     from onnxzero.passes.rewrite import rewrite as rewrite_model
@@ -119,7 +157,7 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
     ds = None
     if data_path:
         ds = load_dataset(data_path)
-        check_fits(ds, m)
+        check_fits(ds, m, fix_size=False)  # a rewrite keeps the model's interface: symbolic H/W stay symbolic
     console = Console()
     if output is None:  # --explain alone: no rewrite, just the verdicts
         for v in explain_sites(normalize(m)[0]):
@@ -129,12 +167,15 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
         raise UserError("no technique given: expected --technique spatial|early-exit|lazy|sparse-quant or --config")
     out, report = rewrite_model(m, technique=technique, config=config, inputs=None if ds is None else ds.inputs,
                                 labels=None if ds is None else ds.labels)
-    if explain:
+    if explain or not report.rewritten:
         for line in report.explain_lines():
             console.print(line, highlight=False, soft_wrap=True)
+    if not report.rewritten and not allow_unchanged:
+        why = "no Conv is an eligible site" if not report.sites else "every site was kept (see above)"
+        raise UserError(f"0 sites rewritten: {why}; nothing written to {output} (--allow-unchanged writes it anyway)")
     t = Table(title=f"{len(report.rewritten)} of {len(report.sites)} sites rewritten")
     for col in ("site", "technique", "setting", "MACs (dense)", "note"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # a narrow terminal folds names, never cuts them (users copy them)
     for s in report.sites:
         note = s.reason or ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in s.stats.items() if not isinstance(v, (list, dict)))
@@ -144,8 +185,8 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
     if total:
         console.print(f"sparse-quant, whole model: %W_Z {total['%W_Z']:.1f}, CR {total['CR']:.2f} "
                       f"over {total['weights']:,} conv weights")
-    atomic_write_bytes(output, out.SerializeToString(), protect=protect)
-    console.print(f"wrote {output}")
+    write_model(output, out, protect=protect)
+    console.print(f"wrote {output}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- optimize
@@ -309,18 +350,20 @@ def bench() -> None:
 @click.option("--skip", "skips", multiple=True, type=click.FloatRange(0, 0.99), help="Skip targets (repeatable).")
 @click.option("--runs", type=click.IntRange(min=5), default=20, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--chain/--no-chain", default=True, show_default=True,
+              help="Also time each op in a three-conv chain vs onnxruntime's chain (in context).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path))
 @_user_errors
 def bench_ops(ops: tuple[str, ...], layers: tuple[str, ...], skips: tuple[float, ...], runs: int, threads: int,
-              json_out: Path | None) -> None:
-    """Each custom op vs onnxruntime's Conv+Relu on real CNN layer shapes."""
+              chain: bool, json_out: Path | None) -> None:
+    """Each custom op vs onnxruntime's Conv+Relu on real CNN layer shapes, alone and in a chain."""
     from rich.console import Console
 
     from onnxzero.bench.ops import render_table, run_ops_bench
     from onnxzero.emit import atomic_write_json
 
     records = run_ops_bench(ops=list(ops) or None, layers=list(layers) or None, skips=list(skips) or None,
-                            runs=runs, threads=threads, progress=sys.stderr.isatty())
+                            runs=runs, threads=threads, progress=sys.stderr.isatty(), chain=chain)
     render_table(records, Console())
     if json_out:
         atomic_write_json(json_out, records)

@@ -1,4 +1,9 @@
-"""Data sets: .npz files with `inputs` (float32, NCHW) and optional `labels` (int64)."""
+"""Data sets: .npz files with `inputs` (float32, NCHW) and optional `labels` (int64).
+
+Every command that reads data goes through load_dataset (the file, dtypes, finite values) and
+check_fits (the data against the model: input shape, labels against the output), so a bad
+data set is one line before any calibration, search or write, whichever command reads it.
+"""
 
 from __future__ import annotations
 
@@ -37,13 +42,20 @@ def load_dataset(path: str | Path) -> Dataset:
         raise UserError(f"{p}: 'inputs' has dtype {x.dtype}, expected float32")
     if x.ndim < 1 or x.shape[0] == 0:
         raise UserError(f"{p}: 'inputs' has shape {x.shape}, expected a non-empty batch (N, ...)")
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        # NaN/Inf would poison calibration (thresholds, predictors, pruning levels) without a word
+        raise UserError(f"{p}: 'inputs' has NaN or Inf in {int(bad.sum())} of {len(x)} samples (first: sample "
+                        f"{int(np.argmax(bad))}), expected finite values")
     y = arrays.get("labels")
     if y is not None:
         if y.dtype.kind not in "iu":
             raise UserError(f"{p}: 'labels' has dtype {y.dtype}, expected int64")
-        y = y.astype(np.int64)
         if y.shape != (x.shape[0],):
             raise UserError(f"{p}: 'labels' has shape {y.shape}, expected ({x.shape[0]},) to match 'inputs'")
+        if y.dtype.kind == "u" and y.size and y.max() > np.iinfo(np.int64).max:
+            raise UserError(f"{p}: 'labels' has values up to {y.max()}, expected class indices")
+        y = y.astype(np.int64)
     return Dataset(inputs=x, labels=y, path=p)
 
 
@@ -59,8 +71,15 @@ def image_input(model: onnx.ModelProto) -> tuple[str, list[int | None]]:
     return inputs[0].name, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
 
 
-def check_fits(ds: Dataset, model: onnx.ModelProto) -> None:
-    """Raise UserError unless every sample fits the model's first graph input."""
+def check_fits(ds: Dataset, model: onnx.ModelProto, *, fix_size: bool = True) -> None:
+    """Raise UserError unless every sample fits the model's image input and the labels fit its output.
+
+    fix_size: input dimensions the model leaves symbolic (H, W of a fully convolutional export)
+    are then fixed, in `model` itself, to the data's. The sites' shapes and MACs, and so what
+    the search can measure and choose (a spatial mask is per output position), exist only at a
+    concrete size, and this data is the size the model is searched and profiled at; the batch
+    stays as declared.
+    """
     name, dims = image_input(model)
     got = list(ds.inputs.shape)
     if len(dims) != len(got):
@@ -70,6 +89,35 @@ def check_fits(ds: Dataset, model: onnx.ModelProto) -> None:
         if want is not None and want != have:
             raise UserError(f"{ds.path}: 'inputs' has shape {tuple(got)}, expected {_fmt(dims)} "
                             f"(dimension {i} should be {want})")
+    if ds.labels is not None:
+        check_labels(ds, model)
+    if not fix_size:
+        return
+    inp = next(i for i in model.graph.input if i.name == name)
+    for d, want, have in zip(list(inp.type.tensor_type.shape.dim)[1:], dims[1:], got[1:]):
+        if want is None:
+            d.Clear()
+            d.dim_value = have
+
+
+def check_labels(ds: Dataset, model: onnx.ModelProto) -> None:
+    """Labels are class indices of the model's first output, (N, classes) logits: refuse anything else."""
+    out = model.graph.output[0]
+    t = out.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim] \
+        if t.HasField("shape") else None
+    y = ds.labels
+    if dims is not None and len(dims) > 2 and any(d != 1 for d in dims[2:]):
+        # a per-position output (segmentation, detection maps): one class per sample does not apply
+        raise UserError(f"{ds.path}: 'labels' has shape {y.shape}, but model output '{out.name}' has shape "
+                        f"{_fmt(dims)}, not (N, classes): expected a data set without 'labels' for this model "
+                        "(its own predictions are then the reference)")
+    classes = dims[1] if dims is not None and len(dims) >= 2 else None
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or (classes is not None and hi >= classes):
+        want = f"0..{classes - 1} for the {classes} classes of model output '{out.name}'" if classes else \
+            "class indices >= 0"
+        raise UserError(f"{ds.path}: labels range {lo}..{hi}, expected {want}")
 
 
 def _fmt(dims: list[int | None]) -> str:

@@ -1,8 +1,11 @@
 """Emit: every file onnxzero writes goes through here, atomically.
 
 A file is written to a temporary sibling and renamed over the target, so a
-crash or Ctrl-C never leaves a half-written output, and an input file is
-never opened for writing.
+crash, Ctrl-C or a full disk never leaves a half-written output, and an input
+file is never opened for writing. Outputs are checked before any work
+(load.check_output_path), so a long search never ends in an unwritable path. A model
+is loaded once by onnxruntime before the rename: a file onnxzero writes always
+loads.
 """
 
 from __future__ import annotations
@@ -10,26 +13,74 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+import onnx
 
 from onnxzero.errors import UserError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, *, protect: tuple[Path, ...] = ()) -> Path:
+def _umask() -> int:
+    # os.umask only reads by setting; set it back at once
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, protect: tuple[Path, ...] = (),
+                 verify: Callable[[Path], None] | None = None) -> Path:
+    """Write `path` through write(file) into a temporary sibling, verify(tmp) it, rename it over the target.
+
+    The file gets the mode a plain open() would give (0666 less the umask), not mkstemp's 0600.
+    An OSError (read-only, full disk, no such folder) is a one-line UserError; no partial file remains.
+    """
     from onnxzero.load import check_output_path
 
     path = check_output_path(path, protect)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if verify is not None:
+            verify(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or type(e).__name__}; nothing written") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, protect: tuple[Path, ...] = ()) -> Path:
+    return atomic_write(path, lambda f: f.write(data), protect=protect)
 
 
 def atomic_write_json(path: str | Path, obj, *, protect: tuple[Path, ...] = ()) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode(), protect=protect)
+
+
+def write_model(path: str | Path, model: onnx.ModelProto, *, protect: tuple[Path, ...] = ()) -> Path:
+    """Write an ONNX model that onnxruntime (with onnxzero's ops) has loaded once from the written bytes."""
+    data = model.SerializeToString()
+    return atomic_write(path, lambda f: f.write(data), protect=protect, verify=_loads_in_onnxruntime)
+
+
+def _loads_in_onnxruntime(tmp: Path) -> None:
+    from onnxzero.ops.session import make_session
+
+    try:
+        make_session(onnx.load(str(tmp)), threads=1)
+    except UserError:
+        raise
+    except Exception as e:
+        first = next((ln for ln in str(e).strip().splitlines() if ln.strip()), type(e).__name__)
+        raise UserError(f"the model to write does not load in onnxruntime ({first}); nothing written") from None

@@ -67,7 +67,12 @@ class RunResult:
 
 
 class Evaluator:
-    """One onnxruntime session over `model`, run over a data set in batches."""
+    """One onnxruntime session over `model`, run over a data set in batches.
+
+    A model exported with a fixed batch B (torch.onnx.export without dynamic axes) only runs
+    on batches of exactly B: the data then goes in chunks of B, the last one zero-padded, and
+    what the padding produced (logits, extra outputs, MACs) is dropped.
+    """
 
     def __init__(self, model: onnx.ModelProto, *, extra_outputs: list[str] | None = None, threads: int = 0,
                  batch_size: int = 250):
@@ -78,30 +83,89 @@ class Evaluator:
         init = {i.name for i in model.graph.initializer}
         self.input_name = next(i.name for i in model.graph.input if i.name not in init)
         self.logits_name = model.graph.output[0].name
-        self.batch_size = batch_size
+        self.static_batch = fixed_batch(model)
+        self.batch_size = self.static_batch or batch_size
+
+    def _run(self, names: list[str], x: np.ndarray, feeds: dict[str, np.ndarray] | None) -> list:
+        return self.session.run(names, {self.input_name: x, **(feeds or {})})
 
     def run(self, inputs: np.ndarray, *, feeds: dict[str, np.ndarray] | None = None) -> RunResult:
+        try:
+            return self._run_all(inputs, feeds)
+        except Exception:
+            # A batch declared dynamic that the graph does not honour (an export that reshapes to
+            # [1, -1]): run one sample at a time from now on; a failure then is the model's own.
+            if self.static_batch or self.batch_size == 1 or len(inputs) < 2:
+                raise
+            self.batch_size = 1
+            return self._run_all(inputs, feeds)
+
+    def _run_all(self, inputs: np.ndarray, feeds: dict[str, np.ndarray] | None) -> RunResult:
         names = [self.logits_name, *self.macs_outputs, *self.extra_outputs]
         logits, extras = [], {n: [] for n in self.extra_outputs}
         site_macs = dict.fromkeys(self.macs_outputs, 0)
+        padded = 0
         for i in range(0, len(inputs), self.batch_size):
-            out = self.session.run(names, {self.input_name: inputs[i:i + self.batch_size], **(feeds or {})})
-            logits.append(out[0])
-            for n, v in zip(self.macs_outputs, out[1:1 + len(self.macs_outputs)]):
-                site_macs[n] += int(v)
-            for n, v in zip(self.extra_outputs, out[1 + len(self.macs_outputs):]):
-                extras[n].append(v)
+            x = inputs[i:i + self.batch_size]
+            n = len(x)
+            if self.static_batch and n < self.static_batch:
+                padded = self.static_batch - n
+                x = np.concatenate([x, np.zeros((padded, *x.shape[1:]), x.dtype)])
+            out = self._run(names, x, feeds)
+            logits.append(_valid(out[0], n, len(x)))
+            for name, v in zip(self.macs_outputs, out[1:1 + len(self.macs_outputs)]):
+                site_macs[name] += int(v)
+            for name, v in zip(self.extra_outputs, out[1 + len(self.macs_outputs):]):
+                extras[name].append(_valid(v, n, len(x)))
+        if padded and self.macs_outputs:
+            # The counters sum over the whole batch, padding included. An op's count for one sample
+            # does not depend on the batch's other samples, so a batch of only zero samples gives
+            # the padding's share exactly.
+            zeros = np.zeros((self.static_batch, *inputs.shape[1:]), inputs.dtype)
+            out = self._run(self.macs_outputs, zeros, feeds)
+            for name, v in zip(self.macs_outputs, out):
+                site_macs[name] -= int(v) // self.static_batch * padded
         n = max(1, len(inputs))
         per_sample = {k: v // n for k, v in site_macs.items()}
         return RunResult(logits=np.concatenate(logits), macs=sum(per_sample.values()), site_macs=per_sample,
                          extras={k: np.concatenate(v) for k, v in extras.items()})
 
     def latency_ms(self, sample: np.ndarray, *, runs: int = 20, feeds: dict[str, np.ndarray] | None = None) -> float:
-        """Median wall-clock latency of one inference on `sample` (batch as given)."""
+        """Median wall-clock latency of one inference on `sample` (batch as given, or the model's fixed batch)."""
         return median_latency_ms(self.session, {self.input_name: sample, **(feeds or {})}, runs=runs)
 
 
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's image input fixes (dimension 0), or None when it is dynamic."""
+    init = {i.name for i in model.graph.initializer}
+    inp = next((i for i in model.graph.input if i.name not in init), None)
+    dims = inp.type.tensor_type.shape.dim if inp is not None else []
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+
+
+def _valid(v: np.ndarray, n: int, fed: int) -> np.ndarray:
+    """The rows of the n real samples of a batch of `fed` (outputs without the batch on axis 0 stay whole)."""
+    return v[:n] if n < fed and v.ndim and v.shape[0] == fed else v
+
+
+def fit_batch(feeds: dict[str, np.ndarray], sess: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """Feeds whose batch matches each session input's fixed batch: the sample repeated (or cut) to it.
+
+    Latency of a fixed-batch model is the latency of one run at its batch; repeating the real
+    sample keeps the data (and so the skipped work) representative.
+    """
+    out = dict(feeds)
+    for i in sess.get_inputs():
+        v = out.get(i.name)
+        b = i.shape[0] if i.shape else None
+        if v is None or not isinstance(b, int) or b <= 0 or v.ndim != len(i.shape) or v.shape[0] == b:
+            continue
+        out[i.name] = np.ascontiguousarray(np.resize(v, (b, *v.shape[1:])))
+    return out
+
+
 def median_latency_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], *, runs: int = 20) -> float:
+    feeds = fit_batch(feeds, sess)
     sess.run(None, feeds)  # warm-up: first-run allocations and packing
     times = []
     for _ in range(runs):

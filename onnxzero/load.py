@@ -5,6 +5,8 @@ Every failure here is the user's input, so each becomes a one-line UserError.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import onnx
@@ -61,11 +63,34 @@ def input_files(spec: str | Path) -> tuple[Path, ...]:
 
 
 def check_output_path(output: str | Path, protect: tuple[Path, ...]) -> Path:
-    """Refuse, before any work, an output that is a directory or would replace an input file."""
-    out = Path(output)
+    """The resolved output path; refuse, before any work and creating nothing, an output that is a
+    directory, would replace an input file (the model, its external data, the data set), or cannot
+    be written (read-only file system, no permission, a file where a folder should be).
+
+    Paths are compared after realpath, so `sub/../model.onnx` (sub/ missing) or a symlink is the
+    file it names.
+    """
+    out = Path(os.path.realpath(output))
     if out.is_dir():
-        raise UserError(f"output path {out} is a directory, expected a file path")
+        raise UserError(f"output path {output} is a directory, expected a file path")
     for p in protect:
-        if out.exists() and p.exists() and out.resolve() == p.resolve():
-            raise UserError(f"refusing to overwrite the input {p}: expected a different output path")
+        if out == Path(os.path.realpath(p)):
+            raise UserError(f"refusing to overwrite the input {p} with output {output}: expected a different output path")
+    _check_writable(out, output)
     return out
+
+
+def _check_writable(out: Path, given: str | Path) -> None:
+    folder = out.parent
+    while not folder.exists():  # the folders a write would create: the nearest existing one must take them
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write {given}: {folder} is not a directory")
+    if out.exists() and not out.is_file():
+        raise UserError(f"cannot write {given}: it exists and is not a regular file")
+    try:  # a probe file, not os.access: root passes access() on read-only mounts and pseudo file systems
+        fd, probe = tempfile.mkstemp(prefix=".onnxzero-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {given}: {folder} is not writable ({e.strerror or type(e).__name__})") from None

@@ -162,6 +162,8 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
                             f"expected some of {', '.join(rule.keys)}")
         setting = {**rule.default_setting(site, setting), **setting}
         reason = rule.check(site, setting)
+        if reason is None and site.residual is not None and not rule.residual:
+            reason = f"{tech} does not take residual (Conv+Add+ReLU) sites"
         if reason:
             results.append(SiteResult(site, None, setting, reason=reason))
             continue
@@ -173,8 +175,16 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
             new_inits[lo] = np.asarray(0.0, np.float32)
             new_inits[hi] = np.asarray(site.clip_max, np.float32)
             nodes.append(helper.make_node("Clip", [act_out, lo, hi], [site.y], name=f"{site.name}__clip"))
-        replaced[index[site.conv]] = nodes
-        removed.add(index[site.activation])
+        if site.residual is not None:
+            if not any(site.residual in n.input for n in nodes):
+                raise RuntimeError(f"{PASS}: the {tech} rule dropped residual site {site.name}'s other input "
+                                   f"'{site.residual}'")
+            # the op reads the shortcut, which may be computed after the Conv: it takes the Add's place
+            replaced[index[site.add]] = nodes
+            removed.update((index[site.conv], index[site.activation]))
+        else:
+            replaced[index[site.conv]] = nodes
+            removed.add(index[site.activation])
         new_inits.update(rep.initializers)
         for name, arr in rep.runtime_inputs.items():
             (runtime if runtime_settings or tech == "lazy" else new_inits)[name] = arr
@@ -206,6 +216,7 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
             out.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
         # value_info of the removed Conv outputs would dangle
         gone = {s.site.conv_output for s in results if s.technique}
+        gone |= {n for s in results if s.technique and s.site.add for n in _outputs(base, s.site.add)}
         vi = [v for v in g.value_info if v.name not in gone]
         del g.value_info[:]
         g.value_info.extend(vi)
@@ -215,6 +226,10 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
     except Exception as e:
         raise RuntimeError(f"{PASS}: the rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
     return out, RewriteReport(verdicts, results)
+
+
+def _outputs(model: onnx.ModelProto, node_name: str) -> list[str]:
+    return [o for n in model.graph.node if n.name == node_name for o in n.output]
 
 
 def _set_metadata(model: onnx.ModelProto, results: list[SiteResult]) -> None:

@@ -2,8 +2,13 @@
 
 A site is a 2-D float32 Conv with constant weights (and constant bias, if any) whose
 output goes only to a Relu, or only to a Clip with min 0 (ReLU6 and friends: the rewrite
-keeps a Clip(0, clip_max) after the op). Every Conv of the main graph gets a ConvVerdict:
-the Site it became or a one-line reason, which `onnxzero rewrite MODEL --explain` prints.
+keeps a Clip(0, clip_max) after the op). A residual site is the same Conv whose output goes
+only to an Add with a tensor of the same shape (`other`: an identity shortcut or a projection
+conv's output, either operand order), whose sum goes only to that Relu or Clip: the op then
+takes `other` as one more input. When both operands of the Add come from Convs that could be
+its site, the one with more MACs is (the main path, not a 1x1 projection shortcut). Every Conv
+of the main graph gets a ConvVerdict: the Site it became or a one-line reason, which
+`onnxzero rewrite MODEL --explain` prints.
 
 Run it on a normalized model (onnxzero.passes.normalize): then BatchNormalization and
 per-channel Mul/Add are already folded into the Conv, so a Conv -> BN -> Relu counts.
@@ -39,6 +44,8 @@ class NotSite(enum.StrEnum):
     SHARED_OUTPUT = "shared-output"
     CLIP_MIN = "clip-min"
     CLIP_MAX = "clip-max"
+    ADD_SHAPE = "add-shape"  # the Add broadcasts: its other operand is not of the conv output's shape
+    ADD_PARTNER = "add-partner"  # the Add's other operand is a Conv that is its site
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,8 @@ class ConvVerdict:
         dims = lambda t: "x".join(str(d) for d in t)  # noqa: E731
         macs = f"{s.macs / 1e6:.3g}M MACs" if s.macs is not None else "MACs unknown (symbolic H/W)"
         sign = "non-negative" if s.input_nonneg else "may be negative"
-        return (f"{s.conv}: site -> {act} '{s.activation}'; x {dims(s.x_shape)} -> y {dims(s.y_shape)}, "
+        kind = f"residual site -> add '{s.add}' (+ '{s.residual}') -> " if s.residual else "site -> "
+        return (f"{s.conv}: {kind}{act} '{s.activation}'; x {dims(s.x_shape)} -> y {dims(s.y_shape)}, "
                 f"k {dims(s.kernel_shape)} s {dims(s.strides)} p {s.pads} d {dims(s.dilations)} g {s.group}; "
                 f"{macs}; input {sign} ({s.nonneg_reason})")
 
@@ -128,7 +136,26 @@ def explain(model: onnx.ModelProto | ir.Model, *, nonneg_inputs: Collection[str]
         if node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
             name = node.name or f"Conv#{i}"
             verdicts.append(_judge(node, name, legacy_inputs, nonneg))
-    return verdicts
+    return _one_site_per_add(verdicts)
+
+
+def _one_site_per_add(verdicts: list[ConvVerdict]) -> list[ConvVerdict]:
+    """An Add fed by two candidate Convs gets one site: the Conv with more MACs (ties: graph order)."""
+    by_add: dict[str, list[int]] = {}
+    for i, v in enumerate(verdicts):
+        if v.site is not None and v.site.add is not None:
+            by_add.setdefault(v.site.add, []).append(i)
+    out = list(verdicts)
+    for add, idx in by_add.items():
+        if len(idx) < 2:
+            continue
+        keep = max(idx, key=lambda i: (verdicts[i].site.macs or 0, -i))
+        for i in idx:
+            if i != keep:
+                out[i] = ConvVerdict(verdicts[i].conv, None, NotSite.ADD_PARTNER,
+                                     f"its residual add '{add}' already has a site: Conv '{verdicts[keep].conv}' "
+                                     f"(more MACs); this Conv's output is that site's other input")
+    return out
 
 
 # --- judging one Conv ---------------------------------------------------------------------
@@ -178,6 +205,10 @@ def _site(conv: ir.Node, name: str, legacy_inputs: bool, nonneg: _NonNegative) -
                                                  "which need the values the ReLU drops")
         raise _Reject(NotSite.NO_RELU, f"no ReLU after it (its output goes to {users})")
     act = uses[0][0]
+    add = residual = None
+    if act.op_type in ("Add", "Sum") and act.domain in ("", "ai.onnx"):  # Sum of two is an Add
+        add, (act, residual) = act, _through_add(act, y)
+        uses = [(act, 0)]
     clip_max = None
     if act.op_type == "Clip" and act.domain in ("", "ai.onnx"):
         lo, hi = _clip_bounds(act, legacy_inputs)
@@ -218,10 +249,47 @@ def _site(conv: ir.Node, name: str, legacy_inputs: bool, nonneg: _NonNegative) -
     return Site(
         name=name, conv=name, activation=act.name, activation_op=act.op_type, clip_max=clip_max,
         x=x.name, w=w.name, b=b.name if b is not None else None, conv_output=y.name, y=act.outputs[0].name,
+        residual=residual.name if residual is not None else None, add=add.name if add is not None else None,
         x_shape=(c_in, h, wd), w_shape=w_shape, y_shape=(w_shape[0], *out_hw),
         strides=strides, pads=pads, auto_pad=auto_pad, dilations=dilations, group=group, macs=macs,
         input_nonneg=nonneg.of(x)[0], nonneg_reason=nonneg.of(x)[1],
     )
+
+
+def _through_add(add: ir.Node, y: ir.Value) -> tuple[ir.Node, ir.Value]:
+    """(the activation after a residual Add, the Add's other operand), or _Reject with the reason."""
+    if len(add.inputs) != 2 or add.inputs[0] is add.inputs[1]:
+        raise _Reject(NotSite.NO_RELU, f"no ReLU after it (its output goes to {add.op_type} '{add.name}', "
+                                       "which does not add exactly one other tensor to it)")
+    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    # dims 1..3 must match exactly; the batch may be named differently by the exporter
+    if y.shape is None or other.shape is None or len(y.shape) != 4 or len(other.shape) != 4 \
+            or any(_dim(a) != _dim(b) or _dim(a) is None for a, b in zip(list(other.shape)[1:], list(y.shape)[1:])):
+        raise _Reject(NotSite.ADD_SHAPE, f"its residual {add.op_type} '{add.name}' adds '{other.name}' of shape "
+                                         f"{_shape_str(other.shape)}, expected the conv output's {_shape_str(y.shape)}")
+    s = add.outputs[0]
+    if s.is_graph_output():
+        raise _Reject(NotSite.GRAPH_OUTPUT, f"the output '{s.name}' of its residual {add.op_type} '{add.name}' is a graph output, "
+                                            "which the ReLU would change")
+    uses = list(s.uses())
+    users = ", ".join(f"{u.op_type} '{u.name}'" for u, _ in uses) or "nothing"
+    if len(uses) != 1:
+        code = NotSite.SHARED_OUTPUT if any(_is_relu_like(u) for u, _ in uses) else NotSite.NO_RELU
+        raise _Reject(code, f"its residual {add.op_type} '{add.name}' output goes to {users}, expected a single ReLU")
+    act = uses[0][0]
+    if not (_is_relu_like(act) and act.domain in ("", "ai.onnx")):
+        raise _Reject(NotSite.NO_RELU, f"no ReLU after it (its residual {add.op_type} '{add.name}' goes to {users})")
+    return act, other
+
+
+def _dim(d) -> int | str | None:
+    return d if isinstance(d, int) else d.value
+
+
+def _shape_str(shape: ir.Shape | None) -> str:
+    if shape is None:
+        return "unknown"
+    return "(" + ", ".join(str(d) if isinstance(d, int) else (d.value or "?") for d in shape) + ")"
 
 
 def _dims(shape: ir.Shape | None, rank: int) -> tuple[Dim, ...]:

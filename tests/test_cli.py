@@ -115,3 +115,22 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 1
     assert p.stderr.strip() == f"onnxzero: error: model file not found: {tmp_path / 'x.onnx'} (expected an .onnx file or zoo:NAME)"
+
+
+def test_profile_of_a_rewritten_model_several_models_and_html(tmp_path):
+    """A rewritten model profiles (the library is registered), several models compare side by side,
+    and --html writes one self-contained page."""
+    rewritten = tmp_path / "lenet-ee.onnx"
+    r = run("rewrite", "zoo:lenet5", "--technique", "early-exit", "-o", rewritten)
+    assert r.exit_code == 0, r.output
+    r = run("profile", rewritten, "--data", zoo.path("mnist"), "--runs", "2", "--html", tmp_path / "p.html")
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "p.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "http://" not in page.replace("http://www.w3.org", "")
+    r = run("profile", "zoo:lenet5", rewritten, "--runs", "2", "--json", tmp_path / "c.json")
+    assert r.exit_code == 0, r.output
+    table = json.loads((tmp_path / "c.json").read_text())
+    assert len(table["models"]) == 2, table
+    r = run("profile", "zoo:lenet5", "zoo:alexnet-mnist", "--plots", tmp_path / "plots")
+    assert_user_error(r, "--plots takes one model, got several: expected one MODEL (or drop --plots)")
+    assert not (tmp_path / "plots").exists()

@@ -303,3 +303,216 @@ def test_bench_framework_smoke():
     assert all(m["op"] in TARGETS for m in missed_targets(records))
     with pytest.raises(ValueError, match="unknown op"):
         run_ops_bench(ops=["nope"], runs=1)
+
+
+# --- residual sites: Conv(+B) -> Add(other) -> Relu as one ConvRelu with the optional input `other`
+
+def _res_model(x_shape, w, b, **attrs):
+    node, extra = cr.make_node("X", "W", "B" if b is not None else None, "Y", macs_output="macs", other="O", **attrs)
+    inits = {"W": w, **({"B": b} if b is not None else {}), **extra}
+    return single_op_model(node, inits, x_shape, runtime_inputs={"O": (TensorProto.FLOAT, None)})
+
+
+def _res_inputs(case):
+    x_shape, w_shape, bias, attrs, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32) if bias else None
+    g = cr.geometry(x_shape, w_shape, **attrs)
+    # the shortcut at the conv output's scale, so the sum's sign varies
+    o = (rng.standard_normal((x_shape[0], g.K, g.OH, g.OW)) * np.sqrt(np.prod(w_shape[1:]))).astype(np.float32)
+    return x, w, b, o
+
+
+@settings(max_examples=max(10, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_case())
+def test_residual_matches_reference(case):
+    x, w, b, o = _res_inputs(case)
+    attrs = case[3]
+    y, macs = make_session(_res_model(x.shape, w, b, **attrs), threads=2).run(None, {"X": x, "O": o})
+    ref, ref_macs = cr.reference(x, w, b, other=o, **attrs)
+    plain, plain_macs = cr.reference(x, w, b, **attrs)
+    _close(y, ref, np.sqrt(np.prod(w.shape[1:])))
+    assert int(macs) == ref_macs == plain_macs  # `other` adds no MACs
+    if (o != 0).any() and (ref > 0).any():
+        assert not np.array_equal(ref, plain)  # the case does exercise the residual
+
+
+@settings(max_examples=max(5, EXAMPLES // 3), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_case())
+def test_residual_matches_onnxruntime_conv_add_relu(case):
+    attrs = case[3]
+    assume(not (attrs["auto_pad"].startswith("SAME") and attrs["dilations"] != (1, 1)))
+    x, w, b, o = _res_inputs(case)
+    y, _ = make_session(_res_model(x.shape, w, b, **attrs), threads=2).run(None, {"X": x, "O": o})
+    ref = make_session(cr.onnx_conv_relu_model(w, b, x.shape, residual=True, **attrs), threads=2,
+                       library=False).run(None, {"X": x, "O": o})[0]
+    _close(y, ref, np.sqrt(np.prod(w.shape[1:])))
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", LAYERS[:4] + LAYERS[6:], ids=[f"{a[1]}-{a[0]}" for a in LAYERS[:4] + LAYERS[6:]])
+def test_residual_layers_match_onnxruntime(x_shape, w_shape, attrs):
+    rng = np.random.default_rng(5)
+    x = np.maximum(rng.standard_normal(x_shape), 0).astype(np.float32)
+    w = (rng.standard_normal(w_shape) * np.sqrt(2.0 / np.prod(w_shape[1:]))).astype(np.float32)
+    b = (rng.standard_normal(w_shape[0]) * 0.1).astype(np.float32)
+    g = cr.geometry(x_shape, w_shape, **attrs)
+    o = rng.standard_normal((x_shape[0], g.K, g.OH, g.OW)).astype(np.float32)
+    y, macs = make_session(_res_model(x_shape, w, b, **attrs), threads=2).run(None, {"X": x, "O": o})
+    ref = make_session(cr.onnx_conv_relu_model(w, b, x_shape, residual=True, **attrs), threads=2,
+                       library=False).run(None, {"X": x, "O": o})[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+    assert int(macs) == x_shape[0] * g.macs
+
+
+def test_residual_without_bias_and_node_layout():
+    node, _ = cr.make_node("X", "W", None, "Y", other="O")
+    assert list(node.input) == ["X", "W", "", "O"]  # `other` is always the last input
+    node, _ = cr.make_node("X", "W", "B", "Y")
+    assert list(node.input) == ["X", "W", "B"]
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    o = rng.standard_normal((2, 5, 6, 6)).astype(np.float32)
+    y, _ = make_session(_res_model(x.shape, w, None, pads=(1, 1, 1, 1)), threads=1).run(None, {"X": x, "O": o})
+    _close(y, cr.reference(x, w, None, other=o, pads=(1, 1, 1, 1))[0], 6)
+    # a very negative shortcut zeroes everything, a very positive one passes through
+    y, _ = make_session(_res_model(x.shape, w, None, pads=(1, 1, 1, 1)), threads=1).run(None, {"X": x, "O": o - 1e6})
+    assert not y.any()
+
+
+@pytest.mark.parametrize("o_shape,message", [
+    ((1, 5, 6, 6), r"ConvRelu: input 'other' has shape \(1, 5, 6, 6\), expected \(2, 5, 6, 6\)"),
+    ((2, 4, 6, 6), r"ConvRelu: input 'other' has shape \(2, 4, 6, 6\), expected \(2, 5, 6, 6\)"),
+    ((2, 5, 6), r"ConvRelu: input 'other' has shape \(2, 5, 6\), expected \(2, 5, 6, 6\)"),
+    ((2, 5, 4, 4), r"ConvRelu: input 'other' has shape \(2, 5, 4, 4\), expected \(2, 5, 6, 6\) \(the conv output's shape\)"),
+])
+def test_error_residual_shape(o_shape, message):
+    w = np.ones((5, 3, 3, 3), np.float32)
+    sess = _session(_res_model((2, 3, 6, 6), w, None, pads=(1, 1, 1, 1)))
+    with pytest.raises(Exception, match=message):
+        sess.run(None, {"X": np.ones((2, 3, 6, 6), np.float32), "O": np.ones(o_shape, np.float32)})
+    with pytest.raises(ValueError, match=message):
+        cr.reference(np.ones((2, 3, 6, 6), np.float32), w, None, other=np.ones(o_shape), pads=(1, 1, 1, 1))
+
+
+def test_library_runs_no_code_at_load_time():
+    """The CPUID check in RegisterCustomOps must run before any AVX2 code: the library may have no
+    dynamic initializers (static constructors run at dlopen, before any check). Its .init_array holds
+    only the toolchain's frame_dummy entry."""
+    import struct
+
+    from onnxzero import get_library_path
+
+    data = open(get_library_path(), "rb").read()
+    if b"__asan_init" in data:
+        pytest.skip("an AddressSanitizer build: ASan adds its own module constructors")
+    assert data[:4] == b"\x7fELF" and data[4] == 2  # 64-bit
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names_off = sections[shstrndx][4]
+
+    def name(sec):
+        end = data.index(b"\0", names_off + sec[0])
+        return data[names_off + sec[0]:end].decode()
+
+    sizes = {name(s): s[5] for s in sections}
+    assert sizes.get(".init_array", 0) <= 8, f".init_array has {sizes['.init_array'] // 8} entries: a static initializer crept in"
+    assert ".ctors" not in sizes or sizes[".ctors"] <= 16
+
+
+# --- the MLAS direct-convolution path (K % 8 == 0, group 1, C % 8 == 0 or C < 8): its edges
+
+NCHWC_LAYERS = [
+    ((1, 1, 28, 28), (64, 1, 3, 3), dict(pads=(1, 1, 1, 1))),  # the stem: NCHW-input kernel
+    ((2, 3, 17, 19), (16, 3, 5, 5), dict(strides=(2, 2), pads=(2, 1, 2, 3))),
+    ((1, 512, 4, 4), (512, 512, 3, 3), dict(pads=(1, 1, 1, 1))),  # 16 filter sets, 4x4 maps
+    ((1, 16, 9, 9), (40, 16, 3, 3), dict(pads=(1, 1, 1, 1))),  # 5 filter blocks: a set of 1 block
+    ((2, 8, 12, 11), (24, 8, 3, 3), dict(strides=(2, 3), dilations=(2, 1), pads=(3, 0, 1, 2))),
+    ((1, 24, 6, 7), (8, 24, 1, 1), dict(pads=(3, 3, 3, 3))),  # rows whose window is all padding
+    ((1, 2, 5, 5), (8, 2, 1, 1), dict(pads=(2, 0, 2, 0), strides=(2, 1))),
+    ((3, 64, 7, 7), (128, 64, 3, 3), dict(strides=(2, 2), pads=(1, 1, 1, 1))),
+    ((1, 32, 1, 1), (16, 32, 3, 3), dict(pads=(1, 1, 1, 1))),
+]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,attrs", NCHWC_LAYERS, ids=[f"{a[1]}-{a[0]}" for a in NCHWC_LAYERS])
+@pytest.mark.parametrize("bias,residual", [(True, False), (False, False), (True, True), (False, True)])
+def test_nchwc_path_edges_match_reference(x_shape, w_shape, attrs, bias, residual):
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32) if bias else None
+    g = cr.geometry(x_shape, w_shape, **attrs)
+    feeds = {"X": x}
+    o = None
+    if residual:
+        o = (rng.standard_normal((x_shape[0], g.K, g.OH, g.OW)) * 3).astype(np.float32)
+        feeds["O"] = o
+        sess = make_session(_res_model(x_shape, w, b, **attrs), threads=2)
+    else:
+        sess = make_session(_model(x_shape, w, b, **attrs), threads=2)
+    y, macs = sess.run(None, feeds)
+    ref, ref_macs = cr.reference(x, w, b, other=o, **attrs)
+    _close(y, ref, np.sqrt(np.prod(w_shape[1:])))
+    assert int(macs) == ref_macs
+    assert (y == 0).any() and (y > 0).any()  # ReLU did cut
+
+
+@st.composite
+def nchwc_case(draw):
+    n = draw(st.integers(1, 2))
+    c = draw(st.sampled_from([1, 2, 3, 5, 7, 8, 16, 24]))
+    k = 8 * draw(st.integers(1, 6))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    pads = tuple(draw(st.integers(0, 4)) for _ in range(4))
+    lo_h = max(1, (kh - 1) * dh + 1 - pads[0] - pads[2])
+    lo_w = max(1, (kw - 1) * dw + 1 - pads[1] - pads[3])
+    h, w = draw(st.integers(lo_h, lo_h + 14)), draw(st.integers(lo_w, lo_w + 30))
+    attrs = dict(strides=(sh, sw), dilations=(dh, dw), pads=pads)
+    return (n, c, h, w), (k, c, kh, kw), draw(st.booleans()), attrs, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nchwc_case(), st.booleans())
+def test_nchwc_shapes_match_reference(case, residual):
+    if residual:
+        x, w, b, o = _res_inputs(case)
+        y, macs = make_session(_res_model(x.shape, w, b, **case[3]), threads=2).run(None, {"X": x, "O": o})
+    else:
+        x, w, b, o = *_res_inputs(case)[:3], None
+        y, macs = _run(x, w, b, **case[3])
+    ref, ref_macs = cr.reference(x, w, b, other=o, **case[3])
+    _close(y, ref, np.sqrt(np.prod(w.shape[1:])))
+    assert int(macs) == ref_macs
+
+
+def test_nchwc_concurrent_runs_on_one_session():
+    """The direct-kernel path's scratch is per calling thread: concurrent runs of different sizes stay exact."""
+    rng = np.random.default_rng(22)
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    sess = make_session(_res_model((1, 16, "H", "W"), w, b, pads=(1, 1, 1, 1)), threads=2)
+    xs = [rng.standard_normal((1 + i % 3, 16, 20 - i, 18 + 2 * i)).astype(np.float32) for i in range(6)]
+    os_ = [rng.standard_normal((x.shape[0], 32, x.shape[2], x.shape[3])).astype(np.float32) for x in xs]
+    refs = [cr.reference(x, w, b, other=o, pads=(1, 1, 1, 1))[0] for x, o in zip(xs, os_)]
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(5):
+                y, _ = sess.run(None, {"X": xs[i], "O": os_[i]})
+                _close(y, refs[i], 12)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

@@ -23,38 +23,49 @@ EXAMPLES = int(os.environ.get("ONNXZERO_HYPOTHESIS_EXAMPLES", "150"))
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def _session(w, b, *, patch, mask=None, runtime_mask=False, x_shape, macs=True, threads=1, **attrs):
-    """A one-node SpatialConv session; the mask is a constant, or a graph input 'M' when runtime_mask."""
+def _session(w, b, *, patch, mask=None, runtime_mask=False, x_shape, macs=True, threads=1, other=False, **attrs):
+    """A one-node SpatialConv session; the mask is a constant, or a graph input 'M' when runtime_mask;
+    other=True: a residual graph input 'O'."""
     inits = {"W": w}
     if b is not None:
         inits["B"] = b
     node, extra = sp.make_node("X", "W", "B" if b is not None else None, "Y", patch=patch,
                                mask=None if runtime_mask else mask, mask_name="M" if runtime_mask else None,
-                               macs_output="macs" if macs else None, **attrs)
+                               macs_output="macs" if macs else None, other="O" if other else None, **attrs)
     inits.update(extra)
-    rt = {"M": (TensorProto.UINT8, None)} if runtime_mask else None
+    rt = {"M": (TensorProto.UINT8, None)} if runtime_mask else {}
+    if other:
+        rt["O"] = (TensorProto.FLOAT, None)
     outputs = ["Y", "macs"] if macs else ["Y"]
     return make_session(single_op_model(node, inits, x_shape, runtime_inputs=rt, outputs=outputs), threads=threads)
 
 
-def _run(sess, x, mask=None):
+def _run(sess, x, mask=None, other=None):
     feeds = {"X": x}
     if mask is not None:
         feeds["M"] = mask
+    if other is not None:
+        feeds["O"] = other
     y, macs = sess.run(None, feeds)
     return y, int(macs)
 
 
-def _ort_conv_relu(x, w, b, **attrs):
+def _ort_conv_relu(x, w, b, other=None, other_first=False, **attrs):
+    """onnxruntime's own Conv(+Add other)+Relu (default graph optimizations: its fused kernels)."""
     inputs = ["X", "W"] + (["B"] if b is not None else [])
-    conv = helper.make_node("Conv", inputs, ["C"], **attrs)
-    relu = helper.make_node("Relu", ["C"], ["Y"])
+    nodes = [helper.make_node("Conv", inputs, ["C"], **attrs)]
+    graph_inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x.shape))]
+    feeds = {"X": x}
+    if other is not None:
+        nodes.append(helper.make_node("Add", ["O", "C"] if other_first else ["C", "O"], ["S"]))
+        graph_inputs.append(helper.make_tensor_value_info("O", TensorProto.FLOAT, list(other.shape)))
+        feeds["O"] = other
+    nodes.append(helper.make_node("Relu", [nodes[-1].output[0]], ["Y"]))
     graph = helper.make_graph(
-        [conv, relu], "ref", [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        nodes, "ref", graph_inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
         [helper.make_tensor(n, TensorProto.FLOAT, a.shape, a.ravel()) for n, a in (("W", w), ("B", b)) if a is not None])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return make_session(model, library=False).run(None, {"X": x})[0]
+    return make_session(model, library=False).run(None, feeds)[0]
 
 
 def _ambiguous(z, full_mask, tol=1e-3):
@@ -64,12 +75,13 @@ def _ambiguous(z, full_mask, tol=1e-3):
     return bool((near & sel).any())
 
 
-def _check_against_reference(x, w, b, mask, *, patch, runtime_mask, **attrs):
-    y_ref, macs_ref, z = sp.reference(x, w, b, mask, patch=patch, return_preact=True, **attrs)
+def _check_against_reference(x, w, b, mask, *, patch, runtime_mask, other=None, **attrs):
+    y_ref, macs_ref, z = sp.reference(x, w, b, mask, patch=patch, return_preact=True, other=other, **attrs)
     K, OH, OW = y_ref.shape[1:]
     assume(not _ambiguous(z, sp.expand_mask(mask, K, OH, OW, patch)))
-    sess = _session(w, b, patch=patch, mask=mask, runtime_mask=runtime_mask, x_shape=x.shape, **attrs)
-    y, macs = _run(sess, x, mask if runtime_mask else None)
+    sess = _session(w, b, patch=patch, mask=mask, runtime_mask=runtime_mask, x_shape=x.shape,
+                    other=other is not None, **attrs)
+    y, macs = _run(sess, x, mask if runtime_mask else None, other)
     scale = max(1.0, float(np.abs(y_ref).max()))
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5 * scale)
     assert macs == macs_ref  # the kernel skips at the reference's (channel, patch) granularity
@@ -121,6 +133,45 @@ def test_kernel_matches_reference(case, form, patch, density, runtime_mask, bias
     _check_against_reference(x, w, b, mask, patch=patch, runtime_mask=runtime_mask, **c["attrs"])
 
 
+@settings(max_examples=max(10, EXAMPLES // 2), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(case=conv_cases(), form=st.sampled_from(["layer", "filter", "full"]), patch=st.integers(2, 4),
+       density=st.sampled_from([0.2, 0.4, 0.7]), runtime_mask=st.booleans(), bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_residual_kernel_matches_reference(case, form, patch, density, runtime_mask, bias, seed):
+    """Residual sites: prediction, skipping and MACs on the sum conv + B + other."""
+    rng = np.random.default_rng(seed)
+    c = case
+    x = rng.standard_normal((c["N"], c["C"], c["H"], c["W"])).astype(np.float32)
+    w = rng.standard_normal((c["K"], c["C"] // c["group"], c["KH"], c["KW"])).astype(np.float32)
+    b = rng.standard_normal(c["K"]).astype(np.float32) if bias else None
+    other = (2 * rng.standard_normal((c["N"], c["K"], c["OH"], c["OW"]))).astype(np.float32)
+    mask = _random_mask(rng, form, patch, c["K"], c["OH"], c["OW"], density)
+    _check_against_reference(x, w, b, mask, patch=patch, runtime_mask=runtime_mask, other=other, **c["attrs"])
+
+
+@settings(max_examples=max(10, EXAMPLES // 6), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(case=conv_cases(), form=st.sampled_from(["layer", "filter", "full"]), bias=st.booleans(),
+       other_first=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_residual_all_ones_matches_onnxruntime_conv_add_relu(case, form, bias, other_first, seed):
+    """Any geometry, no prediction (all-ones mask of any form): onnxruntime's Conv+Add+Relu."""
+    rng = np.random.default_rng(seed)
+    c = case
+    # onnxruntime's Conv: "Dilation not supported for AutoPadType::SAME_UPPER or AutoPadType::SAME_LOWER"
+    assume(not (c["attrs"]["auto_pad"].startswith("SAME") and c["attrs"]["dilations"] != [1, 1]))
+    x = rng.standard_normal((c["N"], c["C"], c["H"], c["W"])).astype(np.float32)
+    w = rng.standard_normal((c["K"], c["C"] // c["group"], c["KH"], c["KW"])).astype(np.float32)
+    b = rng.standard_normal(c["K"]).astype(np.float32) if bias else None
+    other = (2 * rng.standard_normal((c["N"], c["K"], c["OH"], c["OW"]))).astype(np.float32)
+    mask = np.ones({"layer": (2, 2), "filter": (c["K"], 2, 2), "full": (c["K"], c["OH"], c["OW"])}[form], np.uint8)
+    attrs = {**c["attrs"], "kernel_shape": [c["KH"], c["KW"]]}
+    y, macs = _run(_session(w, b, patch=2, mask=mask, x_shape=x.shape, other=True, **attrs), x, other=other)
+    ref = _ort_conv_relu(x, w, b, other=other, other_first=other_first, **attrs)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+    assert macs == c["N"] * c["K"] * c["OH"] * c["OW"] * (c["C"] // c["group"]) * c["KH"] * c["KW"]
+
+
 @pytest.mark.parametrize("form", ["layer", "filter", "full"])
 @pytest.mark.parametrize("shape", [(2, 32, 24, 15, 17, 3), (1, 24, 40, 9, 9, 1), (1, 64, 16, 7, 7, 3)])
 def test_kernel_matches_reference_wide_channels(form, shape):
@@ -170,6 +221,147 @@ def test_all_ones_mask_equals_onnxruntime_conv_relu(attrs, shape, mask_kind):
     scale = float(np.abs(ref).max())
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * scale)
     assert macs == N * K * OH * OW * (C // group) * k * k  # nothing can be skipped
+
+
+@pytest.mark.parametrize("attrs,shape", [
+    (dict(pads=[1, 1, 1, 1]), (2, 16, 32, 14, 14, 3)),
+    (dict(pads=[1, 1, 1, 1]), (1, 64, 64, 7, 7, 3)),
+    (dict(strides=[2, 2]), (2, 16, 24, 9, 9, 1)),  # a projection-like 1x1 stride 2
+    (dict(pads=[1, 1, 1, 1]), (1, 1, 20, 12, 12, 3)),  # stem-like: row-merged layout
+    (dict(group=8, pads=[1, 1, 1, 1]), (1, 8, 16, 8, 8, 3)),
+])
+@pytest.mark.parametrize("mask_kind", ["ones-layer", "ones-filter", "half-filter"])
+def test_residual_all_ones_mask_equals_onnxruntime_conv_add_relu(attrs, shape, mask_kind):
+    """No prediction (all-ones mask, or per-filter all-ones / all-zeros patterns that run the dot tiles
+    instead of the panels): exactly onnxruntime's Conv+Add+Relu, either operand order of the Add."""
+    N, C, K, H, W, k = shape
+    group = attrs.get("group", 1)
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((K, C // group, k, k)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    OH, OW = _ort_conv_relu(x, w, b, kernel_shape=[k, k], **attrs).shape[2:]
+    other = (3 * rng.standard_normal((N, K, OH, OW))).astype(np.float32)
+    patch = 2
+    mask = {"ones-layer": np.ones((patch, patch), np.uint8), "ones-filter": np.ones((K, patch, patch), np.uint8),
+            "half-filter": np.repeat((np.arange(K) % 2).astype(np.uint8), patch * patch).reshape(K, patch, patch)}[mask_kind]
+    sess = _session(w, b, patch=patch, mask=mask, x_shape=x.shape, kernel_shape=[k, k], other=True, **attrs)
+    y, macs = _run(sess, x, other=other)
+    for first in (False, True):
+        ref = _ort_conv_relu(x, w, b, other=other, other_first=first, kernel_shape=[k, k], **attrs)
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+    assert macs == N * K * OH * OW * (C // group) * k * k
+    assert (y > 0).mean() > 0.2 and (y == 0).mean() > 0.2  # the residual really moved outputs across 0
+    # the same session without `other` (input omitted) is plain Conv+Relu
+    plain = _session(w, b, patch=patch, mask=mask, x_shape=x.shape, kernel_shape=[k, k], **attrs)
+    np.testing.assert_allclose(_run(plain, x)[0], _ort_conv_relu(x, w, b, kernel_shape=[k, k], **attrs),
+                               rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_residual_decides_the_prediction_and_the_macs():
+    """The residual alone flips patches: alive where conv + B <= 0 but the sum is > 0, and dead where
+    conv + B > 0 but the sum is <= 0 (both must happen, with exact MAC counts)."""
+    x = np.ones((1, 1, 4, 4), np.float32)
+    w = np.ones((2, 1, 1, 1), np.float32)
+    b = np.array([-2.0, 1.0], np.float32)  # conv + B: channel 0 is -1 everywhere, channel 1 is +2
+    mask = sp.uniform_layer_mask(2, [(0, 0)])
+    other = np.zeros((1, 2, 4, 4), np.float32)
+    other[0, 0, 0, 0] = 3.0   # channel 0, patch (0, 0): masked sum 2 > 0 -> whole patch computed
+    other[0, 0, 1, 1] = 5.0   # channel 0, patch (0, 0) unmasked position: sum 4
+    other[0, 0, 2, 3] = 9.0   # channel 0, patch (1, 1) unmasked: positive, but the patch is predicted dead
+    other[0, 1, 2, 2] = -4.0  # channel 1, patch (1, 1) masked sum -2 -> patch predicted dead
+    other[0, 1, 0, 0] = -2.0  # channel 1, patch (0, 0) masked sum exactly 0 -> dead (<= 0)
+    sess = _session(w, b, patch=2, mask=mask, x_shape=x.shape, other=True)
+    y, macs = _run(sess, x, other=other)
+    expect = np.zeros((2, 4, 4), np.float32)
+    expect[0, 0:2, 0:2] = np.maximum(-1 + other[0, 0, 0:2, 0:2], 0)
+    expect[1] = 2.0
+    expect[1, 2:4, 2:4] = 0
+    expect[1, 0:2, 0:2] = 0
+    np.testing.assert_array_equal(y[0], expect)
+    # channel 0: 4 masked + 3 rest of patch (0, 0); channel 1: 4 masked + 3 rest of the 2 alive patches
+    assert macs == (4 + 3) + (4 + 3 + 3)
+    assert sp.reference(x, w, b, mask, patch=2, other=other)[1] == macs
+    np.testing.assert_array_equal(sp.reference(x, w, b, mask, patch=2, other=other)[0], y)
+    # without the residual the same session predicts from conv + B alone
+    y0, macs0 = _run(_session(w, b, patch=2, mask=mask, x_shape=x.shape), x)
+    assert macs0 == 4 + 16 and (y0[0, 0] == 0).all() and (y0[0, 1] == 2).all()
+
+
+def test_error_residual_shape_names_the_expected_shape():
+    x = np.ones((2, 3, 8, 8), np.float32)
+    w = np.ones((5, 3, 3, 3), np.float32)
+    sess = _session(w, None, patch=2, mask=sp.diagonal_mask(2), x_shape=x.shape, other=True)
+    expected = r"SpatialConv: input 'other' has shape \(2, 5, 6, 7\), expected \(N, K, OH, OW\)=\(2, 5, 6, 6\)"
+    _expect_error(expected, lambda: _run(sess, x, other=np.ones((2, 5, 6, 7), np.float32)))
+    _expect_error(r"input 'other' has shape \(1, 5, 6, 6\), expected \(N, K, OH, OW\)=\(2, 5, 6, 6\)",
+                  lambda: _run(sess, x, other=np.ones((1, 5, 6, 6), np.float32)))
+    _expect_error(r"input 'other' has shape \(5, 6, 6\)", lambda: _run(sess, x, other=np.ones((5, 6, 6), np.float32)))
+    with pytest.raises(ValueError, match=r"SpatialConv: input 'other' has shape \(1, 5, 6, 6\), expected "
+                                         r"\(N, K, OH, OW\)=\(2, 5, 6, 6\)"):
+        sp.reference(x, w, None, sp.diagonal_mask(2), patch=2, other=np.ones((1, 5, 6, 6), np.float32))
+
+
+# ----------------------------------------------------------------------------- NaN / Inf in the input
+
+
+def _nan_inf_input(rng, shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    flat = x.reshape(-1)
+    idx = rng.choice(flat.size, 6, replace=False)
+    flat[idx[:2]] = np.inf
+    flat[idx[2:4]] = -np.inf
+    flat[idx[4:]] = np.nan
+    return x
+
+
+def _assert_same_nan_and_values(y, ref):
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+    fin = ~np.isnan(ref)
+    np.testing.assert_array_equal(np.isinf(y[fin]), np.isinf(ref[fin]))
+    both = fin & np.isfinite(ref)
+    scale = max(1.0, float(np.abs(ref[both]).max()))
+    np.testing.assert_allclose(y[both], ref[both], rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("C,K,hw,k,pads", [
+    (12, 8, 10, 3, [1, 1, 1, 1]),   # 36-float kernel rows: the dot tiles' last chunk is partial
+    (3, 16, 12, 3, [1, 1, 1, 1]),   # row-merged layout: 27 floats in a 32-float chunk
+    (20, 24, 7, 3, [0, 0, 0, 0]),
+    (5, 8, 9, 1, [0, 0, 0, 0]),
+])
+@pytest.mark.parametrize("mask_kind", ["ones-layer", "half-filter"])
+def test_nan_inf_input_gives_what_onnxruntime_conv_relu_gives(C, K, hw, k, pads, mask_kind):
+    """Inf/NaN reach exactly the outputs whose receptive field holds them (NaN where Conv is NaN,
+    identical finite values elsewhere): no over-read times a zero weight leaks into a neighbour. The
+    half-filter mask (per-filter all-ones / all-zeros: no prediction) runs the dot tiles."""
+    rng = np.random.default_rng(31)
+    for trial in range(4):
+        x = _nan_inf_input(rng, (2, C, hw, hw))
+        w = rng.standard_normal((K, C, k, k)).astype(np.float32)
+        b = rng.standard_normal(K).astype(np.float32)
+        mask = np.ones((2, 2), np.uint8) if mask_kind == "ones-layer" else \
+            np.repeat((np.arange(K) % 2).astype(np.uint8), 4).reshape(K, 2, 2)
+        y, _ = _run(_session(w, b, patch=2, mask=mask, x_shape=x.shape, pads=pads), x)
+        ref = _ort_conv_relu(x, w, b, pads=pads)
+        assert np.isnan(ref).any() and (np.isfinite(ref) & (ref > 0)).any()
+        _assert_same_nan_and_values(y, ref)
+
+
+def test_nan_inf_input_with_prediction_matches_reference():
+    """With a predicting mask, NaN/Inf follow the reference: NaN counts as not alive, and outputs
+    outside an Inf's receptive field stay finite."""
+    rng = np.random.default_rng(32)
+    for form in ("layer", "filter", "full"):
+        x = _nan_inf_input(rng, (1, 12, 11, 11))
+        w = rng.standard_normal((16, 12, 3, 3)).astype(np.float32)
+        b = rng.standard_normal(16).astype(np.float32)
+        mask = _random_mask(rng, form, 2, 16, 11, 11, 0.4)
+        y, macs = _run(_session(w, b, patch=2, mask=mask, x_shape=x.shape, pads=[1, 1, 1, 1]), x)
+        with np.errstate(invalid="ignore"):
+            y_ref, macs_ref = sp.reference(x, w, b, mask, patch=2, pads=[1, 1, 1, 1])
+        _assert_same_nan_and_values(y, y_ref)
+        assert macs == macs_ref
 
 
 def test_bench_layer_shapes_dense_equal_onnxruntime():
@@ -422,7 +614,9 @@ def test_make_node_attributes_and_initializers():
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert attrs["patch"] == 3 and attrs["strides"] == [2, 2] and attrs["pads"] == [1, 1, 1, 1]
     node, inits = sp.make_node("X", "W", "B", "Y", patch=2, mask_name="M")
-    assert inits == {} and node.input[3] == "M"
+    assert inits == {} and node.input[3] == "M" and len(node.input) == 4
+    node, _ = sp.make_node("X", "W", None, "Y", patch=2, mask_name="M", other="S")
+    assert list(node.input) == ["X", "W", "", "M", "S"]  # the residual is the last input
     with pytest.raises(ValueError):
         sp.make_node("X", "W", "B", "Y", patch=2)
 
@@ -435,3 +629,21 @@ def test_bench_case_reaches_its_skip_target(name):
         y, macs = make_session(case.model).run(None, case.feeds)
         dense = layer.K * layer.C * layer.KH * layer.KW * y.shape[2] * y.shape[3]
         assert abs((1 - int(macs) / dense) - skip) < 0.01, (skip, 1 - int(macs) / dense)
+
+
+def test_rule_passes_the_residual_as_the_last_input():
+    """passes/rules/spatial.py: a residual site's `other` operand becomes input 4; a plain site has 4 inputs."""
+    from onnxzero.passes.rules.spatial import SpatialRule
+    from onnxzero.passes.sites import Site
+
+    base = dict(name="conv1", conv="conv1", activation="relu1", activation_op="Relu", clip_max=None, x="X", w="W",
+                b="B", conv_output="C", y="Y", x_shape=(8, 6, 6), w_shape=(4, 8, 3, 3), y_shape=(4, 6, 6),
+                strides=(1, 1), pads=(1, 1, 1, 1), auto_pad="NOTSET", dilations=(1, 1), group=1,
+                macs=4 * 8 * 9 * 36, input_nonneg=True, nonneg_reason="test")
+    import onnx
+
+    rule = SpatialRule(onnx.ModelProto(), None)  # rewrite() reads neither the model nor calibration
+    rep = rule.rewrite(Site(**base, residual="S", add="add1"), {"patch": 2}, "Y")
+    assert list(rep.nodes[0].input) == ["X", "W", "B", "conv1__mask", "S"]
+    rep = rule.rewrite(Site(**base), {"patch": 2}, "Y")
+    assert list(rep.nodes[0].input) == ["X", "W", "B", "conv1__mask"]

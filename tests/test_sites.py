@@ -161,6 +161,42 @@ NOT_SITES = {
         c = Conv (x, w)
         y = Relu(x)
     }""", dict(w=(4, 3, 3, 3)), NotSite.NO_RELU, "no ReLU after it (its output is unused)"),
+    # residual Adds that do not make a site
+    "broadcast Add": ("""g (float[1, 3, 8, 8] x) => (float[1, 4, 6, 6] y) {
+        c = Conv (x, w)
+        s = Add(c, t)
+        y = Relu(s)
+    }""", dict(w=(4, 3, 3, 3), t=(1, 4, 1, 1)), NotSite.ADD_SHAPE,
+        "its residual Add 'Add' adds 't' of shape (1, 4, 1, 1), expected the conv output's (1, 4, 6, 6)"),
+    "Add of itself": ("""g (float[1, 3, 8, 8] x) => (float[1, 4, 6, 6] y) {
+        c = Conv (x, w)
+        s = Add(c, c)
+        y = Relu(s)
+    }""", dict(w=(4, 3, 3, 3)), NotSite.NO_RELU, "no ReLU after it (its output goes to Add 'Add', Add 'Add')"),
+    "Sum of three": ("""g (float[1, 3, 8, 8] x, float[1, 4, 6, 6] t) => (float[1, 4, 6, 6] y) {
+        c = Conv (x, w)
+        s = Sum(c, t, t)
+        y = Relu(s)
+    }""", dict(w=(4, 3, 3, 3)), NotSite.NO_RELU,
+        "no ReLU after it (its output goes to Sum 'Sum', which does not add exactly one other tensor to it)"),
+    "Add then Sigmoid": ("""g (float[1, 3, 8, 8] x, float[1, 4, 6, 6] t) => (float[1, 4, 6, 6] y) {
+        c = Conv (x, w)
+        s = Add(t, c)
+        y = Sigmoid(s)
+    }""", dict(w=(4, 3, 3, 3)), NotSite.NO_RELU, "no ReLU after it (its residual Add 'Add' goes to Sigmoid 'Sigmoid')"),
+    "Add read twice": ("""g (float[1, 3, 8, 8] x, float[1, 4, 6, 6] t) => (float[1, 4, 6, 6] y, float[1, 4, 6, 6] z) {
+        c = Conv (x, w)
+        s = Add(c, t)
+        y = Relu(s)
+        z = Sigmoid(s)
+    }""", dict(w=(4, 3, 3, 3)), NotSite.SHARED_OUTPUT,
+        "its residual Add 'Add' output goes to Relu 'Relu', Sigmoid 'Sigmoid', expected a single ReLU"),
+    "Add is a graph output": ("""g (float[1, 3, 8, 8] x, float[1, 4, 6, 6] t) => (float[1, 4, 6, 6] y, float[1, 4, 6, 6] s) {
+        c = Conv (x, w)
+        s = Add(c, t)
+        y = Relu(s)
+    }""", dict(w=(4, 3, 3, 3)), NotSite.GRAPH_OUTPUT,
+        "the output 's' of its residual Add 'Add' is a graph output, which the ReLU would change"),
 }
 
 
@@ -253,6 +289,54 @@ def test_declared_nonneg_graph_input():
         find_sites(model, nonneg_inputs=["image"])
 
 
+# --- residual sites: Conv -> Add(other) -> ReLU ---------------------------------------------
+
+RESIDUAL_NET = """g (float[N, 8, 16, 16] x) => (float[N, 16, 8, 8] y) {
+    r0 = Relu(x)
+    c1 = Conv <pads = [1, 1, 1, 1]> (r0, w1, b1)
+    r1 = Relu(c1)
+    c2 = Conv <pads = [1, 1, 1, 1]> (r1, w2, b2)
+    s2 = Add(r0, c2)
+    r2 = Relu(s2)
+    c3 = Conv <strides = [2, 2], pads = [1, 1, 1, 1]> (r2, w3)
+    r3 = Relu(c3)
+    c4 = Conv <pads = [1, 1, 1, 1]> (r3, w4)
+    p = Conv <strides = [2, 2]> (r2, wp)
+    s4 = Add(c4, p)
+    y = Clip(s4, zero, six)
+}"""
+RESIDUAL_WEIGHTS = dict(w1=(8, 8, 3, 3), b1=(8,), w2=(8, 8, 3, 3), b2=(8,), w3=(16, 8, 3, 3), w4=(16, 16, 3, 3),
+                        wp=(16, 8, 1, 1), zero=np.float32(0), six=np.float32(6))
+
+
+def test_residual_sites_take_either_operand_order_and_the_main_path_of_a_projection_add():
+    verdicts = explain(text_model(RESIDUAL_NET, **RESIDUAL_WEIGHTS))
+    assert [v.conv for v in verdicts] == ["Conv", "Conv_1", "Conv_2", "Conv_3", "Conv_4"]
+    c1, c2, c3, c4, proj = verdicts
+    assert (c1.site.residual, c1.site.add, c3.site.residual) == (None, None, None)
+    # identity shortcut as the Add's first operand
+    assert (c2.site.residual, c2.site.add, c2.site.activation, c2.site.y) == ("r0", "Add", "Relu_2", "r2")
+    # projection shortcut computed after the main path; the 3x3 main path (9x the MACs) is the site
+    assert (c4.site.residual, c4.site.add, c4.site.activation_op, c4.site.clip_max) == ("p", "Add_1", "Clip", 6.0)
+    assert c4.site.macs == 8 * 8 * 9 * 16 * 16 and c4.site.conv_output == "c4"
+    assert (proj.site, proj.code) == (None, NotSite.ADD_PARTNER)
+    assert proj.reason == ("its residual add 'Add_1' already has a site: Conv 'Conv_3' (more MACs); "
+                           "this Conv's output is that site's other input")
+    assert c2.line().startswith("Conv_1: residual site -> add 'Add' (+ 'r0') -> Relu 'Relu_2'; x 8x16x16 -> y 8x16x16")
+    # the sum of two non-negative tensors is non-negative: the next conv's input proof goes through it
+    assert c3.site.input_nonneg and c3.site.nonneg_reason.startswith("Relu 'Relu_2'")
+
+
+def test_residual_site_through_sum_of_two():
+    model = text_model("""g (float[1, 4, 6, 6] t, float[1, 3, 8, 8] x) => (float[1, 4, 6, 6] y) {
+        c = Conv (x, w)
+        s = Sum(c, t)
+        y = Relu(s)
+    }""", w=(4, 3, 3, 3))
+    (site,) = find_sites(model)
+    assert (site.residual, site.add, site.y) == ("t", "Sum", "y")
+
+
 # --- torch exports --------------------------------------------------------------------------
 
 # TinyCNN on 3x32x32: (activation, clip_max, group, x_shape, y_shape, pads, MACs, input non-negative)
@@ -295,13 +379,16 @@ def test_unnormalized_torchscript_export_keeps_bn_out_of_sites(torch_exports):
 
 # Sites per light model, counted by hand from the graphs: AlexNet and ZFNet have five
 # Conv+ReLU; VGG19 sixteen; SqueezeNet's 26 Convs and Inception v1's 57 / v2's 69 all end
-# in a ReLU (v2 through BN+Mul+Add, folded). ResNet50: 53 Convs, of which the 16 ending a
-# residual branch and the 4 projection shortcuts feed a Sum, leaving 33. DenseNet121 is
-# pre-activation (BN-ReLU-Conv): only the stem and the 58 bottleneck 1x1 Convs are followed
-# by their own BN-ReLU; the rest feed a Concat, an AveragePool or the output. ShuffleNet:
-# the stem and the first group conv of each of its 16 units; the others feed Sum/Concat.
+# in a ReLU (v2 through BN+Mul+Add, folded). ResNet50: 53 Convs; 33 end in a ReLU and the 16
+# ending a residual branch are residual sites (Sum -> Relu): 49; the 4 projection shortcuts
+# feed a Sum whose site is their block's main path. DenseNet121 is pre-activation
+# (BN-ReLU-Conv): only the stem and the 58 bottleneck 1x1 Convs are followed by their own
+# BN-ReLU; the rest feed a Concat, an AveragePool or the output. ShuffleNet: the stem and the
+# first group conv of each of its 16 units, plus the 13 units whose last conv ends in a
+# residual Sum -> Relu; the others feed a Concat.
 LIGHT_SITES = {"bvlc_alexnet": 5, "zfnet512": 5, "vgg19": 16, "squeezenet": 26, "inception_v1": 57,
-               "inception_v2": 69, "resnet50": 33, "densenet121": 59, "shufflenet": 17}
+               "inception_v2": 69, "resnet50": 49, "densenet121": 59, "shufflenet": 30}
+LIGHT_RESIDUAL_SITES = {"resnet50": 16, "shufflenet": 13}
 LIGHT_CONVS = {"bvlc_alexnet": 5, "zfnet512": 5, "vgg19": 16, "squeezenet": 26, "inception_v1": 57,
                "inception_v2": 69, "resnet50": 53, "densenet121": 121, "shufflenet": 49}
 
@@ -311,9 +398,13 @@ def test_light_model_sites(light_name, light_model):
     verdicts = explain(normalized)
     sites = [v.site for v in verdicts if v.is_site]
     assert len(verdicts) == LIGHT_CONVS[light_name] and len(sites) == LIGHT_SITES[light_name] >= 1
-    assert all(v.code in (NotSite.NO_RELU, NotSite.GRAPH_OUTPUT) for v in verdicts if not v.is_site)
-    # every site but the first Conv (on the raw image) reads a ReLU-derived tensor
-    assert [s.input_nonneg for s in sites] == [False] + [True] * (len(sites) - 1)
+    assert sum(s.residual is not None for s in sites) == LIGHT_RESIDUAL_SITES.get(light_name, 0)
+    assert all(v.code in (NotSite.NO_RELU, NotSite.GRAPH_OUTPUT, NotSite.ADD_PARTNER) for v in verdicts if not v.is_site)
+    # every plain site but the first Conv (on the raw image) reads a ReLU-derived tensor; ShuffleNet's
+    # residual sites read its depthwise convs' outputs (no ReLU), ResNet50's a ReLU
+    plain = [s for s in sites if s.residual is None]
+    assert [s.input_nonneg for s in plain] == [False] + [True] * (len(plain) - 1)
+    assert all(s.input_nonneg != s.nonneg_reason.startswith("Conv ") for s in sites if s.residual)
     assert all(s.macs > 0 and s.w_shape[0] == s.y_shape[0] for s in sites)
 
 

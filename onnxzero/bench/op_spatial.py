@@ -87,8 +87,9 @@ def _dead_bias(z: np.ndarray, p: int, skip: float) -> np.ndarray:
     return bias.astype(np.float32)
 
 
-def build(layer: Layer, skip: float, rng: np.random.Generator) -> BenchCase:
-    x = realistic_input(layer, rng)
+def build(layer: Layer, skip: float, rng: np.random.Generator, x: np.ndarray | None = None) -> BenchCase:
+    """x: the input the op will see (e.g. inside a chain); default a post-ReLU-like random one."""
+    x = realistic_input(layer, rng) if x is None else np.asarray(x, np.float32)
     w = he_weights(layer, rng)
     g = sp.conv_geometry(layer.x_shape, layer.w_shape, strides=(layer.stride,) * 2, pads=(layer.pad,) * 4)
     p, dead = plan(skip, (g.OH, g.OW))

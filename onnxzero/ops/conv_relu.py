@@ -1,9 +1,13 @@
 """ConvRelu: dense Conv(+bias)+ReLU, the no-skip baseline every skipping op is measured against.
 
-The kernel (runtime_ops/src/conv_relu.cc) runs on the packed AVX2/FMA GEMM core (gemm.h) that the
-skipping ops share. Inputs X (N,C,H,W), W (K,C/group,KH,KW) constant, B (K,) optional constant;
+The kernel (runtime_ops/src/conv_relu.cc) runs on MLAS's direct-convolution kernels (the ones
+onnxruntime's own Conv uses; runtime_ops/src/nchwc.h) where they serve the shape (group 1, K % 8 == 0,
+C % 8 == 0 or C < 8), else on the packed AVX2/FMA GEMM core (gemm.h); see docs/design-kernels.md. Inputs X (N,C,H,W), W (K,C/group,KH,KW) constant, B (K,) optional constant;
 attributes exactly ONNX Conv's; output 0 Y = ReLU(conv), optional output 1 `macs` (int64 scalar) =
 N * K * OH * OW * (C/group) * KH * KW.
+
+Residual sites (Conv -> Add(other) -> Relu): the optional last input `other` (N, K, OH, OW), a run-time
+tensor, makes Y = ReLU(conv + B + other); it adds no MACs.
 
 `conv2d` here is the straightforward numpy (im2col, float64) convolution the other ops' references
 build on.
@@ -75,11 +79,25 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, **conv_att
     return y.reshape(x.shape[0], g.K, g.OH, g.OW)
 
 
-def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, **conv_attrs) -> tuple[np.ndarray, int]:
-    """ConvRelu's semantics: (ReLU(conv(x, w) + b) as float32, MACs = N * dense MACs per image)."""
-    y = np.maximum(conv2d(x, w, b, **conv_attrs), 0).astype(np.float32)
+def check_other(other: np.ndarray | None, y_shape, op: str = OP) -> np.ndarray | None:
+    """`other` as float64, refused (naming op, input and both shapes) unless it has the output's shape."""
+    if other is None:
+        return None
+    other = np.asarray(other)
+    if other.shape != tuple(y_shape):
+        raise ValueError(f"{op}: input 'other' has shape {other.shape}, expected {tuple(y_shape)} (the conv output's shape)")
+    return other.astype(np.float64)
+
+
+def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, other: np.ndarray | None = None,
+              **conv_attrs) -> tuple[np.ndarray, int]:
+    """ConvRelu's semantics: (ReLU(conv(x, w) + b [+ other]) as float32, MACs = N * dense MACs per image)."""
+    y = conv2d(x, w, b, **conv_attrs)
+    o = check_other(other, y.shape)
+    if o is not None:
+        y = y + o
     g = geometry(np.shape(x), np.shape(w), **conv_attrs)
-    return y, int(np.shape(x)[0]) * g.macs
+    return np.maximum(y, 0).astype(np.float32), int(np.shape(x)[0]) * g.macs
 
 
 def conv_attributes(*, kernel_shape: Sequence[int] | None = None, strides: Sequence[int] | None = None,
@@ -105,9 +123,15 @@ def conv_attributes(*, kernel_shape: Sequence[int] | None = None, strides: Seque
 def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: str | None = None,
               kernel_shape: Sequence[int] | None = None, strides: Sequence[int] | None = None,
               pads: Sequence[int] | None = None, dilations: Sequence[int] | None = None, group: int | None = None,
-              auto_pad: str | None = None, name: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
-    """A ConvRelu node in onnxzero's domain; ConvRelu needs no extra initializers (returns {})."""
+              auto_pad: str | None = None, name: str | None = None,
+              other: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+    """A ConvRelu node in onnxzero's domain; ConvRelu needs no extra initializers (returns {}).
+
+    other: the residual operand's tensor name (a residual site), the node's last input.
+    """
     inputs = [x, w_name] + ([b_name] if b_name else [])
+    if other:
+        inputs = [x, w_name, b_name or "", other]
     outputs = [y] + ([macs_output] if macs_output else [])
     node = helper.make_node(OP, inputs, outputs, name=name, domain=DOMAIN,
                             **conv_attributes(kernel_shape=kernel_shape, strides=strides, pads=pads,
@@ -116,8 +140,11 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
 
 
 def onnx_conv_relu_model(w: np.ndarray, b: np.ndarray | None, x_shape, *, opset: int = 17,
-                         **conv_attrs) -> onnx.ModelProto:
-    """Standard ONNX Conv(+B) -> Relu on the same weights: what onnxruntime itself runs (tests, bench)."""
+                         residual: bool = False, **conv_attrs) -> onnx.ModelProto:
+    """Standard ONNX Conv(+B) -> Relu on the same weights: what onnxruntime itself runs (tests, bench).
+
+    residual: Conv(+B) -> Add(conv, O) -> Relu with a second graph input "O" (a residual site).
+    """
     from onnx import TensorProto, numpy_helper
 
     attrs = conv_attributes(**conv_attrs)
@@ -126,8 +153,12 @@ def onnx_conv_relu_model(w: np.ndarray, b: np.ndarray | None, x_shape, *, opset:
     if b is not None:
         inits.append(numpy_helper.from_array(np.asarray(b, np.float32), "B"))
         inputs.append("B")
-    nodes = [helper.make_node("Conv", inputs, ["C"], **attrs), helper.make_node("Relu", ["C"], ["Y"])]
-    graph = helper.make_graph(
-        nodes, "conv_relu", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", *x_shape[1:]])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    nodes = [helper.make_node("Conv", inputs, ["C"], **attrs)]
+    graph_inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", *x_shape[1:]])]
+    if residual:
+        nodes.append(helper.make_node("Add", ["C", "O"], ["S"]))
+        graph_inputs.append(helper.make_tensor_value_info("O", TensorProto.FLOAT, None))
+    nodes.append(helper.make_node("Relu", ["S" if residual else "C"], ["Y"]))
+    graph = helper.make_graph(nodes, "conv_relu", graph_inputs,
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

@@ -10,6 +10,13 @@ n = ceil(ratio * K) filters by prediction and outputs 0 for the others:
     chosen    = the n largest s (ties: lower index first)
     y[n, k]   = ReLU(conv(x, W)[n, k] + B[k]) if k in chosen else 0
 
+Residual sites (Conv -> Add(other) -> Relu): the optional last input `other` (N, K, OH, OW), a run-time
+tensor. The op then predicts the strengths of the SUM conv + B + other, from the input's AND other's
+per-channel strengths: pred_W is (C + K, K), rows 0..C-1 weigh activation_strength(x), rows C..C+K-1
+weigh activation_strength(other). Chosen channels output ReLU(conv + B + other); the skipped ones
+output ReLU(other), NOT 0 (their conv term is what is skipped; the shortcut still flows), so at
+ratio 1 the op equals Conv+Add+Relu. `other` adds no MACs.
+
 `ratio` is the paper's n_l: an optional run-time scalar input (so a deployment trades accuracy for
 time without editing the model) or, when that input is absent, the node's `ratio` attribute. Grouped
 and depthwise convs pick the top n over all K. The MAC counter is N * n * OH*OW * (C/group)*KH*KW.
@@ -31,7 +38,7 @@ import onnx
 from onnx import helper
 
 from onnxzero import DOMAIN
-from onnxzero.ops.conv_relu import conv2d, conv_attributes, geometry
+from onnxzero.ops.conv_relu import check_other, conv2d, conv_attributes, geometry
 
 OP = "LazyConv"
 
@@ -49,9 +56,16 @@ def activation_strength(t: np.ndarray) -> np.ndarray:
     return np.abs(np.asarray(t, np.float64)).sum(axis=(2, 3))
 
 
-def predicted_strengths(x: np.ndarray, pred_w: np.ndarray, pred_b: np.ndarray) -> np.ndarray:
-    """(N, K) predicted activation strengths of the op's filters for input x."""
-    return activation_strength(x) @ np.asarray(pred_w, np.float64) + np.asarray(pred_b, np.float64)
+def predictor_input(x: np.ndarray, other: np.ndarray | None = None) -> np.ndarray:
+    """The predictor's features: (N, C) strengths of x, then (with other) other's (N, K)."""
+    s = activation_strength(x)
+    return s if other is None else np.concatenate([s, activation_strength(other)], axis=1)
+
+
+def predicted_strengths(x: np.ndarray, pred_w: np.ndarray, pred_b: np.ndarray,
+                        other: np.ndarray | None = None) -> np.ndarray:
+    """(N, K) predicted activation strengths of the op's filters for input x (and residual other)."""
+    return predictor_input(x, other) @ np.asarray(pred_w, np.float64) + np.asarray(pred_b, np.float64)
 
 
 def top_n(scores: np.ndarray, n: int) -> np.ndarray:
@@ -65,17 +79,20 @@ def top_n(scores: np.ndarray, n: int) -> np.ndarray:
 
 
 def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pred_w: np.ndarray, pred_b: np.ndarray, *,
-              ratio: float = 1.0, **conv_attrs) -> tuple[np.ndarray, int]:
-    """LazyConv's semantics in numpy: (y float32, macs)."""
+              ratio: float = 1.0, other: np.ndarray | None = None, **conv_attrs) -> tuple[np.ndarray, int]:
+    """LazyConv's semantics in numpy: (y float32, macs). Skipped channels: 0, or ReLU(other)."""
     x = np.asarray(x, np.float32)
     g = geometry(x.shape, np.shape(w), **conv_attrs)
     n = filters_computed(ratio, g.K)
-    y = np.maximum(conv2d(x, w, b, **conv_attrs), 0)
+    conv = conv2d(x, w, b, **conv_attrs)
+    o = check_other(other, conv.shape, OP)
+    base = np.zeros_like(conv) if o is None else o
+    y = np.maximum(conv + base, 0)
     if n < g.K:
-        chosen = top_n(predicted_strengths(x, pred_w, pred_b), n)
+        chosen = top_n(predicted_strengths(x, pred_w, pred_b, other), n)
         keep = np.zeros((x.shape[0], g.K), bool)
         np.put_along_axis(keep, chosen, True, axis=1)
-        y = y * keep[:, :, None, None]
+        y = np.where(keep[:, :, None, None], y, np.maximum(base, 0))
     return y.astype(np.float32), x.shape[0] * n * g.OH * g.OW * (g.C // g.group) * g.KH * g.KW
 
 
@@ -162,11 +179,14 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, pred_w: np.nda
               ratio: float = 1.0, ratio_input: str | None = None, macs_output: str | None = None,
               kernel_shape: Sequence[int] | None = None, strides: Sequence[int] | None = None,
               pads: Sequence[int] | None = None, dilations: Sequence[int] | None = None, group: int | None = None,
-              auto_pad: str | None = None, name: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+              auto_pad: str | None = None, name: str | None = None,
+              other: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """A LazyConv node plus its predictor initializers {'<y>__pred_W': (C, K), '<y>__pred_b': (K,)}.
 
     ratio: the attribute (used when no run-time ratio is fed); ratio_input: name of an optional
     run-time float scalar input that overrides it (a graph input, so it can change per run).
+    other: the residual operand's tensor name (a residual site; the last input); pred_w is then
+    (C + K, K) (see the module docstring).
     """
     pred_w = np.ascontiguousarray(pred_w, np.float32)
     pred_b = np.ascontiguousarray(pred_b, np.float32).reshape(-1)
@@ -174,7 +194,11 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, pred_w: np.nda
         raise ValueError(f"pred_w {pred_w.shape} and pred_b {pred_b.shape} do not match (C, K) / (K,)")
     filters_computed(ratio, pred_b.shape[0])  # validates ratio
     pw_name, pb_name = f"{y}__pred_W", f"{y}__pred_b"
-    inputs = [x, w_name, b_name or "", pw_name, pb_name] + ([ratio_input] if ratio_input else [])
+    if other and pred_w.shape[0] <= pred_w.shape[1]:
+        raise ValueError(f"pred_w {pred_w.shape}: with other, expected (C + K, K) rows (input channels, then other's)")
+    inputs = [x, w_name, b_name or "", pw_name, pb_name] + ([ratio_input] if ratio_input or other else [])
+    if other:
+        inputs = inputs[:5] + [ratio_input or "", other]
     outputs = [y] + ([macs_output] if macs_output else [])
     node = helper.make_node(OP, inputs, outputs, name=name, domain=DOMAIN, ratio=float(ratio),
                             **conv_attributes(kernel_shape=kernel_shape, strides=strides, pads=pads,

@@ -16,6 +16,13 @@ Semantics (this module's `reference` defines them; the C++ kernel follows it):
   otherwise the rest is computed too. A patch whose pattern selects no in-range position (all-zero
   pattern, or the 1s fall outside a margin patch) is computed in full: no prediction. An all-ones
   mask therefore computes everything: exactly Conv+ReLU.
+* Optional last input `other` (float32, (N, K, OH, OW), a run-time tensor: the residual of a
+  Conv -> Add(other) -> Relu site): every position above is a position of the sum, i.e. the
+  output is ReLU(conv + B + other) where computed, a patch is predicted zero when its masked
+  positions of the sum are all <= 0, and predicted-zero positions are 0 in the output.
+* NaN/Inf in X or other behave as in Conv(+Add)+Relu: an output is NaN where the sum is NaN
+  (ReLU keeps NaN, like onnxruntime's), and no value reaches an output outside its receptive field.
+  A NaN at a masked position stays NaN but does not make its patch alive (NaN > 0 is false).
 * Output `macs` (int64 scalar): multiply-accumulates actually performed = (number of output elements
   computed) x C/group x KH x KW, summed over the batch. The kernel skips at the same (channel, patch)
   granularity and computes exactly the same set of outputs, so its counter equals this one.
@@ -183,8 +190,10 @@ def _conv_preact(x, w, b, g) -> np.ndarray:
 def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, mask: np.ndarray, *, patch: int,
               kernel_shape: Sequence[int] | None = None, strides: Sequence[int] = (1, 1),
               pads: Sequence[int] = (0, 0, 0, 0), dilations: Sequence[int] = (1, 1), group: int = 1,
-              auto_pad: str = "NOTSET", return_preact: bool = False):
+              auto_pad: str = "NOTSET", return_preact: bool = False, other: np.ndarray | None = None):
     """Numpy reference of SpatialConv: returns (y float32 (N, K, OH, OW), macs int).
+
+    other: the optional residual (N, K, OH, OW); the pre-activations are then conv + B + other.
 
     With return_preact=True also returns the float64 pre-activations (tests use them to skip
     decisions that float32 rounding could flip).
@@ -200,7 +209,12 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, mask: np.ndarr
     validate_mask(np.asarray(mask), K, OH, OW, p)
     full = expand_mask(mask, K, OH, OW, p).astype(bool)
     z = _conv_preact(x, w, b, g)
-    y = np.maximum(z, 0.0)
+    if other is not None:
+        o = np.asarray(other)
+        if o.shape != (N, K, OH, OW):
+            raise ValueError(f"{OP}: input 'other' has shape {o.shape}, expected (N, K, OH, OW)=({N}, {K}, {OH}, {OW})")
+        z = z + o.astype(np.float64)
+    y = np.where(z < 0, 0.0, z)  # ReLU that keeps NaN, like onnxruntime's
 
     PH, PW = -(-OH // p), -(-OW // p)
     HP, WP = PH * p, PW * p
@@ -218,7 +232,8 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, mask: np.ndarr
     alive = ((yp > 0) & sel[None]).any(axis=(-1, -2))      # (N, K, PH, PW)
     whole = alive | (nsel == 0)[None]                      # patch computed in full
     macs_elems = np.where(whole, nvalid[None, None], nsel[None]).sum()
-    out = np.where(whole[..., None, None], yp, 0.0)
+    # masked positions are computed whatever the decision (<= 0 there is 0 after ReLU, NaN stays NaN)
+    out = np.where(whole[..., None, None] | sel[None], yp, 0.0)
     out = out.swapaxes(-3, -2).reshape(N, K, HP, WP)[:, :, :OH, :OW]
     macs = int(macs_elems) * (g.C // g.group) * g.KH * g.KW
     out = out.astype(np.float32)
@@ -230,8 +245,11 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, patch: int,
               mask: np.ndarray | None = None, mask_name: str | None = None, macs_output: str | None = None,
               kernel_shape: Sequence[int] | None = None, strides: Sequence[int] | None = None,
               pads: Sequence[int] | None = None, dilations: Sequence[int] | None = None, group: int = 1,
-              auto_pad: str = "NOTSET", name: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
-    """A SpatialConv node replacing Conv(+B)+Relu, and the initializers it needs.
+              auto_pad: str = "NOTSET", name: str | None = None,
+              other: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+    """A SpatialConv node replacing Conv(+B)(+Add other)+Relu, and the initializers it needs.
+
+    other: name of the residual tensor (N, K, OH, OW) of a Conv -> Add -> Relu site, or None.
 
     mask given: stored as a constant initializer (named mask_name, default f"{y}_spatial_mask").
     mask None:  mask_name is a runtime input (graph input or another node's output) fed per run.
@@ -262,6 +280,7 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, patch: int,
     if dilations is not None:
         attrs["dilations"] = [int(v) for v in dilations]
     outputs = [y] + ([macs_output] if macs_output else [])
-    node = helper.make_node(OP, [x, w_name, b_name or "", mask_name], outputs, domain=DOMAIN,
+    inputs = [x, w_name, b_name or "", mask_name] + ([other] if other else [])
+    node = helper.make_node(OP, inputs, outputs, domain=DOMAIN,
                             name=name or f"{y}_spatial", **attrs)
     return node, inits

@@ -14,9 +14,7 @@ place with os.replace, so a reader never sees half a PNG.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,21 +34,13 @@ def _safe(name: str) -> str:
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    from onnxzero.emit import atomic_write
+
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def write_plots(report: ProfileReport, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     classes = report.classes
     for i, a in enumerate(report.activations):

@@ -152,7 +152,7 @@ class ProfileReport:
                   caption=(f"per sample; latency: batch size {m.latency_batch_size}, {m.latency_runs} runs after "
                            f"1 warmup, onnxruntime default optimizations, CPU; data: {m.data} ({m.samples} samples)"))
         for col in ("Model", "Top-1 Acc", "Number of parameters (M)", "GMACs", "Inference Time (ms)", "p90 (ms)"):
-            t.add_column(col, justify="left" if col == "Model" else "right")
+            t.add_column(col, justify="left" if col == "Model" else "right", **_fit(col in ("Model",)))
         t.add_row(m.name, "n/a" if m.accuracy is None else f"{m.accuracy * 100:.2f}%", f"{m.params / 1e6:.4g}",
                   f"{m.macs / 1e9:.4g}", f"{m.latency_median_ms:.3f}", f"{m.latency_p90_ms:.3f}")
         return t
@@ -169,7 +169,8 @@ class ProfileReport:
                   caption=(f"{left_out} faster nodes not shown; " if left_out else "")
                   + f"summed node time {total_ms:.3f} ms; MACs per sample")
         for col in ("#", "node", "op", "output shape", "params", "MACs", "latency (ms)", "share"):
-            t.add_column(col, justify="right" if col in ("#", "params", "MACs", "latency (ms)", "share") else "left")
+            t.add_column(col, justify="right" if col in ("#", "params", "MACs", "latency (ms)", "share") else "left",
+                         **_fit(col == "node"))
         for i, n in shown:
             t.add_row(str(i), n.name, n.op_type, _shape(n.output_shape), f"{n.params:,}", f"{n.macs:,}",
                       f"{n.latency_ms:.4f}", f"{n.time_share * 100:.1f}%")
@@ -184,7 +185,7 @@ class ProfileReport:
         if self.classes:
             cols += ["min class", "max class"]
         for col in cols:
-            t.add_column(col, justify="left" if col in ("node", "op", "shape") else "right")
+            t.add_column(col, justify="left" if col in ("node", "op", "shape") else "right", **_fit(col == "node"))
         for a in self.activations:
             row = [a.node, a.op_type, _shape(a.output_shape), _pct(a.zero_rate),
                    _pct(min(a.per_channel)) if a.per_channel else "-",
@@ -204,7 +205,7 @@ class ProfileReport:
         t = Table(title="Conv+ReLU sites: what zero-skipping could save (upper bounds)",
                   caption="est. time saved = time share x zero rate (LeNet paper, Sec. III.C), of summed node time")
         for col in ("conv", "relu", "MACs", "zero rate", "MACs zeroed", "time share", "est. time saved"):
-            t.add_column(col, justify="left" if col in ("conv", "relu") else "right")
+            t.add_column(col, justify="left" if col in ("conv", "relu") else "right", **_fit(col in ("conv", "relu")))
         for s in self.sites:
             t.add_row(s.node, s.relu, f"{s.macs:,}", _pct(s.zero_rate), f"{s.macs_zero:,.0f}", _pct(s.time_share),
                       _pct(s.est_time_saved))
@@ -229,6 +230,12 @@ def _f(v: float | None) -> float | None:
         return None
     v = float(v)
     return None if math.isnan(v) or math.isinf(v) else v
+
+
+def _fit(is_name: bool) -> dict:
+    """Column options: nothing is cut with an ellipsis ("/features/featur…"); in a terminal too narrow
+    for the table, a cell folds onto more lines. Users copy node names into --config files."""
+    return {"overflow": "fold"}
 
 
 def _pct(v: float) -> str:

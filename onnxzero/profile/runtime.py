@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from onnxzero import get_library_path
 from onnxzero.profile.activations import ZeroCounter
 from onnxzero.profile.progress import Task
 
@@ -34,6 +35,8 @@ MAX_CHUNK = 100
 def _options(*, optimize: bool) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 3  # no warnings about unused initializers and the like
+    # a rewritten model's onnxzero ops (the library loads in any onnxruntime >= 1.21)
+    so.register_custom_ops_library(get_library_path())
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return so

@@ -111,6 +111,8 @@ class SiteRule(ABC):
     technique: ClassVar[str]
     keys: ClassVar[tuple[str, ...]] = ()  # the settings this technique understands
     needs_data: ClassVar[bool] = False
+    # The rule passes a residual site's `other` tensor to its op (ReLU(conv + bias + other)).
+    residual: ClassVar[bool] = False
 
     def __init__(self, model: onnx.ModelProto, calibration: Calibration | None):
         self.model = model

@@ -13,6 +13,7 @@ from onnxzero.passes.sites import Site
 
 class EarlyExitRule(SiteRule):
     technique = "early-exit"
+    residual = True
     keys = ("mode", "fraction", "quantile", "n_terms", "threshold", "skip_zeros")
 
     def default_setting(self, site: Site, given: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from onnxzero.passes.sites import Site
 
 class LazyRule(SiteRule):
     technique = "lazy"
+    residual = True
     keys = ("ratio",)
     needs_data = True
 
@@ -30,12 +31,17 @@ class LazyRule(SiteRule):
 
     def rewrite(self, site: Site, setting: dict[str, Any], out_name: str) -> Replacement:
         ratio = float(setting.get("ratio", 0.75))
-        t = self.calibration.tensors([site.x, site.y])
-        s_prev, s = op.activation_strength(t[site.x]), op.activation_strength(t[site.y])
+        # A residual site predicts the strengths of the sum from the input's and the shortcut's
+        # strengths (the op's pred_W is then (C + K, K)).
+        names = [site.x, site.y] + ([site.residual] if site.residual else [])
+        t = self.calibration.tensors(names)
+        s_prev = op.predictor_input(t[site.x], t[site.residual] if site.residual else None)
+        s = op.activation_strength(t[site.y])
         pred_w, pred_b = op.fit_predictor(s_prev, s, iters=10)  # IRLS converges to ~1e-3 MAE by then
         hit = op.top_n_hit_rate(s_prev @ pred_w.astype(np.float64) + pred_b, s, ratio)
         ratio_name = f"{site.name}__ratio"
         node, inits = op.make_node(site.x, site.w, site.b, out_name, pred_w=pred_w, pred_b=pred_b, ratio=ratio,
-                                   ratio_input=ratio_name, name=f"{site.name}__lazy", **conv_kwargs(site))
+                                   ratio_input=ratio_name, name=f"{site.name}__lazy", other=site.residual,
+                                   **conv_kwargs(site))
         return Replacement([node], inits, runtime_inputs={ratio_name: np.asarray(ratio, np.float32)},
                            setting={"ratio": ratio}, stats={"top_n_hit_rate": hit})

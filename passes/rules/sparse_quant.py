@@ -21,6 +21,7 @@ PRUNE_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 
 class SparseQuantRule(SiteRule):
     technique = "sparse-quant"
+    residual = True
     keys = ("threshold", "prune", "max_loss")
 
     def default_setting(self, site: Site, given: dict[str, Any]) -> dict[str, Any]:

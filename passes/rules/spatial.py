@@ -16,6 +16,7 @@ DEFAULT_PATCH = 2
 
 class SpatialRule(SiteRule):
     technique = "spatial"
+    residual = True
     keys = ("patch", "mask")
 
     def default_setting(self, site: Site, given: dict[str, Any]) -> dict[str, Any]:
@@ -45,6 +46,6 @@ class SpatialRule(SiteRule):
         mask = self._mask(site, setting)
         mask_name = f"{site.name}__mask"
         node, inits = op.make_node(site.x, site.w, site.b, out_name, patch=p, mask_name=mask_name,
-                                   name=f"{site.name}__spatial", **conv_kwargs(site))
+                                   name=f"{site.name}__spatial", other=site.residual, **conv_kwargs(site))
         return Replacement([node], inits, runtime_inputs={mask_name: mask},
                            setting={"patch": p, "mask_shape": list(mask.shape), "mask_ones": float(mask.mean())})

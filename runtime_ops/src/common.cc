@@ -163,4 +163,18 @@ size_t TaskCount(size_t work_items) {
   return std::max<size_t>(1, std::min(work_items, hw * 4));
 }
 
+const float* OtherInput(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& expected, const char* op) {
+  if (index >= ctx.GetInputCount()) return nullptr;
+  Ort::ConstValue v = ctx.GetInput(index);
+  if (!v) return nullptr;
+  auto info = v.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    Fail(op, Msg("input 'other' has element type ", info.GetElementType(), ", expected float (1)"));
+  const auto shape = info.GetShape();
+  if (shape != expected)
+    Fail(op, Msg("input 'other' has shape ", ShapeStr(shape), ", expected ", ShapeStr(expected),
+                 " (the conv output's shape)"));
+  return v.GetTensorData<float>();
+}
+
 }  // namespace oz

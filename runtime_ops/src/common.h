@@ -96,6 +96,11 @@ ConvGeom ResolveConv(const ConvAttrs& a, const std::vector<int64_t>& w_shape, co
 // Only the weight-dependent checks, done once at session creation.
 void CheckWeightShape(const ConvAttrs& a, const std::vector<int64_t>& w_shape, const char* op);
 
+// Residual sites: the optional run-time input `other` at `index` (float32, shape `expected` =
+// (N, K, OH, OW)). Returns nullptr when the node has no such input or it is absent; refuses (naming op,
+// input 'other', the got and expected shapes) a wrong element type or shape.
+const float* OtherInput(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& expected, const char* op);
+
 // Run fn(i) for i in [0, n) on the session's intra-op thread pool.
 // fn must not throw: validate before calling.
 template <class F>

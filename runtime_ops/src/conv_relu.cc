@@ -1,7 +1,15 @@
-// ConvRelu: dense Conv(+bias)+ReLU on the packed GEMM core (gemm.h): the no-skip baseline every
-// skipping op is measured against. Optional output 1 `macs` (int64 scalar): MACs performed.
+// ConvRelu: dense Conv(+bias)+ReLU, the no-skip baseline every skipping op is measured against. Runs on
+// MLAS's direct-convolution kernels (nchwc.h) where they serve the shape and the library was built with
+// them, else on the packed GEMM core (gemm.h). OZ_DENSE=gemm (read once) forces the GEMM core, to
+// benchmark the two against each other. Optional output 1 `macs` (int64 scalar): MACs performed.
+// Optional input 3 `other` (N, K, OH, OW), run time: a residual site, Y = ReLU(conv + B + other)
+// (adds no MACs).
+#include <cstdlib>
+#include <string>
+
 #include "common.h"
 #include "gemm.h"
+#include "nchwc.h"
 #include "op_def.h"
 #include "ops.h"
 
@@ -13,7 +21,8 @@ constexpr const char* kOp = "ConvRelu";
 struct ConvReluKernel {
   ConvAttrs attrs;
   std::vector<int64_t> w_shape;
-  gemm::ConvWeights weights;
+  gemm::ConvWeights weights;  // the GEMM core's copy (only when nchwc does not serve the shape)
+  nchwc::Filters filters;
 
   explicit ConvReluKernel(const OrtKernelInfo* info) {
     attrs = ReadConvAttrs(info, kOp);
@@ -33,8 +42,16 @@ struct ConvReluKernel {
       if (b.shape.size() != 1 || b.shape[0] != w.shape[0])
         Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", w.shape[0], ",)"));
     }
-    weights = gemm::ConvWeights(w.as<float>(), has_bias ? b.as<float>() : nullptr, w.shape[0], w.shape[1],
-                                w.shape[2], w.shape[3], attrs.group);
+    static const bool force_gemm = [] {
+      const char* e = std::getenv("OZ_DENSE");
+      return e != nullptr && std::string(e) == "gemm";
+    }();
+    const float* bias = has_bias ? b.as<float>() : nullptr;
+    if (!force_gemm)
+      filters = nchwc::Filters(w.as<float>(), bias, w.shape[0], w.shape[1] * attrs.group, w.shape[2], w.shape[3],
+                               attrs.group);
+    if (!filters.ok())
+      weights = gemm::ConvWeights(w.as<float>(), bias, w.shape[0], w.shape[1], w.shape[2], w.shape[3], attrs.group);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -47,11 +64,20 @@ struct ConvReluKernel {
       auto xs = xinfo.GetShape();
       ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
       const int64_t N = xs[0];
-      auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
+      const std::vector<int64_t> yshape{N, g.K, g.OH, g.OW};
+      gemm::Epilogue ep;
+      ep.residual = OtherInput(ctx, 3, yshape, kOp);
+      auto y = ctx.GetOutput(0, yshape);
       int64_t macs = 0;
       if (N > 0 && g.P() > 0) {
-        gemm::ConvPlan plan(g, weights);
-        macs = gemm::RunConv(context, plan, weights, x.GetTensorData<float>(), N, y.GetTensorMutableData<float>());
+        if (filters.ok()) {
+          nchwc::RunOptions opt;
+          opt.residual = ep.residual;
+          macs = nchwc::RunConv(context, g, filters, x.GetTensorData<float>(), N, y.GetTensorMutableData<float>(), opt);
+        } else {
+          gemm::ConvPlan plan(g, weights);
+          macs = gemm::RunConv(context, plan, weights, x.GetTensorData<float>(), N, y.GetTensorMutableData<float>(), ep);
+        }
       }
       if (ctx.GetOutputCount() > 1) {
         auto m = ctx.GetOutput(1, std::vector<int64_t>{});
@@ -64,7 +90,7 @@ struct ConvReluKernel {
 }  // namespace
 
 const OrtCustomOp* ConvReluOp() {
-  static ConvOpDef<ConvReluKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}});
+  static ConvOpDef<ConvReluKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, true}});
   return &op;
 }
 

@@ -886,13 +886,49 @@ void ComputeDirect(const ConvPlan& plan, const ConvWeights& w, const float* x_im
   }
 }
 
+// y = act(y + r) over n floats; act = ReLU when relu.
+inline void AddResidual(float* y, const float* r, int64_t n, bool relu) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  if (relu) {
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(y + i, _mm256_max_ps(_mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(r + i)), zero));
+    for (; i < n; ++i) y[i] = std::max(y[i] + r[i], 0.f);
+  } else {
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(r + i)));
+    for (; i < n; ++i) y[i] += r[i];
+  }
+}
+
 void ComputeTileImpl(const ConvPlan& plan, const ConvWeights& w, const float* x_image, float* y_image, int64_t grp,
                      const int32_t* rows, int64_t nrows, const Cols& cols, Epilogue ep) {
   if (nrows <= 0 || cols.n <= 0) return;
+  // A residual is added in a second pass over the tile while it is still in cache: the micro-kernels'
+  // stores stay the same for every op, and the pass costs one load per output (no MACs).
+  const float* res = ep.residual;
+  Epilogue inner = ep;
+  inner.residual = nullptr;
+  if (res) inner.relu = false;
   if (!cols.list && plan.UseDirect(nrows))
-    ComputeDirect(plan, w, x_image, y_image, grp, rows, nrows, cols.p0, cols.p0 + cols.n, ep);
+    ComputeDirect(plan, w, x_image, y_image, grp, rows, nrows, cols.p0, cols.p0 + cols.n, inner);
   else
-    ComputePacked(plan, w, x_image, y_image, grp, rows, nrows, cols, ep);
+    ComputePacked(plan, w, x_image, y_image, grp, rows, nrows, cols, inner);
+  if (!res) return;
+  const int64_t P = plan.g.P();
+  for (int64_t i = 0; i < nrows; ++i) {
+    float* yr = y_image + rows[i] * P;
+    const float* rr = res + rows[i] * P;
+    if (cols.list) {
+      for (int64_t j = 0; j < cols.n; ++j) {
+        const int64_t p = cols.list[j];
+        const float v = yr[p] + rr[p];
+        yr[p] = ep.relu ? std::max(v, 0.f) : v;
+      }
+    } else {
+      AddResidual(yr + cols.p0, rr + cols.p0, cols.n, ep.relu);
+    }
+  }
 }
 
 }  // namespace
@@ -1029,13 +1065,26 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvPlan& plan, const ConvWeights& 
     const RowSet& rs = sets[ng];
     const int64_t p0 = cb * cwidth, p1 = std::min(P, p0 + cwidth);
     float* y = Y + n * img_out;
+    Epilogue epn = ep;
+    if (ep.residual) epn.residual = ep.residual + n * img_out;
     if (r == 0 && !others.empty()) {
-      for (int32_t k : others[ng]) StreamZeroFloats(y + k * P + p0, p1 - p0);
-      _mm_sfence();
+      if (epn.residual) {  // a skipped channel's output is act(residual): its conv term counts as 0
+        for (int32_t k : others[ng]) {
+          const float* rr = epn.residual + k * P;
+          float* yr = y + k * P;
+          if (ep.relu)
+            for (int64_t p = p0; p < p1; ++p) yr[p] = std::max(rr[p], 0.f);
+          else
+            CopyFloats(yr + p0, rr + p0, p1 - p0);
+        }
+      } else {
+        for (int32_t k : others[ng]) StreamZeroFloats(y + k * P + p0, p1 - p0);
+        _mm_sfence();
+      }
     }
     const int64_t r0 = r * rblock, r1 = std::min(rs.count, r0 + rblock);
     if (r0 >= r1) return;
-    if (!ComputeTile(plan, w, X + n * img_in, y, grp, rs.rows + r0, r1 - r0, p0, p1, ep))
+    if (!ComputeTile(plan, w, X + n * img_in, y, grp, rs.rows + r0, r1 - r0, p0, p1, epn))
       failed.store(true, std::memory_order_relaxed);
   });
   if (failed.load()) throw std::bad_alloc();

@@ -1,4 +1,7 @@
-// gemm.h: the packed SGEMM core every onnxzero convolution is built on (AVX2/FMA).
+// gemm.h: the packed SGEMM core of onnxzero's convolutions (AVX2/FMA). ConvRelu and LazyConv run on
+// MLAS's direct-convolution kernels instead where those serve the shape (nchwc.h); this core serves
+// the rest (grouped convs, K % 8 != 0, LazyConv's filter subsets on maps under 32 pixels) and the
+// ops that compute arbitrary rows x columns subsets (spatial, early exit, sparse).
 //
 // A 2-D convolution of one image in one group is the GEMM
 //     Y[k, p] = act( bias[k] + sum_{q < CRS} W[k, q] * col(q, p) )
@@ -96,6 +99,9 @@ class ConvWeights {
 struct Epilogue {
   bool bias = true;  // add ConvWeights::Bias()[k]
   bool relu = true;  // max(., 0)
+  // Residual sites: a tensor added after the reduction, before the ReLU (nullptr: none). ComputeTile /
+  // ComputeTileCols take that image's (K, OH*OW) tensor, RunConv the batch's (N, K, OH, OW) one.
+  const float* residual = nullptr;
 };
 
 // Per-run plan: blocking for one input geometry. Cheap to build; build it once per Run (after
@@ -138,7 +144,8 @@ struct RowSet {
 
 // The whole batch X (N, C, H, W) -> Y (N, K, OH, OW) on the session's pool, tiles over
 // (image, group, row block, column block). select(user, n, grp) -> RowSet chooses the rows (select
-// nullptr: all). Rows not selected are zeroed when zero_unselected, else left untouched.
+// nullptr: all). Rows not selected are zeroed when zero_unselected (with ep.residual: set to
+// ReLU(residual), the output of a skipped conv term), else left untouched.
 // Returns the MACs performed (sum of selected rows x OH*OW x CRS). Throws (after the parallel
 // region) on allocation failure. X and Y must not alias.
 using RowSelectFn = RowSet (*)(const void* user, int64_t n, int64_t grp);

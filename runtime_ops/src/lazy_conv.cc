@@ -1,4 +1,7 @@
-// LazyConv: lazy evaluation of convolutional filters (Leroux et al.), on the packed GEMM core.
+// LazyConv: lazy evaluation of convolutional filters (Leroux et al.). Runs on MLAS's direct-convolution
+// kernels (nchwc.h: the selected filters gathered into blocks per image, the input strengths measured
+// in the NCHWc reorder) where they serve the shape, else on the packed GEMM core (selected rows).
+// OZ_DENSE=gemm (read once) forces the GEMM core.
 //
 // Per sample n: s_prev[c] = sum_{h,w} |x[n,c,h,w]| (the input's activation strengths),
 // s = s_prev . pred_W + pred_b (predicted output strengths, pred_W: (C, K), pred_b: (K,)),
@@ -7,17 +10,23 @@
 // top n_sel over all K and compute each group's chosen rows.
 //
 // Inputs: 0 X, 1 W (const), 2 B (optional const), 3 pred_W (C, K) float const, 4 pred_b (K,) float
-// const, 5 ratio (optional runtime float scalar in (0, 1]; absent: attribute `ratio`, default 1).
+// const, 5 ratio (optional runtime float scalar in (0, 1]; absent: attribute `ratio`, default 1),
+// 6 other (optional runtime (N, K, OH, OW)): a residual site. Then the strengths of the SUM are
+// predicted from the input's and other's per-channel strengths, pred_W is (C + K, K) (rows C.. weigh
+// other's strengths), computed channels are ReLU(conv + B + other) and skipped ones ReLU(other).
 // Outputs: 0 Y, 1 macs (optional int64 scalar) = N * n_sel * OH*OW * (C/group)*KH*KW.
 // n_sel = max(1, ceil(ratio * K - 1e-4)) (the tolerance forgives float32 rounding: 0.3 of 10 is 3).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <numeric>
+#include <string>
 
 #include "common.h"
 #include "gemm.h"
+#include "nchwc.h"
 #include "op_def.h"
 #include "ops.h"
 
@@ -70,9 +79,11 @@ gemm::RowSet Selection::Get(const void* user, int64_t n, int64_t grp) {
 struct LazyConvKernel {
   ConvAttrs attrs;
   std::vector<int64_t> w_shape;
-  gemm::ConvWeights weights;
-  std::vector<float> pred_w, pred_b;  // (C, K), (K,)
+  gemm::ConvWeights weights;  // the GEMM core's copy
+  nchwc::Filters filters;     // MLAS's direct convolution, selected filters gathered per image
+  std::vector<float> pred_w, pred_b;  // (C [+ K], K), (K,)
   float ratio_attr = 1.f;
+  bool has_other = false;  // the node has input 6 `other`: pred_W has C + K rows
 
   explicit LazyConvKernel(const OrtKernelInfo* info) {
     attrs = ReadConvAttrs(info, kOp);
@@ -94,21 +105,30 @@ struct LazyConvKernel {
       if (b.shape.size() != 1 || b.shape[0] != K)
         Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
     }
+    has_other = ki.GetInputCount() > 6 && !ki.GetInputName(6).empty();
+    const int64_t rows = has_other ? C + K : C;
     ConstTensor pw = RequireConstInput(info, 3, kOp, "pred_W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-    if (pw.shape.size() != 2 || pw.shape[0] != C || pw.shape[1] != K)
-      Fail(kOp, Msg("input 'pred_W' has shape ", ShapeStr(pw.shape), ", expected (", C, ", ", K,
-                    ") (input channels x filters)"));
+    if (pw.shape.size() != 2 || pw.shape[0] != rows || pw.shape[1] != K)
+      Fail(kOp, Msg("input 'pred_W' has shape ", ShapeStr(pw.shape), ", expected (", rows, ", ", K,
+                    has_other ? ") (input channels + other's channels x filters)" : ") (input channels x filters)"));
     ConstTensor pb = RequireConstInput(info, 4, kOp, "pred_b", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     if (pb.shape.size() != 1 || pb.shape[0] != K)
       Fail(kOp, Msg("input 'pred_b' has shape ", ShapeStr(pb.shape), ", expected (", K, ",)"));
-    pred_w.assign(pw.as<float>(), pw.as<float>() + C * K);
+    pred_w.assign(pw.as<float>(), pw.as<float>() + rows * K);
     pred_b.assign(pb.as<float>(), pb.as<float>() + K);
     for (float v : pred_w)
       if (!std::isfinite(v)) Fail(kOp, "input 'pred_W' has a non-finite value, expected finite floats");
     for (float v : pred_b)
       if (!std::isfinite(v)) Fail(kOp, "input 'pred_b' has a non-finite value, expected finite floats");
-    weights = gemm::ConvWeights(w.as<float>(), has_bias ? b.as<float>() : nullptr, K, w.shape[1], w.shape[2],
-                                w.shape[3], attrs.group);
+    const float* bias = has_bias ? b.as<float>() : nullptr;
+    static const bool force_gemm = [] {
+      const char* e = std::getenv("OZ_DENSE");
+      return e != nullptr && std::string(e) == "gemm";
+    }();
+    if (!force_gemm)
+      filters = nchwc::Filters(w.as<float>(), bias, K, C, w.shape[2], w.shape[3], attrs.group, /*gatherable=*/true);
+    // The GEMM core is kept beside nchwc: on small maps it runs filter subsets faster (see UseNchwc).
+    weights = gemm::ConvWeights(w.as<float>(), bias, K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
   }
 
   // s = pred_b + sprev . pred_W in double, 16 filters at a time held in registers while the
@@ -136,6 +156,46 @@ struct LazyConvKernel {
     for (int64_t k = 0; k < K; ++k) s[k] += pred_b[k];
   }
 
+  // Per image, the top nsel filters by predicted strength (ascending ids, images concatenated), from
+  // the input's strengths sx (N, C) and, at a residual site, other's (measured here).
+  std::vector<int32_t> Choose(OrtKernelContext* context, const double* sx, const float* other, int64_t N, int64_t C,
+                              int64_t K, int64_t P, int64_t nsel) const {
+    const int64_t Ko = other ? K : 0, R = C + Ko;
+    std::vector<double> sprev(static_cast<size_t>(N * R));
+    for (int64_t n = 0; n < N; ++n) std::copy(sx + n * C, sx + (n + 1) * C, sprev.begin() + n * R);
+    if (other) {
+      const int64_t chunk = std::max<int64_t>(1, (N * K + 7) / 8);
+      ParallelFor(context, static_cast<size_t>((N * K + chunk - 1) / chunk), [&](size_t t) {
+        const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * K, i0 + chunk);
+        for (int64_t i = i0; i < i1; ++i) sprev[(i / K) * R + C + i % K] = AbsSum(other + i * P, P);
+      });
+    }
+    std::vector<int32_t> out;
+    out.reserve(static_cast<size_t>(N * nsel));
+    std::vector<double> s(static_cast<size_t>(K));
+    std::vector<int32_t> idx(static_cast<size_t>(K));
+    for (int64_t n = 0; n < N; ++n) {
+      Predict(sprev.data() + n * R, R, K, s.data());
+      for (auto& v : s)
+        if (std::isnan(v)) v = -INFINITY;  // NaN strengths rank last (strict weak order kept)
+      std::iota(idx.begin(), idx.end(), 0);
+      auto better = [&](int32_t a, int32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
+      std::nth_element(idx.begin(), idx.begin() + (nsel - 1), idx.end(), better);
+      std::sort(idx.begin(), idx.begin() + nsel);
+      out.insert(out.end(), idx.begin(), idx.begin() + nsel);
+    }
+    return out;
+  }
+
+  // Gathering the selected filters costs a pass over their weights per image (about 3x the bytes the
+  // GEMM core reads in place), worth it only where each weight does enough work: measured on the
+  // ResNet-18/MNIST layers at ratio 0.5 / 0.25 (docs/design-kernels.md), nchwc wins from 7x7 maps
+  // (P = 49) on and loses on 4x4 ones (P = 16). Dense runs always take nchwc (no gather).
+  bool UseNchwc(int64_t nsel, int64_t K, int64_t P) const {
+    constexpr int64_t kMinPixelsForGather = 32;
+    return filters.ok() && (nsel >= K || P >= kMinPixelsForGather);
+  }
+
   float Ratio(Ort::KernelContext& ctx) const {
     if (ctx.GetInputCount() <= 5) return ratio_attr;
     Ort::ConstValue r = ctx.GetInput(5);
@@ -160,45 +220,55 @@ struct LazyConvKernel {
       auto xs = xinfo.GetShape();
       const ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
       const float ratio = Ratio(ctx);
-      const int64_t N = xs[0], K = g.K, C = g.C, G = g.G, Kg = g.Kg(), HW = g.H * g.W;
-      auto y = ctx.GetOutput(0, {N, K, g.OH, g.OW});
+      const int64_t N = xs[0], K = g.K, C = g.C, G = g.G, Kg = g.Kg(), HW = g.H * g.W, P = g.P();
+      const std::vector<int64_t> yshape{N, K, g.OH, g.OW};
+      gemm::Epilogue ep;
+      ep.residual = OtherInput(ctx, 6, yshape, kOp);
+      if (has_other && !ep.residual)  // unreachable through onnxruntime (a named input is always fed)
+        Fail(kOp, "input 'other' is absent, expected a tensor (the node names it and pred_W has its rows)");
+      auto y = ctx.GetOutput(0, yshape);
       int64_t macs = 0;
       if (N > 0 && g.P() > 0) {
         const float* X = x.GetTensorData<float>();
+        float* Y = y.GetTensorMutableData<float>();
         const int64_t nsel = FiltersComputed(ratio, K);
-        Selection sel;
-        sel.G = G;
-        if (nsel < K) {
-          // s_prev (N, C) on the pool, then predictions and top-n per sample.
-          std::vector<double> sprev(static_cast<size_t>(N * C));
-          const int64_t chunk = std::max<int64_t>(1, (N * C + 7) / 8);
-          const int64_t ntask = (N * C + chunk - 1) / chunk;
-          ParallelFor(context, static_cast<size_t>(ntask), [&](size_t t) {
-            const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * C, i0 + chunk);
-            for (int64_t i = i0; i < i1; ++i) sprev[i] = AbsSum(X + i * HW, HW);
-          });
-          sel.start.assign(static_cast<size_t>(N * G + 1), 0);
-          sel.rows.reserve(static_cast<size_t>(N * nsel));
-          std::vector<double> s(static_cast<size_t>(K));
-          std::vector<int32_t> idx(static_cast<size_t>(K));
-          for (int64_t n = 0; n < N; ++n) {
-            Predict(sprev.data() + n * C, C, K, s.data());
-            for (auto& v : s)
-              if (std::isnan(v)) v = -INFINITY;  // NaN strengths rank last (strict weak order kept)
-            std::iota(idx.begin(), idx.end(), 0);
-            auto better = [&](int32_t a, int32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
-            std::nth_element(idx.begin(), idx.begin() + (nsel - 1), idx.end(), better);
-            std::sort(idx.begin(), idx.begin() + nsel);  // ascending ids: groups are contiguous runs
-            int64_t j = 0;
-            for (int64_t grp = 0; grp < G; ++grp) {
-              while (j < nsel && idx[j] < (grp + 1) * Kg) sel.rows.push_back(idx[j++]);
-              sel.start[n * G + grp + 1] = static_cast<int64_t>(sel.rows.size());
+        if (UseNchwc(nsel, K, P)) {
+          // MLAS's direct convolution; the input strengths come out of its NCHWc reorder.
+          nchwc::RunOptions opt;
+          opt.residual = ep.residual;
+          opt.nsel = nsel < K ? nsel : -1;
+          std::vector<int32_t> chosen;
+          opt.select = [&](const double* sx) -> const int32_t* {
+            chosen = Choose(context, sx, ep.residual, N, C, K, P, nsel);
+            return chosen.data();
+          };
+          macs = nchwc::RunConv(context, g, filters, X, N, Y, opt);
+        } else {
+          Selection sel;
+          sel.G = G;
+          if (nsel < K) {
+            std::vector<double> sx(static_cast<size_t>(N * C));
+            const int64_t chunk = std::max<int64_t>(1, (N * C + 7) / 8);
+            ParallelFor(context, static_cast<size_t>((N * C + chunk - 1) / chunk), [&](size_t t) {
+              const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * C, i0 + chunk);
+              for (int64_t i = i0; i < i1; ++i) sx[i] = AbsSum(X + i * HW, HW);
+            });
+            const std::vector<int32_t> chosen = Choose(context, sx.data(), ep.residual, N, C, K, P, nsel);
+            sel.start.assign(static_cast<size_t>(N * G + 1), 0);
+            sel.rows.reserve(static_cast<size_t>(N * nsel));
+            for (int64_t n = 0; n < N; ++n) {
+              int64_t j = 0;
+              const int32_t* idx = chosen.data() + n * nsel;  // ascending: groups are contiguous runs
+              for (int64_t grp = 0; grp < G; ++grp) {
+                while (j < nsel && idx[j] < (grp + 1) * Kg) sel.rows.push_back(idx[j++]);
+                sel.start[n * G + grp + 1] = static_cast<int64_t>(sel.rows.size());
+              }
             }
           }
+          gemm::ConvPlan plan(g, weights);
+          macs = gemm::RunConv(context, plan, weights, X, N, Y, ep, nsel < K ? &Selection::Get : nullptr, &sel,
+                               /*zero_unselected=*/true);
         }
-        gemm::ConvPlan plan(g, weights);
-        macs = gemm::RunConv(context, plan, weights, X, N, y.GetTensorMutableData<float>(), gemm::Epilogue{},
-                             nsel < K ? &Selection::Get : nullptr, &sel, /*zero_unselected=*/true);
       }
       if (ctx.GetOutputCount() > 1) {
         auto m = ctx.GetOutput(1, std::vector<int64_t>{});
@@ -211,7 +281,7 @@ struct LazyConvKernel {
 }  // namespace
 
 const OrtCustomOp* LazyConvOp() {
-  static ConvOpDef<LazyConvKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, false}, {kFloat, false}, {kFloat, true}});
+  static ConvOpDef<LazyConvKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, true}});
   return &op;
 }
 

@@ -1,4 +1,4 @@
-// SpatialConv: Conv(+bias)+ReLU with spatial zero prediction. onnxzero/ops/spatial.py defines and
+// SpatialConv: Conv(+bias)(+other)+ReLU with spatial zero prediction. onnxzero/ops/spatial.py defines and
 // documents the semantics (its `reference` is what the tests compare against).
 //
 // Per run:
@@ -154,6 +154,7 @@ struct Shared {  // one run, read-only for all tasks
   bool merged = false;         // row-merged layout (MergeRow), always task-local
   const float* X = nullptr;
   float* Y = nullptr;
+  const float* O = nullptr;  // optional residual input, (N, K, OH, OW) like Y
   const float* wpk = nullptr;
   int64_t wrow = 0;
   const float* bias = nullptr;
@@ -170,6 +171,7 @@ struct Shared {  // one run, read-only for all tasks
 struct Scratch {
   std::vector<const float*> x;
   std::vector<float*> y;
+  std::vector<const float*> o;  // residual rows of the channel list (when there is a residual)
   std::vector<int32_t> k, k2;
   std::vector<int64_t> ycol;
   std::vector<uint32_t> code;
@@ -192,6 +194,7 @@ class Task {
     f0_ = fb * s.FB;
     f1_ = std::min(Kg, f0_ + s.FB);
     yimg_ = s.Y + n * g_.K * g_.P();
+    if (s.O) oimg_ = s.O + n * g_.K * g_.P();
     if (s.direct) {  // 1x1, no padding: pixels read straight from NCHW X (L.xstep = H*W)
       xcl_ = s.X + (n * g_.C + grp * g_.Cg()) * g_.H * g_.W;
       return;
@@ -418,10 +421,12 @@ class Task {
     sc_.k.resize(nf);
     sc_.k2.resize(nf);
     sc_.y.resize(nf);
+    sc_.o.resize(oimg_ ? nf : 0);
     for (int64_t i = 0; i < nf; ++i) {
       const int64_t k = Global(idx ? idx[i] : i);
       sc_.k[i] = static_cast<int32_t>(k);
       sc_.y[i] = yimg_ + k * g_.P();
+      if (oimg_) sc_.o[i] = oimg_ + k * g_.P();
     }
   }
 
@@ -430,6 +435,7 @@ class Task {
     PanelJob job;
     job.wpan = s_.wpan + (grp_ * s_.npg + f0_ / 16) * s_.L.nseg * s_.L.len * 16;
     job.y = sc_.y.data();
+    job.o = oimg_ ? sc_.o.data() : nullptr;
     job.bias = s_.bias16 + (grp_ * s_.npg + f0_ / 16) * 16;
     job.nf = Channels();
     job.x = sc_.x.data();
@@ -451,6 +457,7 @@ class Task {
     job.y0 = yimg_;
     job.ystride = g_.P();
     job.bias = s_.bias;
+    job.o0 = oimg_;
     job.x = xs.data();
     job.ycol = cols.data();
     job.np = static_cast<int64_t>(xs.size());
@@ -530,6 +537,7 @@ class Task {
   const float* xsrc_ = nullptr;  // this image/group's NCHW planes (local copies)
   const float* xcl_ = nullptr;
   float* yimg_ = nullptr;
+  const float* oimg_ = nullptr;  // this image's residual planes, or null
 };
 
 struct SpatialConvKernel {
@@ -672,18 +680,31 @@ struct SpatialConvKernel {
     for (int64_t i = 0; i < mnum && !(any0 && any1); ++i) (mdata[i] ? any1 : any0) = true;
     const bool dense = !(any0 && any1);  // all ones, or all zeros (nothing selected: no prediction)
 
+    // ---- optional residual: ReLU(conv + B + other)
+    const float* O = nullptr;
+    if (ctx.GetInputCount() > 4) {
+      Ort::ConstValue ov = ctx.GetInput(4);
+      if (ov) {
+        const auto os = ov.GetTensorTypeAndShapeInfo().GetShape();
+        if (os != std::vector<int64_t>{N, g.K, g.OH, g.OW})
+          Fail(kOp, Msg("input 'other' has shape ", ShapeStr(os), ", expected (N, K, OH, OW)=(", N, ", ", g.K, ", ",
+                        g.OH, ", ", g.OW, ")"));
+        O = ov.GetTensorData<float>();
+      }
+    }
+
     auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
     float* Y = y.GetTensorMutableData<float>();
     int64_t elems = 0;
-    if (N > 0) elems = Run(context, g, N, x.GetTensorData<float>(), Y, form, mdata, dense);
+    if (N > 0) elems = Run(context, g, N, x.GetTensorData<float>(), O, Y, form, mdata, dense);
     if (ctx.GetOutputCount() > 1) {
       auto mo = ctx.GetOutput(1, std::vector<int64_t>{});
       *mo.GetTensorMutableData<int64_t>() = elems * g.CRS();
     }
   }
 
-  int64_t Run(OrtKernelContext* context, const ConvGeom& g, int64_t N, const float* X, float* Y, MaskForm form,
-              const uint8_t* mdata, bool dense) const {
+  int64_t Run(OrtKernelContext* context, const ConvGeom& g, int64_t N, const float* X, const float* O, float* Y,
+              MaskForm form, const uint8_t* mdata, bool dense) const {
     Shared s;
     s.g = &g;
     s.p = p;
@@ -720,6 +741,7 @@ struct SpatialConvKernel {
                        : ((q / p) * g.SH * s.Wp + (q % p) * g.SW) * g.Cg();
     }
     s.Y = Y;
+    s.O = O;
 
     // 1. task layout: (image, group, channel block, chunk of output rows / patch rows)
     const int64_t Kg = g.Kg();
@@ -799,7 +821,9 @@ struct SpatialConvKernel {
 }  // namespace
 
 const OrtCustomOp* SpatialConvOp() {
-  static ConvOpDef<SpatialConvKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false}});
+  // X, W, B (optional), mask, other (optional residual, last)
+  static ConvOpDef<SpatialConvKernel> op(
+      kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false}, {kFloat, true}});
   return &op;
 }
 

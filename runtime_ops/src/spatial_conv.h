@@ -11,9 +11,9 @@
 //   * NCHW itself for a dense 1x1 without padding (panel kernel only, xstep = H*W).
 //   * W rows: the same segments, each zero-padded to lpad (multiple of 8) floats, for the dot kernel;
 //     W panels: 16 channels interleaved per reduction element, unpadded, for the panel kernel.
-//     The dot kernel's padded reads run up to 7 floats past a segment (inside the buffer, which has
-//     16 zero floats of slack) and multiply them by 0. Caveat: an Inf/NaN in X can therefore also
-//     reach a neighbouring output (0 * Inf = NaN) where plain Conv would keep it finite.
+//     The dot kernel's last chunk of a segment is loaded from X with a lane mask: the floats past the
+//     segment belong to the next pixel, and an Inf/NaN there times a zero weight would be NaN in an
+//     output that plain Conv keeps finite.
 //
 // Kernels:
 //   * DotTile: MF channels x MP pixels (MF*MP <= 12 ymm accumulators, a second set for small tiles),
@@ -21,7 +21,8 @@
 //     channels x remaining pixels) and phase 1 of per-filter / full masks.
 //   * PanelTile: 6 pixels broadcast x 16 channels of one panel (12 accumulators, no reduction): dense
 //     tiles and phase 1 of layer-wide masks.
-// Both write max(sum + bias, 0) and can OR per-(patch, channel) "alive" flags (output > 0).
+// Both write max(sum + bias + other, 0) (other: the optional residual input, same layout as the output;
+// NaN stays NaN, like onnxruntime's Relu) and can OR per-(patch, channel) "alive" flags (output > 0).
 #pragma once
 
 #include <cstddef>
@@ -50,6 +51,7 @@ struct DotJob {
   float* y0 = nullptr;
   int64_t ystride = 0;
   const float* bias = nullptr;
+  const float* o0 = nullptr;        // optional residual: channel k's row at o0 + k*ystride
   const float* const* x = nullptr;  // np pixel bases in Xcl
   const int64_t* ycol = nullptr;    // np output column offsets
   int64_t np = 0;
@@ -65,6 +67,7 @@ struct DotJob {
 struct PanelJob {
   const float* wpan = nullptr;      // ceil(nf/16) panels of nseg*len*16 floats
   float* const* y = nullptr;        // nf output rows
+  const float* const* o = nullptr;  // optional: nf residual rows (same columns as y)
   const float* bias = nullptr;      // ceil(nf/16)*16 biases (zero padded)
   int64_t nf = 0;
   const float* const* x = nullptr;

@@ -20,7 +20,9 @@ inline __m128 HSum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1));
 }
 
-template <int MF, int MP>
+// TAIL: segments end in a partial chunk (len % 8 != 0). A separate instantiation keeps the lane mask
+// out of the common case, where 12 accumulators + 3 pixels + 1 weight already use all 16 registers.
+template <int MF, int MP, bool TAIL>
 void DotTile(const DotJob& job, const int32_t* ks, const float* const* x, const int64_t* ycol, uint8_t* flags,
              const int64_t* fcol, const SegLayout& L) noexcept {
   constexpr int NA = MF * MP;
@@ -33,10 +35,21 @@ void DotTile(const DotJob& job, const int32_t* ks, const float* const* x, const 
   for (int f = 0; f < MF; ++f) wp[f] = job.w0 + ks[f] * job.wrow;
   const int64_t lpad = L.lpad, nseg = L.nseg;
 
-  auto step = [&](int u, const float* const* xp, const float* const* wq, int64_t i) __attribute__((always_inline)) {
+  // X loads of the segment's last chunk are masked to the real floats (see spatial_conv.h: what lies
+  // past a segment is the next pixel, and 0 * Inf there would be NaN here)
+  const int64_t len = L.len, lfull = TAIL ? len / 8 * 8 : lpad;
+  const __m256i tail = TAIL ? _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(len - lfull)),
+                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+                            : _mm256_setzero_si256();
+  auto step = [&](int u, const float* const* xp, const float* const* wq, int64_t i, auto masked)
+      __attribute__((always_inline)) {
+    auto ldx = [&](const float* q) __attribute__((always_inline)) {
+      if constexpr (decltype(masked)::value) return _mm256_maskload_ps(q, tail);
+      else return _mm256_loadu_ps(q);
+    };
     if constexpr (MP <= MF) {
       __m256 xv[MP];
-      for (int j = 0; j < MP; ++j) xv[j] = _mm256_loadu_ps(xp[j] + i);
+      for (int j = 0; j < MP; ++j) xv[j] = ldx(xp[j] + i);
       for (int f = 0; f < MF; ++f) {
         const __m256 wv = _mm256_loadu_ps(wq[f] + i);
         for (int j = 0; j < MP; ++j) acc[u][f][j] = _mm256_fmadd_ps(wv, xv[j], acc[u][f][j]);
@@ -45,11 +58,13 @@ void DotTile(const DotJob& job, const int32_t* ks, const float* const* x, const 
       __m256 wv[MF];
       for (int f = 0; f < MF; ++f) wv[f] = _mm256_loadu_ps(wq[f] + i);
       for (int j = 0; j < MP; ++j) {
-        const __m256 xv = _mm256_loadu_ps(xp[j] + i);
+        const __m256 xv = ldx(xp[j] + i);
         for (int f = 0; f < MF; ++f) acc[u][f][j] = _mm256_fmadd_ps(wv[f], xv, acc[u][f][j]);
       }
     }
   };
+  constexpr std::false_type kFull{};
+  constexpr std::true_type kTail{};
 
   for (int64_t s = 0; s < nseg; ++s) {
     const float* xp[MP];
@@ -57,12 +72,13 @@ void DotTile(const DotJob& job, const int32_t* ks, const float* const* x, const 
     for (int j = 0; j < MP; ++j) xp[j] = x[j] + o;
     int64_t i = 0;
     if constexpr (U == 2) {
-      for (; i + 16 <= lpad; i += 16) {
-        step(0, xp, wp, i);
-        step(1, xp, wp, i + 8);
+      for (; i + 16 <= lfull; i += 16) {
+        step(0, xp, wp, i, kFull);
+        step(1, xp, wp, i + 8, kFull);
       }
     }
-    for (; i < lpad; i += 8) step(0, xp, wp, i);
+    for (; i < lfull; i += 8) step(0, xp, wp, i, kFull);
+    if constexpr (TAIL) step(0, xp, wp, lfull, kTail);
     for (int f = 0; f < MF; ++f) wp[f] += lpad;
   }
 
@@ -76,16 +92,22 @@ void DotTile(const DotJob& job, const int32_t* ks, const float* const* x, const 
   for (int q = NA; q < (NA + 3) / 4 * 4; ++q) flat[q] = _mm256_setzero_ps();
   alignas(16) float sums[(NA + 3) / 4 * 4];
   for (int q = 0; q < NA; q += 4) _mm_store_ps(sums + q, HSum4(flat[q], flat[q + 1], flat[q + 2], flat[q + 3]));
-  float bias[MF];
+  // sum + bias (+ residual), then ReLU; NaN stays NaN (std::max keeps its first argument)
   for (int f = 0; f < MF; ++f) {
+    const float b = job.bias[ks[f]];
+    const float* orow = job.o0 ? job.o0 + ks[f] * job.ystride : nullptr;
     float* yr = job.y0 + ks[f] * job.ystride;
-    const float b = bias[f] = job.bias[ks[f]];
-    for (int j = 0; j < MP; ++j) yr[ycol[j]] = std::max(sums[f * MP + j] + b, 0.f);
+    for (int j = 0; j < MP; ++j) {
+      float v = sums[f * MP + j] + b;
+      if (orow) v += orow[ycol[j]];
+      sums[f * MP + j] = v;
+      yr[ycol[j]] = std::max(v, 0.f);
+    }
   }
   if (flags) {
     for (int j = 0; j < MP; ++j) {
       uint8_t* fl = flags + fcol[j];
-      for (int f = 0; f < MF; ++f) fl[f] |= static_cast<uint8_t>(sums[f * MP + j] + bias[f] > 0.f);
+      for (int f = 0; f < MF; ++f) fl[f] |= static_cast<uint8_t>(sums[f * MP + j] > 0.f);
     }
   }
 }
@@ -96,12 +118,12 @@ using TileFn = void (*)(const DotJob&, const int32_t*, const float* const*, cons
 constexpr int kMaxMP = 6;
 constexpr int kMaxMF[kMaxMP + 1] = {0, 8, 6, 4, 3, 2, 2};
 
-template <int MP>
+template <int MP, bool TAIL>
 constexpr std::array<TileFn, 9> MakeRow() {
   std::array<TileFn, 9> r{};
   auto one = [&](auto mf_c) {
     constexpr int MF = decltype(mf_c)::value;
-    if constexpr (MF <= kMaxMF[MP]) r[MF] = &DotTile<MF, MP>;
+    if constexpr (MF <= kMaxMF[MP]) r[MF] = &DotTile<MF, MP, TAIL>;
   };
   one(std::integral_constant<int, 1>{});
   one(std::integral_constant<int, 2>{});
@@ -115,8 +137,10 @@ constexpr std::array<TileFn, 9> MakeRow() {
 }
 
 using TileTable = std::array<std::array<TileFn, 9>, kMaxMP + 1>;
-const TileTable kTilesAny = {
-    {std::array<TileFn, 9>{}, MakeRow<1>(), MakeRow<2>(), MakeRow<3>(), MakeRow<4>(), MakeRow<5>(), MakeRow<6>()}};
+const TileTable kTilesFull = {{std::array<TileFn, 9>{}, MakeRow<1, false>(), MakeRow<2, false>(), MakeRow<3, false>(),
+                               MakeRow<4, false>(), MakeRow<5, false>(), MakeRow<6, false>()}};
+const TileTable kTilesTail = {{std::array<TileFn, 9>{}, MakeRow<1, true>(), MakeRow<2, true>(), MakeRow<3, true>(),
+                               MakeRow<4, true>(), MakeRow<5, true>(), MakeRow<6, true>()}};
 
 
 // Pixel chunks: 3 at a time; a remainder of 1 (when there are >= 4) becomes 2 + 2.
@@ -131,7 +155,7 @@ inline int64_t ChunkAt(int64_t j0, int64_t np) {
 
 void DotBlock(const DotJob& job, const SegLayout& L, bool filters_outer) noexcept {
   if (job.nf <= 0 || job.np <= 0) return;
-  const TileTable& kTiles = kTilesAny;
+  const TileTable& kTiles = L.len % 8 ? kTilesTail : kTilesFull;
   if (filters_outer) {
     constexpr int64_t MF = 4;
     for (int64_t f0 = 0; f0 < job.nf; f0 += MF) {
@@ -162,7 +186,7 @@ namespace {
 // MP pixels x 16 channels: 2*MP ymm accumulators, W panel rows loaded, pixels broadcast.
 template <int MP>
 void PanelTile(const float* wp, const float* const* x, const SegLayout& L, const float* bias, float* const* y,
-               int nvalid, const int64_t* ycol, uint8_t* flags, const int64_t* fcol) noexcept {
+               const float* const* o, int nvalid, const int64_t* ycol, uint8_t* flags, const int64_t* fcol) noexcept {
   __m256 acc[MP][2];
   const __m256 b0 = _mm256_loadu_ps(bias), b1 = _mm256_loadu_ps(bias + 8);
   for (int j = 0; j < MP; ++j) {
@@ -186,10 +210,27 @@ void PanelTile(const float* wp, const float* const* x, const SegLayout& L, const
   }
   const __m256 zero = _mm256_setzero_ps();
   alignas(32) float out[MP][16];
+  if (o) {  // residual: added per output before the ReLU
+#pragma GCC unroll 8
+    for (int j = 0; j < MP; ++j) {
+      _mm256_store_ps(out[j], acc[j][0]);
+      _mm256_store_ps(out[j] + 8, acc[j][1]);
+    }
+    for (int f = 0; f < nvalid; ++f) {
+      const float* orow = o[f];
+      for (int j = 0; j < MP; ++j) out[j][f] += orow[ycol[j]];
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < MP; ++j) {
+      acc[j][0] = _mm256_load_ps(out[j]);
+      acc[j][1] = _mm256_load_ps(out[j] + 8);
+    }
+  }
+  // max(0, v) with v second: NaN propagates like onnxruntime's Relu
 #pragma GCC unroll 8
   for (int j = 0; j < MP; ++j) {
-    _mm256_store_ps(out[j], _mm256_max_ps(acc[j][0], zero));
-    _mm256_store_ps(out[j] + 8, _mm256_max_ps(acc[j][1], zero));
+    _mm256_store_ps(out[j], _mm256_max_ps(zero, acc[j][0]));
+    _mm256_store_ps(out[j] + 8, _mm256_max_ps(zero, acc[j][1]));
   }
   if (flags) {
     for (int j = 0; j < MP; ++j) {  // 16 channel flags: (v > 0) as bytes, OR-ed into flags[fcol[j] ...]
@@ -215,7 +256,8 @@ void PanelTile(const float* wp, const float* const* x, const SegLayout& L, const
   }
 }
 
-using PanelFn = void (*)(const float*, const float* const*, const SegLayout&, const float*, float* const*, int,
+using PanelFn = void (*)(const float*, const float* const*, const SegLayout&, const float*, float* const*,
+                         const float* const*, int,
                          const int64_t*, uint8_t*, const int64_t*) noexcept;
 const PanelFn kPanel[7] = {nullptr,        &PanelTile<1>, &PanelTile<2>, &PanelTile<3>,
                            &PanelTile<4>, &PanelTile<5>, &PanelTile<6>};
@@ -229,7 +271,7 @@ void PanelBlock(const PanelJob& job, const SegLayout& L) noexcept {
     const float* wp = job.wpan + (f0 / 16) * prow;
     for (int64_t j0 = 0; j0 < job.np; j0 += 6) {
       const int mp = static_cast<int>(std::min<int64_t>(6, job.np - j0));
-      kPanel[mp](wp, job.x + j0, L, job.bias + f0, job.y + f0, nvalid, job.ycol + j0,
+      kPanel[mp](wp, job.x + j0, L, job.bias + f0, job.y + f0, job.o ? job.o + f0 : nullptr, nvalid, job.ycol + j0,
                  job.flags ? job.flags + f0 : nullptr, job.fcol ? job.fcol + j0 : nullptr);
     }
   }

@@ -1,0 +1,525 @@
+// nchwc.cc: the driver for MLAS's direct-convolution kernels (see nchwc.h). The argument conventions
+// (byte strides, padding counts, the effective kernel height at the top/bottom edges, the kernel
+// flags) follow MLAS's own driver, lib/snchwc.cpp, of onnxruntime 1.21.
+#include "nchwc.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdlib>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+#include <string>
+#include <new>
+#include <thread>
+
+#ifdef ONNXZERO_HAVE_MLAS
+
+extern "C" {
+// lib/x86_64/SconvKernelFma3.S: one output row of up to 4 filter blocks (8 channels each).
+void MlasConvNchwcFloatKernelFma3(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                  size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
+                                  size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
+                                  size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
+                                  size_t OutputCount, size_t OutputCountRightPad, const float* Bias, unsigned KernelFlags);
+void MlasConvNchwcFloatKernelAvx512F(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                     size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
+                                     size_t OutputStride, size_t KernelHeight, size_t KernelWidth,
+                                     const float* InputBase, size_t InputWidth, size_t DilatedInputWidth,
+                                     size_t OutputCountLeftPad, size_t OutputCount, size_t OutputCountRightPad,
+                                     const float* Bias, unsigned KernelFlags);
+void MlasConvNchwFloatKernelAvx512F(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                    size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
+                                    size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
+                                    size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
+                                    size_t OutputCount, size_t OutputCountRightPad, const float* Bias,
+                                    unsigned KernelFlags);
+void MlasConvNchwFloatKernelFma3(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                 size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
+                                 size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
+                                 size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
+                                 size_t OutputCount, size_t OutputCountRightPad, const float* Bias, unsigned KernelFlags);
+}
+
+namespace oz {
+namespace nchwc {
+
+namespace {
+
+constexpr unsigned kAccumulate = 1, kAddBias = 2, kRelu = 4;  // MLAS_CONV_KERNEL_FLAG_*
+constexpr int64_t kFilterSet = 4;  // filter blocks per kernel call (the kernels' maximum)
+
+// Output positions along one dimension whose window starts in the left padding, lies inside, or
+// reaches into the right padding (MLAS's OutputCountLeftPad / OutputCount / OutputCountRightPad).
+struct Span {
+  size_t left = 0, mid = 0, right = 0;
+};
+Span PadCounts(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t dil, int64_t pad_left) {
+  const int64_t span = dil * (k - 1) + 1;
+  const int64_t with_left = in + pad_left >= span ? (in + pad_left - span) / stride + 1 : 0;
+  const int64_t left = std::min((pad_left + stride - 1) / stride, with_left);
+  return Span{static_cast<size_t>(left), static_cast<size_t>(with_left - left), static_cast<size_t>(out - with_left)};
+}
+
+inline void Transpose8x8(__m256 (&r)[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// 8 channel planes (plane stride `plane`) at pixels [p0, p1) -> blocked dst[(p - p0) * bs + c]
+// (bs: the block size; a 16-block is filled 8 channels at a time).
+// With abs (8 doubles): also the channels' sums of |x| over the pixels (the lazy strengths, for free
+// while the input passes through registers).
+template <bool ABS>
+void ToBlocked(const float* src, int64_t plane, int64_t p0, int64_t p1, float* dst, int64_t bs, double* abs) {
+  const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 acc[8];
+  for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+  int64_t p = p0;
+  for (; p + 8 <= p1; p += 8) {
+    __m256 r[8];
+    for (int c = 0; c < 8; ++c) {
+      r[c] = _mm256_loadu_ps(src + c * plane + p);
+      if constexpr (ABS) acc[c] = _mm256_add_ps(acc[c], _mm256_and_ps(mask, r[c]));
+    }
+    Transpose8x8(r);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (p - p0 + j) * bs, r[j]);
+  }
+  if constexpr (ABS) {
+    // 8 channels' lane sums at once: transpose, then add the 8 rows.
+    Transpose8x8(acc);
+    __m256 t = acc[0];
+    for (int j = 1; j < 8; ++j) t = _mm256_add_ps(t, acc[j]);
+    alignas(32) float v[8];
+    _mm256_store_ps(v, t);
+    for (int c = 0; c < 8; ++c) abs[c] = v[c];
+  }
+  for (; p < p1; ++p)
+    for (int c = 0; c < 8; ++c) {
+      const float x = src[c * plane + p];
+      dst[(p - p0) * bs + c] = x;
+      if constexpr (ABS) abs[c] += std::fabs(x);
+    }
+}
+
+// Blocked src[(p - p0) * bs + c] -> 8 channel planes dst[c] (nullptr: a padding lane, dropped) at
+// pixels [p0, p1), adding the residual planes res[c] and applying ReLU when asked.
+template <bool RES, bool RELU>
+void FromBlocked(const float* src, int64_t bs, int64_t p0, int64_t p1, float* const* dst, const float* const* res) {
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t p = p0;
+  for (; p + 8 <= p1; p += 8) {
+    __m256 r[8];
+    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + (p - p0 + j) * bs);
+    Transpose8x8(r);
+    for (int c = 0; c < 8; ++c) {
+      if (!dst[c]) continue;
+      __m256 v = r[c];
+      if constexpr (RES) v = _mm256_add_ps(v, _mm256_loadu_ps(res[c] + p));
+      if constexpr (RELU) v = _mm256_max_ps(v, zero);
+      _mm256_storeu_ps(dst[c] + p, v);
+    }
+  }
+  for (; p < p1; ++p)
+    for (int c = 0; c < 8; ++c) {
+      if (!dst[c]) continue;
+      float v = src[(p - p0) * bs + c];
+      if constexpr (RES) v += res[c][p];
+      if constexpr (RELU) v = std::max(v, 0.f);
+      dst[c][p] = v;
+    }
+}
+
+// Filter rows (R floats each; nullptr: zeros) -> one blocked filter block dst[r * bs + lane], 8 lanes.
+void GatherLanes(const float* const* rows, int64_t R, float* dst, int64_t bs) {
+  int64_t r = 0;
+  for (; r + 8 <= R; r += 8) {
+    __m256 v[8];
+    for (int o = 0; o < 8; ++o) v[o] = rows[o] ? _mm256_loadu_ps(rows[o] + r) : _mm256_setzero_ps();
+    Transpose8x8(v);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (r + j) * bs, v[j]);
+  }
+  for (; r < R; ++r)
+    for (int o = 0; o < 8; ++o) dst[r * bs + o] = rows[o] ? rows[o][r] : 0.f;
+}
+
+// Per calling thread, reused across runs: the blocked input and output of a run (tasks on the pool
+// get the pointers, so concurrent runs from different threads never share a buffer).
+struct Scratch {
+  gemm::AlignedFloats buf;
+  size_t cap = 0;
+  float* Floats(size_t n) {
+    if (n > cap) {
+      buf = gemm::AllocFloats(n);
+      cap = n;
+    }
+    return buf.get();
+  }
+};
+Scratch& TlsScratch() {
+  static thread_local Scratch s;
+  return s;
+}
+
+// AVX-512F in the CPU and ZMM/opmask state saved by the OS (XCR0 bits 1, 2, 5, 6, 7).
+bool CpuHasAvx512F() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1u), "c"(0u));
+  if (!(c & (1u << 27))) return false;  // OSXSAVE
+  unsigned xlo = 0, xhi = 0;
+  __asm__("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0u));
+  if ((xlo & 0xE6u) != 0xE6u) return false;
+  __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7u), "c"(0u));
+  return b & (1u << 16);
+}
+
+// Tasks for `work` units: a few per hardware thread. The C API (up to 1.21's API 21) does not expose
+// the session pool's size, and KernelContext_ParallelFor with num_batch 0 schedules every task on its
+// own, so extra tasks only add balance; 1, 2 and 4 per thread measured alike (docs/design-kernels.md).
+int64_t PoolTasks(int64_t work) {
+  constexpr int64_t kPerThread = 4;
+  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+  return std::max<int64_t>(1, std::min<int64_t>(work, hw * kPerThread));
+}
+
+}  // namespace
+
+bool Built() { return true; }
+
+Filters::Filters(const float* w, const float* bias, int64_t K, int64_t C, int64_t KH, int64_t KW, int64_t group,
+                 bool gatherable) {
+  static const bool avx512 = [] {
+    const char* e = std::getenv("OZ_DENSE");
+    return CpuHasAvx512F() && !(e != nullptr && std::string(e) == "fma3");
+  }();
+  int64_t B = avx512 && K % 16 == 0 && (C % 16 == 0 || C < 16) ? 16 : 8;
+  if (group != 1 || K <= 0 || C <= 0 || K % B != 0 || !(C % B == 0 || C < B)) return;
+  K_ = K, C_ = C, KH_ = KH, KW_ = KW, B_ = B;
+  if (B == 16)
+    kernel_ = NchwInput() ? MlasConvNchwFloatKernelAvx512F : MlasConvNchwcFloatKernelAvx512F;
+  else
+    kernel_ = NchwInput() ? MlasConvNchwFloatKernelFma3 : MlasConvNchwcFloatKernelFma3;
+  const int64_t KS = KH * KW;
+  data_ = gemm::AllocFloats(static_cast<size_t>(K * C * KS));
+  float* d = data_.get();
+  if (NchwInput()) {  // OIHWBo: [K/8][C][KH][KW][8 outputs]
+    for (int64_t ob = 0; ob < K / B; ++ob)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t kk = 0; kk < KS; ++kk)
+          for (int64_t o = 0; o < B; ++o) *d++ = w[((ob * B + o) * C + c) * KS + kk];
+  } else {  // OIHWBiBo: [K/8][C/8][KH][KW][8 inputs][8 outputs]
+    for (int64_t ob = 0; ob < K / B; ++ob)
+      for (int64_t ib = 0; ib < C / B; ++ib)
+        for (int64_t kk = 0; kk < KS; ++kk)
+          for (int64_t i = 0; i < B; ++i)
+            for (int64_t o = 0; o < B; ++o) *d++ = w[((ob * B + o) * C + ib * B + i) * KS + kk];
+  }
+  if (gatherable) {  // row k: filter k in a block's reduction order (r = ((ib * KS + kk) * B + i) or c * KS + kk)
+    rows_ = gemm::AllocFloats(static_cast<size_t>(K * C * KS));
+    float* r = rows_.get();
+    for (int64_t k = 0; k < K; ++k) {
+      const float* wk = w + k * C * KS;
+      if (NchwInput()) {
+        std::copy(wk, wk + C * KS, r);
+        r += C * KS;
+      } else {
+        for (int64_t ib = 0; ib < C / B; ++ib)
+          for (int64_t kk = 0; kk < KS; ++kk)
+            for (int64_t i = 0; i < B; ++i) *r++ = wk[(ib * B + i) * KS + kk];
+      }
+    }
+  }
+  bias_ = gemm::AllocFloats(static_cast<size_t>(K));
+  has_bias_ = bias != nullptr;
+  for (int64_t k = 0; k < K; ++k) bias_[k] = bias ? bias[k] : 0.f;
+}
+
+int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, const float* X, int64_t N, float* Y,
+                const RunOptions& opt) {
+  const int64_t B = f.Block(), C = g.C, K = g.K, H = g.H, W = g.W, OH = g.OH, OW = g.OW, HW = H * W, P = OH * OW;
+  const int64_t KS = g.KH * g.KW, R = C * KS;
+  if (N <= 0 || P <= 0) return 0;
+  const bool lazy = opt.nsel >= 0 && opt.nsel < K;
+  if (lazy && (!f.Row(0) || !opt.select || opt.nsel < 1)) throw std::logic_error("onnxzero: nchwc lazy run misconfigured");
+  const int64_t nsel = lazy ? opt.nsel : K;
+  const int64_t Kb = (nsel + B - 1) / B;  // filter blocks computed per image
+  const int64_t sets = (Kb + kFilterSet - 1) / kFilterSet;
+  const int64_t Kp = Kb * B;               // computed channels, padded to whole blocks
+  const bool nchw = f.NchwInput();
+  const Filters::KernelFn kernel = f.Kernel();
+  const Span sx = PadCounts(W, OW, g.KW, g.SW, g.DW, g.PL);
+  const Span sy = PadCounts(H, OH, g.KH, g.SH, g.DH, g.PT);
+
+  Scratch& sc = TlsScratch();
+  const size_t in_floats = nchw ? 0 : static_cast<size_t>(N * C * HW);
+  const size_t out_floats = static_cast<size_t>(N * Kp * P);
+  const size_t gf_floats = lazy ? static_cast<size_t>(N * Kp * R + N * Kp) : 0;
+  float* base = sc.Floats(in_floats + out_floats + gf_floats);
+  float* xin = base;
+  float* yout = base + in_floats;
+  float* gfilt = yout + out_floats;        // lazy: per image, the selected filters' blocks
+  float* gbias = gfilt + (lazy ? N * Kp * R : 0);  // lazy: per image, their biases
+
+  // A whole run below kMinParallelMacs stays on the calling thread: with the pool's spinning off (as
+  // onnxzero's sessions run), waking a worker costs more than it saves (the stem 1->64 at 28x28:
+  // 32 us on one thread, 40 us on two; onnxruntime's own Conv: 31 us).
+  constexpr int64_t kMinParallelMacs = 1500000;
+  const bool tiny = N * nsel * P * R < kMinParallelMacs;
+  auto parallel = [&](size_t n, auto&& fn) {
+    if (tiny)
+      for (size_t i = 0; i < n; ++i) fn(i);
+    else
+      ParallelFor(ctx, n, fn);
+  };
+
+  // --- input to NCHWc (tasks over image, channel block, pixel chunk), with the lazy strengths
+  std::vector<double> strengths;
+  if (!nchw) {
+    const int64_t Cb = C / B, units = N * Cb;
+    const int64_t chunks = tiny ? 1 : std::max<int64_t>(1, std::min<int64_t>(PoolTasks(units * 8) / units, HW / 64));
+    const int64_t csize = (HW + chunks - 1) / chunks;
+    std::vector<double> partial(lazy ? static_cast<size_t>(units * chunks * B) : 0);
+    parallel(static_cast<size_t>(units * chunks), [&](size_t t) {
+      const int64_t u = static_cast<int64_t>(t) / chunks, ch = static_cast<int64_t>(t) % chunks;
+      const int64_t p0 = std::min(HW, ch * csize), p1 = std::min(HW, p0 + csize);
+      for (int64_t h = 0; h < B; h += 8) {
+        const float* src = X + (u * B + h) * HW;
+        float* dst = xin + u * B * HW + p0 * B + h;
+        if (lazy)
+          ToBlocked<true>(src, HW, p0, p1, dst, B, partial.data() + (u * chunks + ch) * B + h);
+        else
+          ToBlocked<false>(src, HW, p0, p1, dst, B, nullptr);
+      }
+    });
+    if (lazy) {
+      strengths.assign(static_cast<size_t>(N * C), 0.0);
+      for (int64_t u = 0; u < units; ++u)
+        for (int64_t ch = 0; ch < chunks; ++ch)
+          for (int64_t c = 0; c < B; ++c) strengths[u * B + c] += partial[(u * chunks + ch) * B + c];
+    }
+  } else if (lazy) {  // few channels (C < B): a plain pass
+    strengths.assign(static_cast<size_t>(N * C), 0.0);
+    for (int64_t i = 0; i < N * C; ++i) {
+      double sum = 0;
+      for (int64_t p = 0; p < HW; ++p) sum += std::fabs(X[i * HW + p]);
+      strengths[i] = sum;
+    }
+  }
+
+  // --- lazy: the selection, its filters gathered into blocks per image, and the channels left out
+  const int32_t* sel = nullptr;
+  std::vector<int32_t> others;
+  if (lazy) {
+    sel = opt.select(strengths.data());
+    others.reserve(static_cast<size_t>(N * (K - nsel)));
+    std::vector<char> mark(static_cast<size_t>(K));
+    for (int64_t n = 0; n < N; ++n) {
+      std::fill(mark.begin(), mark.end(), 0);
+      for (int64_t j = 0; j < nsel; ++j) mark[sel[n * nsel + j]] = 1;
+      for (int64_t k = 0; k < K; ++k)
+        if (!mark[k]) others.push_back(static_cast<int32_t>(k));
+    }
+    parallel(static_cast<size_t>(N * Kb), [&](size_t t) {
+      const int64_t n = static_cast<int64_t>(t) / Kb, ob = static_cast<int64_t>(t) % Kb;
+      float* dst = gfilt + (n * Kb + ob) * B * R;
+      for (int64_t h = 0; h < B; h += 8) {
+        const float* rows[8];
+        for (int64_t o = 0; o < 8; ++o) {
+          const int64_t j = ob * B + h + o;
+          rows[o] = j < nsel ? f.Row(sel[n * nsel + j]) : nullptr;
+          gbias[n * Kp + j] = j < nsel ? f.Bias()[sel[n * nsel + j]] : 0.f;
+        }
+        GatherLanes(rows, R, dst + h, B);
+      }
+    });
+  }
+
+  // --- convolution: tasks over (image, filter set, band of output rows); each task then writes its
+  // band of its filter blocks back to NCHW (+ residual, ReLU) while it is still in cache.
+  // Bands: enough tasks for the pool (PoolTasks), but none below kMinTaskMacs: waking a thread and
+  // handing it a task costs a few microseconds, which small layers (the stem: 0.45 M MACs) cannot repay.
+  constexpr int64_t kMinTaskMacs = 250000;
+  const int64_t units = N * sets;
+  const int64_t macs_per_row = std::max<int64_t>(1, std::min<int64_t>(nsel, kFilterSet * B) * OW * R);
+  const int64_t rows_min = std::max<int64_t>(1, kMinTaskMacs / macs_per_row);
+  int64_t bands = std::max<int64_t>(1, std::min<int64_t>((OH + rows_min - 1) / rows_min,
+      (PoolTasks(units * OH) + units - 1) / units));
+  if (tiny) bands = 1;
+  const int64_t band = (OH + bands - 1) / bands;
+  const size_t F = sizeof(float);
+  const size_t stride_w = static_cast<size_t>((nchw ? 1 : B) * g.SW) * F;
+  const size_t dil_w = static_cast<size_t>((nchw ? 1 : B) * g.DW) * F;
+  const size_t in_w = static_cast<size_t>((nchw ? 1 : B) * W) * F;
+  const size_t dil_in_w = static_cast<size_t>((nchw ? 1 : B) * g.DH * W) * F;
+  const size_t in_stride = dil_in_w - static_cast<size_t>(g.KW) * dil_w;
+  const size_t filter_stride = static_cast<size_t>(B * R) * F;
+  const size_t out_stride = static_cast<size_t>(B * P) * F;
+  const float* residual = opt.residual;
+  const bool relu = opt.relu;
+  const bool fuse_relu = relu && residual == nullptr;
+  const unsigned last_flags = (f.HasBias() ? kAddBias : 0u) | (fuse_relu ? kRelu : 0u);
+  const size_t PT = static_cast<size_t>(g.PT);
+  const ptrdiff_t PL = static_cast<ptrdiff_t>(g.PL);
+  const size_t SH = static_cast<size_t>(g.SH), DH = static_cast<size_t>(g.DH), KH = static_cast<size_t>(g.KH);
+  const size_t Hs = static_cast<size_t>(H), Ws = static_cast<size_t>(W);
+
+  // First input row and kernel rows of output row ph: rows of the window in the top or bottom padding
+  // are dropped (the filter pointer skips the leading ones), as MLAS's ComputeEffectiveKernel does.
+  auto effective = [&](size_t ph, size_t filter_row, const float** filter, size_t* ih, size_t* kh_eff) {
+    *ih = ph * SH - PT;  // wraps below 0 like MLAS's size_t arithmetic; fixed up below
+    *kh_eff = KH;
+    if (ph - sy.left >= sy.mid) {
+      size_t step = *ih;
+      for (size_t kh = 0; kh < KH; ++kh) {
+        if (step >= Hs) {
+          if (step == *ih) {
+            *ih += DH;
+            *filter += filter_row;
+          }
+          *kh_eff -= 1;
+        }
+        step += DH;
+      }
+    }
+  };
+
+  // An output row whose window lies entirely in the padding: its conv term is 0 (first input block:
+  // start from 0), the last block adds the bias and the fused ReLU, as the kernel would.
+  auto padding_row = [&](float* out, int64_t nb, const float* bias, bool first, bool last) {
+    for (int64_t b = 0; b < nb; ++b) {
+      float* o = out + b * B * P;
+      for (int64_t i = 0; i < OW * B; ++i) {
+        float v = first ? 0.f : o[i];
+        if (last && f.HasBias()) v += bias[b * B + i % B];
+        if (last && fuse_relu) v = std::max(v, 0.f);
+        o[i] = v;
+      }
+    }
+  };
+
+  parallel(static_cast<size_t>(units * bands), [&](size_t t) {
+    const int64_t u = static_cast<int64_t>(t) / bands, bnd = static_cast<int64_t>(t) % bands;
+    const int64_t n = u / sets, fs = u % sets;
+    const int64_t r0 = bnd * band, r1 = std::min(OH, r0 + band);
+    if (r0 >= r1) return;
+    const int64_t ob0 = fs * kFilterSet, nb = std::min(kFilterSet, Kb - ob0);
+    const float* fset = lazy ? gfilt + (n * Kb + ob0) * B * R : f.Data() + ob0 * B * R;
+    const float* bias = lazy ? gbias + n * Kp + ob0 * B : f.Bias() + ob0 * B;
+    float* yset = yout + n * Kp * P + ob0 * B * P;
+    if (nchw) {
+      const float* xn = X + n * C * HW;
+      for (int64_t ph = r0; ph < r1; ++ph) {
+        const float* filter = fset;
+        size_t ih = 0, kh_eff = 0;
+        effective(static_cast<size_t>(ph), static_cast<size_t>(B * g.KW), &filter, &ih, &kh_eff);
+        float* out = yset + ph * B * OW;
+        if (kh_eff == 0) {  // the whole window is padding (the kernels need >= 1 row)
+          padding_row(out, nb, bias, true, true);
+          continue;
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const float* in = xn + c * HW;
+          const unsigned flags = (c > 0 ? kAccumulate : 0u) | (c == C - 1 ? last_flags : 0u);
+          kernel(in + (static_cast<ptrdiff_t>(ih * Ws) - PL), filter + c * B * KS, out, stride_w, dil_w,
+                 static_cast<size_t>(nb), in_stride, filter_stride, out_stride, kh_eff, static_cast<size_t>(g.KW),
+                 in + ih * Ws, in_w, dil_in_w, sx.left, sx.mid, sx.right, bias, flags);
+        }
+      }
+    } else {
+      const int64_t Cb = C / B;
+      for (int64_t ib = 0; ib < Cb; ++ib) {
+        const float* in = xin + n * C * HW + ib * B * HW;
+        const unsigned flags = (ib > 0 ? kAccumulate : 0u) | (ib == Cb - 1 ? last_flags : 0u);
+        for (int64_t ph = r0; ph < r1; ++ph) {
+          const float* filter = fset + ib * B * B * KS;
+          size_t ih = 0, kh_eff = 0;
+          effective(static_cast<size_t>(ph), static_cast<size_t>(B * B * g.KW), &filter, &ih, &kh_eff);
+          if (kh_eff == 0) {
+            padding_row(yset + ph * B * OW, nb, bias, ib == 0, ib == Cb - 1);
+            continue;
+          }
+          kernel(in + B * (static_cast<ptrdiff_t>(ih * Ws) - PL), filter, yset + ph * B * OW, stride_w, dil_w,
+                 static_cast<size_t>(nb), in_stride, filter_stride, out_stride, kh_eff, static_cast<size_t>(g.KW),
+                 in + B * ih * Ws, in_w, dil_in_w, sx.left, sx.mid, sx.right, bias, flags);
+        }
+      }
+    }
+    // this band of the set's filter blocks back to NCHW
+    const int64_t p0 = r0 * OW, p1 = r1 * OW;
+    float* yn = Y + n * K * P;
+    const float* rn = residual ? residual + n * K * P : nullptr;
+    for (int64_t ob = ob0; ob < ob0 + nb; ++ob)
+      for (int64_t h = 0; h < B; h += 8) {
+        const float* src = yout + n * Kp * P + ob * B * P + p0 * B + h;
+        float* dst[8];
+        const float* res[8];
+        for (int64_t c = 0; c < 8; ++c) {
+          const int64_t j = ob * B + h + c;
+          const int64_t k = lazy ? (j < nsel ? sel[n * nsel + j] : -1) : j;
+          dst[c] = k >= 0 ? yn + k * P : nullptr;
+          res[c] = rn && k >= 0 ? rn + k * P : nullptr;
+        }
+        if (residual) {
+          if (relu)
+            FromBlocked<true, true>(src, B, p0, p1, dst, res);
+          else
+            FromBlocked<true, false>(src, B, p0, p1, dst, res);
+        } else {
+          FromBlocked<false, false>(src, B, p0, p1, dst, res);
+        }
+      }
+    // the channels left out (lazy), for this band: 0, or act(residual)
+    if (lazy && fs == 0) {
+      for (int64_t i = 0; i < K - nsel; ++i) {
+        const int64_t k = others[n * (K - nsel) + i];
+        float* yr = yn + k * P;
+        if (!rn) {
+          std::fill(yr + p0, yr + p1, 0.f);
+        } else {
+          const float* rr = rn + k * P;
+          for (int64_t p = p0; p < p1; ++p) yr[p] = relu ? std::max(rr[p], 0.f) : rr[p];
+        }
+      }
+    }
+  });
+  return N * nsel * P * R;
+}
+
+}  // namespace nchwc
+}  // namespace oz
+
+#else  // built without MLAS (cmake/Mlas.cmake): no shape is served, callers take the GEMM core
+
+namespace oz {
+namespace nchwc {
+
+bool Built() { return false; }
+
+Filters::Filters(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, bool) {}
+
+int64_t RunConv(OrtKernelContext*, const ConvGeom&, const Filters&, const float*, int64_t, float*, const RunOptions&) {
+  throw std::logic_error("onnxzero: nchwc::RunConv in a library built without MLAS");
+}
+
+}  // namespace nchwc
+}  // namespace oz
+
+#endif

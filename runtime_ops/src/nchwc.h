@@ -1,0 +1,85 @@
+// nchwc.h: dense convolution on MLAS's x86-64 FMA3 direct-convolution kernels (the kernels onnxruntime
+// itself runs for Conv on AVX2 machines), driven from onnxzero's side.
+//
+// Why: onnxruntime's Conv keeps activations in the blocked NCHWc layout (8 channels innermost) and runs
+// a direct convolution on it, with no im2col packing; on the ResNet-18/MNIST layer shapes our packed
+// GEMM core measured 1.16-1.65x its time (docs/design-kernels.md). The kernels are assembled at build
+// time from Debian's onnxruntime source tarball (cmake/Mlas.cmake); MLAS's C++ driver, dispatch table
+// and thread pool are not built: RunConv below reorders the input to NCHWc, calls the kernel per
+// (output row, set of 4 filter blocks) from oz::ParallelFor tasks, and reorders each task's output
+// rows back to NCHW in the same task (with the residual add and ReLU fused there).
+//
+// Block size B: 16 channels (AVX-512F kernels) when the CPU and OS support AVX-512F and K % 16 == 0,
+// else 8 (FMA3 kernels), as onnxruntime picks; OZ_DENSE=fma3 (read once) forces 8.
+// Supported: group 1, K % 8 == 0, and C % B == 0 (NCHWc kernel) or C < B (NCHW-input kernel, the stem
+// convs: no input reorder); any kernel size, stride, dilation, padding. Filters::ok() says whether a
+// weight shape is served (and the library was built with MLAS).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+
+#include "common.h"
+#include "gemm.h"
+
+namespace oz {
+namespace nchwc {
+
+
+// Whether the library was built with MLAS's kernels (cmake/Mlas.cmake found or fetched them).
+bool Built();
+
+// Filters reordered for the kernels, prepared once at session creation (immutable afterwards).
+class Filters {
+ public:
+  Filters() = default;
+  // w: (K, C, KH, KW) row-major, bias (K,) or nullptr. ok() is false when the shape is not served.
+  // gatherable: also keep each filter as one row in the blocked reduction order, so RunConv can gather
+  // any subset of filters into blocks per image (LazyConv).
+  Filters(const float* w, const float* bias, int64_t K, int64_t C, int64_t KH, int64_t KW, int64_t group,
+          bool gatherable = false);
+  // MLAS's kernel signature (MLAS_CONV_FLOAT_KERNEL).
+  using KernelFn = void (*)(const float*, const float*, float*, size_t, size_t, size_t, size_t, size_t, size_t, size_t,
+                            size_t, const float*, size_t, size_t, size_t, size_t, size_t, const float*, unsigned);
+  bool ok() const { return data_ != nullptr; }
+  int64_t Block() const { return B_; }
+  bool NchwInput() const { return C_ < B_; }  // the stem kernel: input read in NCHW
+  KernelFn Kernel() const { return kernel_; }
+  int64_t K() const { return K_; }
+  int64_t C() const { return C_; }
+  const float* Data() const { return data_.get(); }
+  const float* Bias() const { return bias_.get(); }
+  bool HasBias() const { return has_bias_; }
+  int64_t R() const { return C_ * KH_ * KW_; }  // floats of one filter
+  // Filter k in the order of one output lane of a block (nullptr unless gatherable).
+  const float* Row(int64_t k) const { return rows_ ? rows_.get() + k * R() : nullptr; }
+
+ private:
+  int64_t K_ = 0, C_ = 0, KH_ = 0, KW_ = 0, B_ = 8;
+  KernelFn kernel_ = nullptr;
+  gemm::AlignedFloats data_, bias_, rows_;
+  bool has_bias_ = false;
+};
+
+// What a run computes besides the dense Conv+ReLU.
+struct RunOptions {
+  const float* residual = nullptr;  // (N, K, OH, OW) added before the activation, or nullptr
+  bool relu = true;
+  // Filter subsets (LazyConv): nsel in [1, K) output channels per image, chosen by `select` once the
+  // input pass has measured the input's per-channel strengths (N x C doubles, sum over H, W of |x|;
+  // fused into the NCHWc reorder). select returns N*nsel channel ids, ascending per image; it runs on
+  // the calling thread and may throw. Unselected channels get 0, or act(residual) with a residual.
+  // Needs a gatherable Filters.
+  int64_t nsel = -1;
+  std::function<const int32_t*(const double* strengths)> select;
+};
+
+// Y = act(conv(X) + B [+ residual]) for the batch X (N, C, H, W) -> Y (N, K, OH, OW) on the session's
+// pool; act = ReLU when relu. Returns the MACs (N * computed channels * OH*OW * C*KH*KW).
+// Requires f.ok() and g's channels matching f. Throws std::bad_alloc when scratch cannot be allocated.
+int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, const float* X, int64_t N, float* Y,
+                const RunOptions& opt);
+
+}  // namespace nchwc
+}  // namespace oz
