@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "gemm.h"
+#include "nchwc.h"
 #include "op_def.h"
 #include "sparse_rows.h"
 
@@ -167,7 +168,10 @@ struct EarlyExitKernel {
   // past the group's end are zero), wpack[((grp*nfc + chunk)*CRS + r)*fcp + l].
   int64_t nv = 1, fcp = 8, nfc = 1;
   gemm::AlignedFloats wpack;  // 64-byte aligned: no weight load of the dot straddles two cache lines
-  gemm::ConvWeights dense;  // exact mode's dense path (the packed GEMM core), bias included
+  // exact mode's dense path: MLAS's direct convolution where it serves the shape (what
+  // onnxruntime's own Conv runs), else the packed GEMM core; bias included
+  nchwc::Filters direct;
+  gemm::ConvWeights dense;
 
   EarlyExitKernel() = default;  // for the standalone benchmark harness
   explicit EarlyExitKernel(const OrtKernelInfo* info) {
@@ -207,7 +211,9 @@ struct EarlyExitKernel {
 
     BuildTerms(w.as<float>());
     PackWeights(w.as<float>());
-    dense = gemm::ConvWeights(w.as<float>(), bias.data(), K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
+    direct = nchwc::Filters(w.as<float>(), bias.data(), K, w.shape[1] * attrs.group, w.shape[2], w.shape[3], attrs.group);
+    if (!direct.ok())
+      dense = gemm::ConvWeights(w.as<float>(), bias.data(), K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
   }
 
   // Filter chunks of at most 12 ymm, fewer when a chunk's weights would not stay in L2 (every
@@ -568,14 +574,22 @@ struct EarlyExitKernel {
     return 1.5 * (1.0 - zero_fraction) + 20.0 / double(Kg) + 16.0 / double(CRS) < 1.0;
   }
 
-  // Exact mode, dense path: the packed GEMM core (every term of every output); at a residual site
-  // the shortcut is added and the ReLU applied in a second pass. Returns the MACs done.
+  // Exact mode, dense path: every term of every output. At a residual site the shortcut is added
+  // and the ReLU applied in a second pass (sr::AddRelu keeps a NaN of `other`, as onnxruntime's
+  // Add+Relu do; the fused ReLUs would turn it into 0). Returns the MACs done.
   int64_t RunDense(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
                    int64_t N) const {
-    const gemm::ConvPlan plan(g, dense);
-    gemm::Epilogue ep;
-    ep.relu = rp.other == nullptr;
-    const int64_t macs = gemm::RunConv(context, plan, dense, X, N, Y, ep);
+    int64_t macs;
+    if (direct.ok()) {
+      nchwc::RunOptions opt;
+      opt.relu = rp.other == nullptr;
+      macs = nchwc::RunConv(context, g, direct, X, N, Y, opt);
+    } else {
+      const gemm::ConvPlan plan(g, dense);
+      gemm::Epilogue ep;
+      ep.relu = rp.other == nullptr;
+      macs = gemm::RunConv(context, plan, dense, X, N, Y, ep);
+    }
     if (rp.other) sr::AddRelu(context, Y, rp.other, N * g.K * g.P());
     return macs;
   }
