@@ -561,17 +561,16 @@ struct EarlyExitKernel {
     });
   }
 
-  // The sparse path's cost relative to the dense GEMM core, per unit of dense work (measured on
-  // the bench layers, see docs/design-early-exit.md): its multiply-adds run at about 1/1.5 of the
-  // GEMM's rate and only on nonzero inputs; listing the nonzero inputs costs about as much as
-  // 2.5 dense multiply-adds per input value and 8-filter vector, i.e. 20/Kg of the dense work;
-  // starting and storing each output (8x8 transposes) about 16/CRS of it (a 1x1 conv on 32
-  // channels: 3.2x onnxruntime on the sparse path, 1.6x on the dense one).
-  // Weights past ~768 KiB do not stay in L2 while the sparse path sweeps them once per 8
-  // positions (measured: 3.0x onnxruntime on 256x14x14, 2.4 MB of weights): dense path then.
+  // The sparse path's time relative to the dense path's, fitted on CPU-time measurements (one
+  // thread, 3x3 layers with 16-256 filters at 50-95 % zeros, against MLAS's direct convolution;
+  // docs/design-early-exit.md): about 1.65 x the nonzero fraction for the multiply-adds, plus
+  // 0.15 + 15/Kg for listing the nonzero inputs (shared by fewer filters when Kg is small), plus
+  // 16/CRS for starting and storing each output (a 1x1 conv on 32 channels: 3.2x onnxruntime on
+  // the sparse path, 1.6x on the dense one). Weights past ~768 KiB do not stay in L2 while the
+  // sparse path sweeps them once per 8 positions (3.0x onnxruntime on 256x14x14): dense then.
   static bool SparsePays(double zero_fraction, int64_t Kg, int64_t CRS, int64_t weights) {
     if (weights * 4 > (int64_t{768} << 10)) return false;
-    return 1.5 * (1.0 - zero_fraction) + 20.0 / double(Kg) + 16.0 / double(CRS) < 1.0;
+    return 1.65 * (1.0 - zero_fraction) + 0.15 + 15.0 / double(Kg) + 16.0 / double(CRS) < 1.0;
   }
 
   // Exact mode, dense path: every term of every output. At a residual site the shortcut is added
