@@ -127,6 +127,9 @@ struct SparseQuantKernel {
       }
       direct = nchwc::Filters(w.data(), bias.data(), K, Cg * attrs.group, KH, KW, attrs.group);
       if (!direct.ok()) dense = gemm::ConvWeights(w.data(), bias.data(), K, Cg, KH, KW, attrs.group);
+      // the sparse form is never read on this path: do not keep the weights twice
+      std::vector<uint8_t>().swap(terms);
+      std::vector<uint32_t>().swap(toff);
     }
   }
 
