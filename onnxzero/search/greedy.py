@@ -438,6 +438,12 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
         report["sites"] = [_site_row(s, target.config.get(s.name), rep, by_site.get(s.name)) for s in sites]
         decision["final_ratio"] = lat_opt / lat_base
         faster = lat_opt <= (1 - options.margin) * lat_base
+        # The final check (final_runs interleaved runs) outweighs the search's shorter measurements: a
+        # rewrite within eps on both splits that it finds faster by the margin beats the original even
+        # where the search's noisier figure had them tied.
+        if latency and target is not best and met_eps and faster and report["validation_loss"] <= options.eps:
+            best = target
+            decision["choice"] = "rewritten"
         decision["written"] = bool(met_eps and target is best and (faster or not latency))
         decision["reason"] = ("faster than the original by at least the margin" if decision["written"] and latency else
                               "fewest MACs within eps" if decision["written"] else
