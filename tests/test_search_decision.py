@@ -131,6 +131,27 @@ def test_margin_is_honoured(mnist):
     assert r2.report["decision"]["written"] and r2.report["latency_ratio"] == pytest.approx(0.98)
 
 
+def test_final_check_outweighs_the_search_figure(mnist):
+    # noise: B's rewrite looks 5 % faster in its first two short measurements, then as fast as the
+    # original (a tie: the original wins the search); the final 300-run check sees it 10 % faster
+    class Noisy(FakeMeasurer):
+        seen = 0
+
+        def compare(self, model, original, sample, *, runs):
+            ops = {(n.name.rsplit("__", 1)[0], n.op_type) for n in model.graph.node if n.domain}
+            self.calls.append((frozenset(ops), runs))
+            if B not in sites_of(ops):
+                return 1.0, 1.0
+            self.seen += 1
+            return (0.9 if runs == 300 else 0.95 if self.seen <= 2 else 1.0), 1.0
+
+    meas = Noisy(None)
+    r = optimize(load_model("zoo:lenet5"), *mnist, SearchOptions(eps=5.0, techniques=("early-exit",)), measurer=meas)
+    assert [c.ratio for c in r.combined] == [1.0]  # the search itself saw a tie
+    assert r.report["decision"]["written"] and r.report["latency_ratio"] == pytest.approx(0.9)
+    assert set(emitted_sites(r)) == {B} and r.report["validation_loss"] <= 5
+
+
 def test_choose_prefers_fastest_then_smaller_loss():
     def c(ratio, loss, n=1):
         return Combined({f"s{i}": {} for i in range(n)}, 0.9, loss, 0, ratio, 1.0)
