@@ -136,19 +136,23 @@ def effectual_macs(model: str | Path | onnx.ModelProto, *, data: str | Path | Da
     totals = np.zeros(len(fetch), np.float64)
     input_name, dims = image_input(proto)
     static = dims[0]
-    if static and len(ds) % static:  # zero-padded samples would count as real ones
-        raise UserError(f"model input '{input_name}' has a fixed batch of {static}; expected a data set whose size "
-                        f"is a multiple of it for exact counts, got {len(ds)} samples")
-    for _, part, _ in chunks(ds.inputs, batch_size, static):
+    inputs = ds.inputs
+    if static and len(inputs) % static:  # zero-padded samples would count as real ones: drop the tail
+        inputs = inputs[:len(inputs) - len(inputs) % static]
+        if not len(inputs):
+            raise UserError(f"model input '{input_name}' has a fixed batch of {static}; expected at least "
+                            f"{static} samples for effectual MACs, got {len(ds)}")
+        notes = notes + [f"fixed batch {static}: counted on the first {len(inputs)} of {len(ds)} samples"]
+    for _, part, _ in chunks(inputs, batch_size, static):
         totals += np.asarray([float(v) for v in sess.run(fetch, {input_name: part})], np.float64)
     out = []
     for i, lay in enumerate(layers):
         eff, y_elems, x_nz, x_elems = totals[4 * i: 4 * i + 4]
         per_out = lay["per_output_macs"]
-        out.append(LayerEffectual(node=lay["node"], op_type=lay["op_type"], macs=int(round(y_elems * per_out / len(ds))),
-                                  effectual=float(eff / len(ds)), weight_nonzero=lay["weight_nonzero"],
+        out.append(LayerEffectual(node=lay["node"], op_type=lay["op_type"], macs=int(round(y_elems * per_out / len(inputs))),
+                                  effectual=float(eff / len(inputs)), weight_nonzero=lay["weight_nonzero"],
                                   input_nonzero=float(x_nz / x_elems) if x_elems else math.nan))
-    return EffectualReport(_label(spec), str(ds.path), len(ds), out, notes)
+    return EffectualReport(_label(spec), str(ds.path), len(inputs), out, notes)
 
 
 def _label(spec) -> str:

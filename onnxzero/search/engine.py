@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxzero.evaluate import Evaluator, expose_macs, session, top1
+from onnxzero.evaluate import Evaluator, expose_macs, fixed_batch, session, top1
 from onnxzero.ops import early_exit
 from onnxzero.passes.rewrite import rewrite
 from onnxzero.passes.rules import Calibration
@@ -173,7 +173,9 @@ class Engine:
         used = {x for n in nodes[i:] for x in n.input if x}
         cut = sorted(x for x in used & before if x not in inits)
         out = None
-        if all(x in self._base_names for x in cut):
+        # a fixed-batch export may bake its batch into later nodes (Reshape to (B, -1)): it runs whole,
+        # in the Evaluator's padded chunks, so MACs stay exact
+        if fixed_batch(self.base) is None and all(x in self._base_names for x in cut):
             with self._lock:
                 missing = [x for x in cut if x not in self._acts and x != self._input_name(self.base)]
                 if missing:
@@ -222,7 +224,15 @@ class Suffix:
         feeds = {k: v for k, v in feeds.items() if k in self.inputs}  # earlier sites' settings are cut off
         logits, macs = [], dict.fromkeys(self.macs_outputs, 0)
         for i in range(0, self.n, self.batch_size):
-            out = self.session.run(names, {**{k: v[i:i + self.batch_size] for k, v in self.acts.items()}, **feeds})
+            chunk = {**{k: v[i:i + self.batch_size] for k, v in self.acts.items()}, **feeds}
+            try:
+                out = self.session.run(names, chunk)
+            except Exception:
+                if self.batch_size == 1 or i > 0:
+                    raise
+                # a batch declared dynamic that the graph does not honour: one sample at a time, as Evaluator
+                self.batch_size = 1
+                return self.run(feeds)
             logits.append(out[0])
             for k, v in zip(self.macs_outputs, out[1:]):
                 macs[k] += int(v)
