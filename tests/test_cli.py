@@ -91,7 +91,7 @@ def test_zoo_list_and_path():
     r = run("zoo", "list")
     assert r.exit_code == 0
     names = [line.split()[0] for line in r.output.splitlines()]
-    assert names == ["lenet5", "alexnet-mnist", "resnet-mnist", "mnist"]
+    assert names == ["lenet5", "alexnet-mnist", "resnet-mnist", "resnet18-mnist", "mnist"]
     r = run("zoo", "path", "mnist")
     assert r.exit_code == 0
     with np.load(r.output.strip()) as z:

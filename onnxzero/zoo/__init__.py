@@ -38,6 +38,9 @@ ENTRIES: dict[str, ZooEntry] = {
                  "AlexNet pattern: five conv+ReLU, three max pools, two hidden fc", data="mnist"),
         ZooEntry("resnet-mnist", "model", "models/resnet-mnist.onnx",
                  "small ResNet: BatchNorm, residual adds, stride-2 stages", data="mnist"),
+        ZooEntry("resnet18-mnist", "model", "models/resnet18-mnist.onnx",
+                 "ResNet-18 (BasicBlock x [2,2,2,2], 64..512 wide, 20 convs), 3x3 stride-1 stem, "
+                 "no max pool; held-out top-1 98.2%", data="mnist"),
         ZooEntry("mnist", "data", "data/mnist-heldout.npz",
                  "1,000 held-out real MNIST digits (inputs float32 N,1,28,28; labels int64)"),
     ]
