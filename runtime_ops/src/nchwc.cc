@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cmath>
+#include <climits>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -469,13 +470,17 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
   // --- lazy: the selection, its filters gathered into blocks per image, and the channels left out
   const int32_t* sel = nullptr;
   std::vector<int32_t> others;
+  std::vector<int32_t> pos;  // lazy, blocked Y: per image and channel, its lane among the computed, or -1
   if (lazy) {
     sel = opt.select(strengths.data());
     others.reserve(static_cast<size_t>(N * (K - nsel)));
     std::vector<char> mark(static_cast<size_t>(K));
+    if (opt.y_blocked) pos.assign(static_cast<size_t>(N * K), -1);
     for (int64_t n = 0; n < N; ++n) {
       std::fill(mark.begin(), mark.end(), 0);
       for (int64_t j = 0; j < nsel; ++j) mark[sel[n * nsel + j]] = 1;
+      if (opt.y_blocked)
+        for (int64_t j = 0; j < nsel; ++j) pos[n * K + sel[n * nsel + j]] = static_cast<int32_t>(j);
       for (int64_t k = 0; k < K; ++k)
         if (!mark[k]) others.push_back(static_cast<int32_t>(k));
     }
@@ -518,14 +523,13 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
   const bool relu = opt.relu;
   const bool direct = opt.y_blocked && !lazy;
   const bool rblk = residual && opt.residual_blocked;
-  // Channel k of image n in Y / the residual: base pointer and pixel stride (1 in NCHW, B blocked).
-  auto yplane = [&](int64_t n, int64_t k) {
-    return opt.y_blocked ? Y + n * K * P + (k / B) * B * P + k % B : Y + (n * K + k) * P;
-  };
+  // Channel k of image n of the residual: base pointer and pixel stride (1 in NCHW, B blocked).
   auto rplane = [&](int64_t n, int64_t k) {
     return rblk ? residual + n * K * P + (k / B) * B * P + k % B : residual + (n * K + k) * P;
   };
-  const int64_t ystep = opt.y_blocked ? B : 1, rstep = rblk ? B : 1;
+  const int64_t rstep = rblk ? B : 1;
+  // The lane gathers below index one image's K * P floats with int32.
+  if ((rblk || (lazy && opt.y_blocked)) && K * P > INT32_MAX) throw std::length_error("onnxzero: image too large");
   const bool fuse_relu = relu && residual == nullptr;
   const unsigned last_flags = (f.HasBias() ? kAddBias : 0u) | (fuse_relu ? kRelu : 0u);
   const size_t PT = static_cast<size_t>(g.PT);
@@ -640,25 +644,32 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
           }
         }
       }
-    } else if (opt.y_blocked || rblk) {  // lazy into a blocked Y, or a blocked residual: lane by lane
-      for (int64_t ob = ob0; ob < ob0 + nb; ++ob)
-        for (int64_t c = 0; c < B; ++c) {
-          const int64_t j = ob * B + c;
-          const int64_t k = lazy ? (j < nsel ? sel[n * nsel + j] : -1) : j;
-          if (k < 0) continue;
-          const float* src = yout + n * Kp * P + ob * B * P + c;
-          float* dst = yplane(n, k);
-          const float* rr = residual ? rplane(n, k) : nullptr;
-          for (int64_t p = p0; p < p1; ++p) {
-            float v = src[p * B];
-            if (rr) {
-              v += rr[p * rstep];
-              if (relu) v = std::max(v, 0.f);
-            }
-            dst[p * ystep] = v;
-          }
-        }
+    } else if (lazy && opt.y_blocked) {
+      // written in a second pass below: an output block takes its lanes from any filter set
     } else {
+      if (rblk) {  // add the blocked residual into the computed blocks first, then to NCHW as without
+        const __m256 zero = _mm256_setzero_ps();
+        for (int64_t ob = ob0; ob < ob0 + nb; ++ob)
+          for (int64_t h = 0; h < B; h += 8) {
+            float* src = yout + n * Kp * P + ob * B * P + h;
+            alignas(32) int32_t ri[8];
+            int32_t live = 0;
+            for (int64_t c = 0; c < 8; ++c) {
+              const int64_t j = ob * B + h + c;
+              const int64_t k = lazy ? (j < nsel ? sel[n * nsel + j] : -1) : j;
+              ri[c] = k >= 0 ? static_cast<int32_t>((k / B) * B * P + k % B) : 0;
+              live |= k >= 0 ? 1 << c : 0;
+            }
+            const __m256i vri = _mm256_load_si256(reinterpret_cast<const __m256i*>(ri));
+            const float* rn = residual + n * K * P;
+            for (int64_t p = p0; p < p1; ++p) {
+              if (!live) break;
+              __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + p * B), _mm256_i32gather_ps(rn + p * B, vri, 4));
+              if (relu) v = _mm256_max_ps(v, zero);
+              _mm256_storeu_ps(src + p * B, v);
+            }
+          }
+      }
       float* yn = Y + n * K * P;
       const float* rn = residual ? residual + n * K * P : nullptr;
       for (int64_t ob = ob0; ob < ob0 + nb; ++ob)
@@ -672,7 +683,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
             dst[c] = k >= 0 ? yn + k * P : nullptr;
             res[c] = rn && k >= 0 ? rn + k * P : nullptr;
           }
-          if (residual) {
+          if (residual && !rblk) {
             if (relu)
               FromBlocked<true, true>(src, B, p0, p1, dst, res);
             else
@@ -683,15 +694,51 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
         }
     }
     // the channels left out (lazy), for this band: 0, or act(residual)
-    if (lazy && fs == 0) {
+    if (lazy && fs == 0 && !opt.y_blocked) {
       for (int64_t i = 0; i < K - nsel; ++i) {
         const int64_t k = others[n * (K - nsel) + i];
-        float* yr = yplane(n, k);
+        float* yr = Y + (n * K + k) * P;
         const float* rr = residual ? rplane(n, k) : nullptr;
-        for (int64_t p = p0; p < p1; ++p) yr[p * ystep] = rr ? (relu ? std::max(rr[p * rstep], 0.f) : rr[p * rstep]) : 0.f;
+        if (!rr)
+          std::fill(yr + p0, yr + p1, 0.f);
+        else
+          for (int64_t p = p0; p < p1; ++p) yr[p] = relu ? std::max(rr[p * rstep], 0.f) : rr[p * rstep];
       }
     }
   });
+  if (lazy && opt.y_blocked) {
+    // Lane c of output block ob is computed lane pos[k] (k = ob * B + c) or a channel left out: one
+    // gather per 8 lanes and pixel, the left-out lanes masked to 0, then + residual and the activation.
+    const int64_t KB = K / B;
+    parallel(static_cast<size_t>(N * KB), [&](size_t t) {
+      const int64_t n = static_cast<int64_t>(t) / KB, ob = static_cast<int64_t>(t) % KB;
+      const __m256 zero = _mm256_setzero_ps();
+      const float* src = yout + n * Kp * P;
+      float* dst = Y + n * K * P + ob * B * P;
+      for (int64_t h = 0; h < B; h += 8) {
+        alignas(32) int32_t gi[8], mk[8], ri[8];
+        for (int64_t c = 0; c < 8; ++c) {
+          const int32_t j = pos[n * K + ob * B + h + c];
+          gi[c] = j >= 0 ? static_cast<int32_t>((j / B) * B * P + j % B) : 0;
+          mk[c] = j >= 0 ? -1 : 0;
+          ri[c] = static_cast<int32_t>(c * P);
+        }
+        const __m256i vgi = _mm256_load_si256(reinterpret_cast<const __m256i*>(gi));
+        const __m256 vmk = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(mk)));
+        const __m256i vri = _mm256_load_si256(reinterpret_cast<const __m256i*>(ri));
+        const float* rb = residual ? residual + n * K * P + ob * B * P + h : nullptr;      // blocked
+        const float* rn = residual ? residual + (n * K + ob * B + h) * P : nullptr;        // NCHW
+        for (int64_t p = 0; p < P; ++p) {
+          __m256 v = _mm256_mask_i32gather_ps(zero, src + p * B, vgi, vmk, 4);
+          if (residual) {
+            v = _mm256_add_ps(v, rblk ? _mm256_loadu_ps(rb + p * B) : _mm256_i32gather_ps(rn + p, vri, 4));
+            if (relu) v = _mm256_max_ps(v, zero);
+          }
+          _mm256_storeu_ps(dst + p * B + h, v);
+        }
+      }
+    });
+  }
   return N * nsel * P * R;
 }
 
