@@ -170,10 +170,15 @@ struct LazyConvKernel {
     for (int64_t n = 0; n < N; ++n) std::copy(sx + n * C, sx + (n + 1) * C, sprev.begin() + n * R);
     if (other && other_blocked) {
       const int64_t B = nchwc::CpuBlock(), Kb = K / B;
-      ParallelFor(context, static_cast<size_t>(N * Kb), [&](size_t u) {
+      auto sums = [&](size_t u) {
         const int64_t n = static_cast<int64_t>(u) / Kb, kb = static_cast<int64_t>(u) % Kb;
         nchwc::BlockAbsSums(other + u * B * P, P, B, sprev.data() + n * R + C + kb * B);
-      });
+      };
+      // a small `other` is summed on the calling thread (a pool dispatch costs more; nchwc.cc)
+      if (N * K * P < (1 << 18))
+        for (size_t u = 0; u < static_cast<size_t>(N * Kb); ++u) sums(u);
+      else
+        ParallelFor(context, static_cast<size_t>(N * Kb), sums);
     } else if (other) {
       const int64_t chunk = std::max<int64_t>(1, (N * K + 7) / 8);
       ParallelFor(context, static_cast<size_t>((N * K + chunk - 1) / chunk), [&](size_t t) {

@@ -423,6 +423,16 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     else
       ParallelFor(ctx, n, fn);
   };
+  // Memory-bound passes (the blocked input's strengths, the lazy blocked write-back) over fewer than
+  // kMinParallelFloats floats stay on the calling thread too: with spinning off, a pool dispatch costs
+  // about as much as streaming 1 MB through one core.
+  constexpr int64_t kMinParallelFloats = 1 << 18;
+  auto stream = [&](size_t n, int64_t floats, auto&& fn) {
+    if (floats < kMinParallelFloats)
+      for (size_t i = 0; i < n; ++i) fn(i);
+    else
+      parallel(n, fn);
+  };
 
   // --- input to NCHWc (tasks over image, channel block, pixel chunk), with the lazy strengths
   std::vector<double> strengths;
@@ -433,7 +443,8 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     if (lazy) {  // the strengths: one pass over the blocked input
       const int64_t units = N * (C / B);
       strengths.assign(static_cast<size_t>(N * C), 0.0);
-      parallel(static_cast<size_t>(units), [&](size_t u) { BlockAbsSums(X + u * B * HW, HW, B, strengths.data() + u * B); });
+      stream(static_cast<size_t>(units), N * C * HW,
+             [&](size_t u) { BlockAbsSums(X + u * B * HW, HW, B, strengths.data() + u * B); });
     }
   } else if (!nchw) {
     const int64_t Cb = C / B, units = N * Cb;
@@ -710,7 +721,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     // Lane c of output block ob is computed lane pos[k] (k = ob * B + c) or a channel left out: one
     // gather per 8 lanes and pixel, the left-out lanes masked to 0, then + residual and the activation.
     const int64_t KB = K / B;
-    parallel(static_cast<size_t>(N * KB), [&](size_t t) {
+    stream(static_cast<size_t>(N * KB), N * K * P, [&](size_t t) {
       const int64_t n = static_cast<int64_t>(t) / KB, ob = static_cast<int64_t>(t) % KB;
       const __m256 zero = _mm256_setzero_ps();
       const float* src = yout + n * Kp * P;
