@@ -14,6 +14,8 @@ onnxzero.ops.conv_relu.blocked_io (mirrored in C++ by nchwc::BlockedIoFor).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import onnx
 from onnx import helper
 
@@ -49,8 +51,13 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def explain(model: onnx.ModelProto) -> dict[str, str | None]:
-    """For each output 0 of an onnxzero op: None if it can be blocked, else why not."""
+def explain(model: onnx.ModelProto, producers: Iterable[str] = tuple(OTHER_INPUT)) -> dict[str, str | None]:
+    """For each output 0 of an onnxzero op: None if it can be blocked, else why not.
+
+    producers: the op types whose outputs may be blocked (all by default). A LazyConv that skips
+    filters writes a blocked Y in a gather pass that costs about what the NCHW write-back plus the
+    next op's reorder cost (docs/design-kernels.md section 6), so a caller may leave it out."""
+    producers = set(producers)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     outputs = {o.name for o in g.output}
@@ -65,6 +72,9 @@ def explain(model: onnx.ModelProto) -> dict[str, str | None]:
         if not _ours(node) or not node.output or not node.output[0]:
             continue
         y = node.output[0]
+        if node.op_type not in producers:
+            verdicts[y] = f"{node.name or node.op_type}: {node.op_type} outputs are not blocked (producers)"
+            continue
         verdicts[y] = _check(node, y, inits, outputs, sub_reads, consumers.get(y, []))
     return verdicts
 
@@ -100,12 +110,13 @@ def _set(node: onnx.NodeProto, name: str) -> None:
     node.attribute.append(helper.make_attribute(name, 1))
 
 
-def block_chains(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model where every tensor passed only between onnxzero ops is blocked."""
+def block_chains(model: onnx.ModelProto, producers: Iterable[str] = tuple(OTHER_INPUT)) -> onnx.ModelProto:
+    """A copy of the model where every tensor passed only between onnxzero ops is blocked
+    (only those written by `producers`, see explain)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
-    blocked = {y for y, why in explain(out).items() if why is None}
+    blocked = {y for y, why in explain(out, producers).items() if why is None}
     if not blocked:
         return out
     for node in g.node:

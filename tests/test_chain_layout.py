@@ -73,6 +73,16 @@ def test_chain_blocks_every_inner_tensor():
     assert {n.name: _attrs(n) for n in block_chains(out).graph.node} == by_name
 
 
+def test_producers_limit_which_outputs_are_blocked():
+    model = _chain()
+    why = explain(model, producers=("ConvRelu",))
+    assert why == {"t1": None, "t2": "c2: LazyConv outputs are not blocked (producers)", "Y": "'Y' is a graph output"}
+    out = block_chains(model, producers=("ConvRelu",))
+    assert {n.name: _attrs(n) for n in out.graph.node} == {"c1": {"y_blocked": 1}, "c2": {"x_blocked": 1},
+                                                           "c3": {"other_blocked": 1}}
+    _same_outputs(model, out, {"X": X})
+
+
 def test_chain_edge_read_by_onnxruntime_stays_nchw():
     model = _chain(ort_reader=True)
     why = explain(model)
