@@ -516,3 +516,156 @@ def test_nchwc_concurrent_runs_on_one_session():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+# --- Blocked layout (x_blocked / other_blocked / y_blocked): same values as the NCHW op, any mix.
+
+@st.composite
+def blocked_case(draw):
+    """A shape the blocked attributes serve: K % 16 == 0, C % 16 == 0 (all three flags) or C < 8
+    (a stem: other and Y only)."""
+    stem = draw(st.booleans())
+    C = draw(st.integers(1, 7)) if stem else 16 * draw(st.integers(1, 3))
+    K = 16 * draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    s = draw(st.integers(1, 2))
+    pads = tuple(draw(st.integers(0, 1)) for _ in range(4))
+    h = draw(st.integers(max(1, kh - pads[0] - pads[2]), 11))
+    w = draw(st.integers(max(1, kw - pads[1] - pads[3]), 13))
+    flags = (False if stem else draw(st.booleans()), draw(st.booleans()), draw(st.booleans()))
+    return (draw(st.integers(1, 2)), C, K, h, w, kh, kw, s, pads, draw(st.booleans()), draw(st.booleans()), flags,
+            draw(st.integers(0, 2**31 - 1)))
+
+
+def blocked_run(make, inits, x, other, flags, attrs, extra_inputs=None, feeds=None):
+    """Runs a one-node model whose node `make(**layout)` builds, with X / other / Y blocked per
+    flags (x, other, y); returns (Y in NCHW, macs)."""
+    B = cr.block_size()
+    xb, ob, yb = flags
+    node = make(x_blocked=xb, other_blocked=ob and other is not None, y_blocked=yb)
+    runtime = dict(extra_inputs or {})
+    feed = dict(feeds or {})
+    feed["X"] = cr.to_blocked(x, B) if xb else x
+    if other is not None:
+        runtime["O"] = (TensorProto.FLOAT, None)
+        feed["O"] = cr.to_blocked(other, B) if ob else other
+    x_shape = feed["X"].shape
+    model = single_op_model(node, inits, x_shape, runtime_inputs=runtime, outputs=["Y", "macs"])
+    y, macs = make_session(model, threads=2).run(None, feed)
+    if yb:
+        assert y.ndim == 5 and y.shape[-1] == B and y.shape[1] * B == inits["W"].shape[0]
+        y = cr.from_blocked(y)
+    return y, int(macs)
+
+
+@given(blocked_case())
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_blocked_layouts_equal_nchw(case):
+    n, C, K, h, w, kh, kw, s, pads, bias, residual, flags, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, C, h, w)).astype(np.float32)
+    wt = rng.standard_normal((K, C, kh, kw)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32) if bias else None
+    attrs = dict(strides=(s, s), pads=pads)
+    g = cr.geometry(x.shape, wt.shape, **attrs)
+    other = rng.standard_normal((n, K, g.OH, g.OW)).astype(np.float32) if residual else None
+    inits = {"W": wt, **({"B": b} if b is not None else {})}
+
+    def make(**layout):
+        return cr.make_node("X", "W", "B" if bias else None, "Y", macs_output="macs", other="O" if residual else None,
+                            **attrs, **layout)[0]
+
+    plain, macs = blocked_run(make, inits, x, other, (False, False, False), attrs)
+    y, macs_b = blocked_run(make, inits, x, other, flags, attrs)
+    np.testing.assert_array_equal(y, plain)  # the same kernels on the same values
+    assert macs_b == macs == n * g.macs
+    ref, _ = cr.reference(x, wt, b, other=other, **attrs)
+    _close(y, ref, float(np.abs(ref).max(initial=1.0)))
+
+
+def test_block_size_is_the_cpus():
+    with open("/proc/cpuinfo") as f:
+        avx512 = " avx512f" in f.read()
+    forced = os.environ.get("OZ_DENSE") == "fma3"
+    assert cr.block_size() == (16 if avx512 and not forced else 8)
+
+
+def test_blocked_io_rule():
+    assert cr.blocked_io((64, 64, 3, 3)) == (True, True, True)
+    assert cr.blocked_io((16, 3, 3, 3)) == (False, True, True)  # stem: reads NCHW
+    assert cr.blocked_io((16, 8, 3, 3)) == (False, False, False)  # 8 <= C, C % 16 != 0
+    assert cr.blocked_io((24, 32, 3, 3)) == (False, False, False)  # K % 16 != 0
+    assert cr.blocked_io((32, 16, 3, 3), group=2) == (False, False, False)
+    assert cr.blocked_io((32, 1, 3, 3), group=32) == (False, False, False)  # depthwise
+
+
+@pytest.mark.parametrize("w_shape,group,attr,needs", [
+    ((16, 24, 3, 3), 1, "x_blocked", "read a blocked X"),
+    ((24, 32, 3, 3), 1, "y_blocked", "write a blocked Y"),
+    ((32, 16, 3, 3), 2, "other_blocked", "read a blocked 'other'"),
+])
+def test_blocked_attribute_refused_where_the_rule_says_no(w_shape, group, attr, needs):
+    K, cg = w_shape[0], w_shape[1]
+    node, _ = cr.make_node("X", "W", None, "Y", group=group, **{attr: True})
+    model = single_op_model(node, {"W": np.zeros(w_shape, np.float32)}, (1, cg * group, 5, 5))
+    with pytest.raises(Exception) as e:
+        make_session(model)
+    tail = "C % 16 == 0)" if attr == "x_blocked" else "C % 16 == 0 or C < 8)"
+    assert (f"ConvRelu: attribute '{attr}' is 1, but weights of {K} filters x {cg * group} input channels, group "
+            f"{group} cannot {needs} (needs group 1, K % 16 == 0, {tail}") in str(e.value)
+
+
+def test_blocked_input_shape_mismatch_names_op_and_input():
+    B = cr.block_size()
+    node, _ = cr.make_node("X", "W", None, "Y", x_blocked=True, other="O", other_blocked=True, pads=(1, 1, 1, 1))
+    w = np.zeros((32, 16, 3, 3), np.float32)
+    model = single_op_model(node, {"W": w}, (1, 16 // B, 5, 5, B), runtime_inputs={"O": (TensorProto.FLOAT, None)})
+    model.graph.input[0].type.tensor_type.ClearField("shape")  # let any rank reach the kernel
+    sess = make_session(model)
+    o = np.zeros((1, 32 // B, 5, 5, B), np.float32)
+    with pytest.raises(Exception) as e:  # an NCHW tensor fed where a blocked one is expected
+        sess.run(None, {"X": np.zeros((1, 16, 5, 5), np.float32), "O": o})
+    assert (f"ConvRelu: input 'X' has shape (1, 16, 5, 5), expected a blocked tensor (N, C/{B}, H, W, {B}) "
+            f"(attribute x_blocked=1, block {B} on this CPU)") in str(e.value)
+    other_b = 8 if B == 16 else 16  # the other CPU's block
+    with pytest.raises(Exception) as e:
+        sess.run(None, {"X": np.zeros((1, 16 // other_b, 5, 5, other_b), np.float32), "O": o})
+    assert f"ConvRelu: input 'X' has shape (1, {16 // other_b}, 5, 5, {other_b}), expected a blocked tensor" in str(e.value)
+    with pytest.raises(Exception) as e:
+        sess.run(None, {"X": np.zeros((1, 16 // B, 5, 5, B), np.float32), "O": np.zeros((1, 32, 5, 5), np.float32)})
+    assert (f"ConvRelu: input 'other' has shape (1, 32, 5, 5), expected the blocked (1, {32 // B}, 5, 5, {B}) "
+            f"(attribute other_blocked=1, block {B} on this CPU)") in str(e.value)
+
+
+@pytest.mark.parametrize("dense", ["gemm", "fma3"])
+def test_blocked_layouts_on_other_paths(dense, tmp_path):
+    """OZ_DENSE=gemm: the GEMM core converts blocked tensors in and out; OZ_DENSE=fma3: block 8.
+    Both read once per process, hence a child process."""
+    import subprocess
+    import sys
+
+    code = f'''
+import numpy as np
+from onnx import TensorProto
+from onnxzero.ops import conv_relu as cr
+from onnxzero.ops.session import make_session, single_op_model
+B = cr.block_size()
+assert B == (8 if "{dense}" == "fma3" else B), B
+rng = np.random.default_rng(3)
+x = rng.standard_normal((2, 32, 6, 7)).astype(np.float32)
+w = rng.standard_normal((48, 32, 3, 3)).astype(np.float32)
+b = rng.standard_normal(48).astype(np.float32)
+o = rng.standard_normal((2, 48, 6, 7)).astype(np.float32)
+node, _ = cr.make_node("X", "W", "B", "Y", pads=(1, 1, 1, 1), other="O", x_blocked=True, other_blocked=True,
+                       y_blocked=True)
+m = single_op_model(node, {{"W": w, "B": b}}, (2, 32 // B, 6, 7, B), runtime_inputs={{"O": (TensorProto.FLOAT, None)}})
+y = make_session(m, threads=2).run(None, {{"X": cr.to_blocked(x, B), "O": cr.to_blocked(o, B)}})[0]
+ref, _ = cr.reference(x, w, b, other=o, pads=(1, 1, 1, 1))
+np.testing.assert_allclose(cr.from_blocked(y), ref, rtol=1e-4, atol=1e-4)
+print("B", B)
+'''
+    env = dict(os.environ, OZ_DENSE=dense)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    if dense == "fma3":
+        assert r.stdout.strip() == "B 8"

@@ -548,3 +548,46 @@ def test_residual_with_ratio_attribute_and_no_ratio_input():
     ref, ref_macs = lazy.reference(x, w, None, pw, pb, ratio=0.5, other=o, pads=(1, 1, 1, 1))
     _close(y, ref, 9)
     assert int(macs) == ref_macs == 2 * 8 * 49 * 72
+
+
+# --- Blocked layout: LazyConv with blocked X / other / Y equals the NCHW op at every ratio (both the
+# NCHWc subset path, P >= 32, and the GEMM core's, which converts blocked tensors in and out).
+
+from test_op_conv_relu import blocked_case, blocked_run  # noqa: E402  (tests/ is on sys.path)
+
+
+@given(blocked_case(), st.sampled_from([1.0, 0.5, 0.3, 0.25]))
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_blocked_layouts_equal_nchw(case, ratio):
+    n, C, K, h, w, kh, kw, s, pads, bias, residual, flags, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, C, h, w)).astype(np.float32)
+    wt = rng.standard_normal((K, C, kh, kw)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32) if bias else None
+    attrs = dict(strides=(s, s), pads=pads)
+    g = cr.geometry(x.shape, wt.shape, **attrs)
+    other = rng.standard_normal((n, K, g.OH, g.OW)).astype(np.float32) if residual else None
+    pw, pb = _predictor(rng, C + (K if residual else 0), K)
+    inits = {"W": wt, **({"B": b} if b is not None else {}), "Y__pred_W": pw, "Y__pred_b": pb}
+
+    def make(**layout):
+        return lazy.make_node("X", "W", "B" if bias else None, "Y", pred_w=pw, pred_b=pb, ratio_input="ratio",
+                              macs_output="macs", other="O" if residual else None, **attrs, **layout)[0]
+
+    feeds = {"ratio": np.array(ratio, np.float32)}
+    plain, macs = blocked_run(make, inits, x, other, (False, False, False), attrs, RATIO, feeds)
+    y, macs_b = blocked_run(make, inits, x, other, flags, attrs, RATIO, feeds)
+    np.testing.assert_array_equal(y, plain)
+    assert macs_b == macs == n * lazy.filters_computed(ratio, K) * g.macs // K
+    ref, _ = lazy.reference(x, wt, b, pw, pb, ratio=ratio, other=other, **attrs)
+    _close(y, ref, float(np.abs(ref).max(initial=1.0)))
+
+
+def test_blocked_attribute_refused_names_lazyconv():
+    pw, pb = _predictor(np.random.default_rng(0), 24, 16)
+    node, extra = lazy.make_node("X", "W", None, "Y", pred_w=pw, pred_b=pb, x_blocked=True)
+    model = single_op_model(node, {"W": np.zeros((16, 24, 3, 3), np.float32), **extra}, (1, 24, 5, 5))
+    with pytest.raises(Exception) as e:
+        make_session(model)
+    assert ("LazyConv: attribute 'x_blocked' is 1, but weights of 16 filters x 24 input channels, group 1 cannot "
+            "read a blocked X (needs group 1, K % 16 == 0, C % 16 == 0)") in str(e.value)

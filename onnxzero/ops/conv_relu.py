@@ -124,10 +124,12 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
               kernel_shape: Sequence[int] | None = None, strides: Sequence[int] | None = None,
               pads: Sequence[int] | None = None, dilations: Sequence[int] | None = None, group: int | None = None,
               auto_pad: str | None = None, name: str | None = None,
-              other: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+              other: str | None = None, x_blocked: bool = False, other_blocked: bool = False,
+              y_blocked: bool = False) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """A ConvRelu node in onnxzero's domain; ConvRelu needs no extra initializers (returns {}).
 
     other: the residual operand's tensor name (a residual site), the node's last input.
+    x_blocked / other_blocked / y_blocked: those tensors in the blocked layout (see blocked_io).
     """
     inputs = [x, w_name] + ([b_name] if b_name else [])
     if other:
@@ -135,8 +137,63 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
     outputs = [y] + ([macs_output] if macs_output else [])
     node = helper.make_node(OP, inputs, outputs, name=name, domain=DOMAIN,
                             **conv_attributes(kernel_shape=kernel_shape, strides=strides, pads=pads,
-                                              dilations=dilations, group=group, auto_pad=auto_pad))
+                                              dilations=dilations, group=group, auto_pad=auto_pad),
+                            **layout_attributes(x_blocked, other_blocked, y_blocked))
     return node, {}
+
+
+# --- Blocked tensors between onnxzero ops (attributes x_blocked / other_blocked / y_blocked).
+
+LAYOUT_ATTRIBUTES = ("x_blocked", "other_blocked", "y_blocked")
+
+
+def blocked_io(w_shape: Sequence[int], group: int = 1) -> tuple[bool, bool, bool]:
+    """Which tensors of a ConvRelu / LazyConv node may be blocked: (X, other, Y).
+
+    The same rule as the kernels' nchwc::BlockedIoFor (runtime_ops/src/nchwc.cc), which refuses the
+    attributes at session creation otherwise: group 1 and K % 16 == 0 for any of them, and C % 16 == 0
+    for X; `other` and Y (K channels) also when C < 8 (a stem conv reads NCHW). Then every blocked
+    tensor is a whole number of blocks on any CPU (B = 8 or 16), so the decision does not depend on
+    the machine.
+    """
+    K, C = int(w_shape[0]), int(w_shape[1]) * int(group)
+    if group != 1 or K <= 0 or C <= 0 or K % 16:
+        return False, False, False
+    x = C % 16 == 0
+    return x, x or C < 8, x or C < 8
+
+
+_BLOCK: list[int] = []
+
+
+def block_size() -> int:
+    """This CPU's block B of blocked tensors (8 or 16), as the library reports it: the last dimension
+    of a y_blocked ConvRelu's output."""
+    if not _BLOCK:
+        from onnxzero.ops.session import make_session, single_op_model
+
+        node, _ = make_node("X", "W", None, "Y", y_blocked=True)
+        model = single_op_model(node, {"W": np.zeros((16, 1, 1, 1), np.float32)}, (1, 1, 1, 1))
+        y = make_session(model).run(None, {"X": np.zeros((1, 1, 1, 1), np.float32)})[0]
+        _BLOCK.append(int(y.shape[-1]))
+    return _BLOCK[0]
+
+
+def to_blocked(x: np.ndarray, block: int) -> np.ndarray:
+    """(N, C, H, W) -> (N, C/B, H, W, B), C % B == 0."""
+    N, C, H, W = x.shape
+    return np.ascontiguousarray(x.reshape(N, C // block, block, H, W).transpose(0, 1, 3, 4, 2))
+
+
+def from_blocked(x: np.ndarray) -> np.ndarray:
+    """(N, C/B, H, W, B) -> (N, C, H, W)."""
+    N, Cb, H, W, B = x.shape
+    return np.ascontiguousarray(x.transpose(0, 1, 4, 2, 3).reshape(N, Cb * B, H, W))
+
+
+def layout_attributes(x_blocked: bool = False, other_blocked: bool = False, y_blocked: bool = False) -> dict:
+    """The layout attributes that are set (0 = default, left out)."""
+    return {k: 1 for k, v in zip(LAYOUT_ATTRIBUTES, (x_blocked, other_blocked, y_blocked)) if v}
 
 
 def onnx_conv_relu_model(w: np.ndarray, b: np.ndarray | None, x_shape, *, opset: int = 17,

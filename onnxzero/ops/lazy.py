@@ -38,7 +38,7 @@ import onnx
 from onnx import helper
 
 from onnxzero import DOMAIN
-from onnxzero.ops.conv_relu import check_other, conv2d, conv_attributes, geometry
+from onnxzero.ops.conv_relu import check_other, conv2d, conv_attributes, geometry, layout_attributes
 
 OP = "LazyConv"
 
@@ -180,8 +180,11 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, pred_w: np.nda
               kernel_shape: Sequence[int] | None = None, strides: Sequence[int] | None = None,
               pads: Sequence[int] | None = None, dilations: Sequence[int] | None = None, group: int | None = None,
               auto_pad: str | None = None, name: str | None = None,
-              other: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+              other: str | None = None, x_blocked: bool = False, other_blocked: bool = False,
+              y_blocked: bool = False) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """A LazyConv node plus its predictor initializers {'<y>__pred_W': (C, K), '<y>__pred_b': (K,)}.
+
+    x_blocked / other_blocked / y_blocked: those tensors in the blocked layout (conv_relu.blocked_io).
 
     ratio: the attribute (used when no run-time ratio is fed); ratio_input: name of an optional
     run-time float scalar input that overrides it (a graph input, so it can change per run).
@@ -202,5 +205,6 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, pred_w: np.nda
     outputs = [y] + ([macs_output] if macs_output else [])
     node = helper.make_node(OP, inputs, outputs, name=name, domain=DOMAIN, ratio=float(ratio),
                             **conv_attributes(kernel_shape=kernel_shape, strides=strides, pads=pads,
-                                              dilations=dilations, group=group, auto_pad=auto_pad))
+                                              dilations=dilations, group=group, auto_pad=auto_pad),
+                            **layout_attributes(x_blocked, other_blocked, y_blocked))
     return node, {pw_name: pred_w, pb_name: pred_b}

@@ -4,6 +4,8 @@
 // benchmark the two against each other. Optional output 1 `macs` (int64 scalar): MACs performed.
 // Optional input 3 `other` (N, K, OH, OW), run time: a residual site, Y = ReLU(conv + B + other)
 // (adds no MACs).
+// Attributes x_blocked / other_blocked / y_blocked (0 or 1): X, other, Y in the blocked layout
+// (N, C/B, H, W, B) of nchwc.h, for chains of onnxzero ops (passes/chain_layout.py sets them).
 #include <cstdlib>
 #include <string>
 
@@ -23,6 +25,7 @@ struct ConvReluKernel {
   std::vector<int64_t> w_shape;
   gemm::ConvWeights weights;  // the GEMM core's copy (only when nchwc does not serve the shape)
   nchwc::Filters filters;
+  nchwc::Layouts lay;
 
   explicit ConvReluKernel(const OrtKernelInfo* info) {
     attrs = ReadConvAttrs(info, kOp);
@@ -52,6 +55,7 @@ struct ConvReluKernel {
                                attrs.group);
     if (!filters.ok())
       weights = gemm::ConvWeights(w.as<float>(), bias, w.shape[0], w.shape[1], w.shape[2], w.shape[3], attrs.group);
+    lay = nchwc::ReadLayouts(info, kOp, w.shape[0], w.shape[1] * attrs.group, attrs.group);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -61,22 +65,28 @@ struct ConvReluKernel {
       auto xinfo = x.GetTensorTypeAndShapeInfo();
       if (xinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
         Fail(kOp, Msg("input 'X' has element type ", xinfo.GetElementType(), ", expected float (1)"));
-      auto xs = xinfo.GetShape();
+      const auto xs = nchwc::NchwShapeOfX(xinfo.GetShape(), lay.x, kOp);
       ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
       const int64_t N = xs[0];
       const std::vector<int64_t> yshape{N, g.K, g.OH, g.OW};
-      gemm::Epilogue ep;
-      ep.residual = OtherInput(ctx, 3, yshape, kOp);
-      auto y = ctx.GetOutput(0, yshape);
+      const float* residual = nchwc::OtherInputIn(ctx, 3, yshape, lay.other, kOp);
+      auto y = ctx.GetOutput(0, lay.y ? nchwc::BlockedShape(yshape) : yshape);
       int64_t macs = 0;
+      const float* X = x.GetTensorData<float>();
+      float* Y = y.GetTensorMutableData<float>();
       if (N > 0 && g.P() > 0) {
         if (filters.ok()) {
           nchwc::RunOptions opt;
-          opt.residual = ep.residual;
-          macs = nchwc::RunConv(context, g, filters, x.GetTensorData<float>(), N, y.GetTensorMutableData<float>(), opt);
+          opt.residual = residual;
+          opt.x_blocked = lay.x, opt.residual_blocked = lay.other, opt.y_blocked = lay.y;
+          macs = nchwc::RunConv(context, g, filters, X, N, Y, opt);
         } else {
-          gemm::ConvPlan plan(g, weights);
-          macs = gemm::RunConv(context, plan, weights, x.GetTensorData<float>(), N, y.GetTensorMutableData<float>(), ep);
+          macs = nchwc::WithNchw(context, lay, X, xs, residual, yshape, Y, [&](const float* xn, const float* rn, float* yn) {
+            gemm::Epilogue ep;
+            ep.residual = rn;
+            gemm::ConvPlan plan(g, weights);
+            return gemm::RunConv(context, plan, weights, xn, N, yn, ep);
+          });
         }
       }
       if (ctx.GetOutputCount() > 1) {

@@ -16,6 +16,8 @@
 // other's strengths), computed channels are ReLU(conv + B + other) and skipped ones ReLU(other).
 // Outputs: 0 Y, 1 macs (optional int64 scalar) = N * n_sel * OH*OW * (C/group)*KH*KW.
 // n_sel = max(1, ceil(ratio * K - 1e-4)) (the tolerance forgives float32 rounding: 0.3 of 10 is 3).
+// Attributes x_blocked / other_blocked / y_blocked (0 or 1): X, other, Y in the blocked layout
+// (N, C/B, H, W, B) of nchwc.h, for chains of onnxzero ops (passes/chain_layout.py sets them).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -84,6 +86,7 @@ struct LazyConvKernel {
   std::vector<float> pred_w, pred_b;  // (C [+ K], K), (K,)
   float ratio_attr = 1.f;
   bool has_other = false;  // the node has input 6 `other`: pred_W has C + K rows
+  nchwc::Layouts lay;
 
   explicit LazyConvKernel(const OrtKernelInfo* info) {
     attrs = ReadConvAttrs(info, kOp);
@@ -129,6 +132,7 @@ struct LazyConvKernel {
       filters = nchwc::Filters(w.as<float>(), bias, K, C, w.shape[2], w.shape[3], attrs.group, /*gatherable=*/true);
     // The GEMM core is kept beside nchwc: on small maps it runs filter subsets faster (see UseNchwc).
     weights = gemm::ConvWeights(w.as<float>(), bias, K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
+    lay = nchwc::ReadLayouts(info, kOp, K, C, attrs.group);
   }
 
   // s = pred_b + sprev . pred_W in double, 16 filters at a time held in registers while the
@@ -158,12 +162,24 @@ struct LazyConvKernel {
 
   // Per image, the top nsel filters by predicted strength (ascending ids, images concatenated), from
   // the input's strengths sx (N, C) and, at a residual site, other's (measured here).
+  // other_blocked: `other` is in the blocked layout.
   std::vector<int32_t> Choose(OrtKernelContext* context, const double* sx, const float* other, int64_t N, int64_t C,
-                              int64_t K, int64_t P, int64_t nsel) const {
+                              int64_t K, int64_t P, int64_t nsel, bool other_blocked = false) const {
     const int64_t Ko = other ? K : 0, R = C + Ko;
     std::vector<double> sprev(static_cast<size_t>(N * R));
     for (int64_t n = 0; n < N; ++n) std::copy(sx + n * C, sx + (n + 1) * C, sprev.begin() + n * R);
-    if (other) {
+    if (other && other_blocked) {
+      const int64_t B = nchwc::CpuBlock(), Kb = K / B;
+      auto sums = [&](size_t u) {
+        const int64_t n = static_cast<int64_t>(u) / Kb, kb = static_cast<int64_t>(u) % Kb;
+        nchwc::BlockAbsSums(other + u * B * P, P, B, sprev.data() + n * R + C + kb * B);
+      };
+      // a small `other` is summed on the calling thread (a pool dispatch costs more; nchwc.cc)
+      if (N * K * P < (1 << 18))
+        for (size_t u = 0; u < static_cast<size_t>(N * Kb); ++u) sums(u);
+      else
+        ParallelFor(context, static_cast<size_t>(N * Kb), sums);
+    } else if (other) {
       const int64_t chunk = std::max<int64_t>(1, (N * K + 7) / 8);
       ParallelFor(context, static_cast<size_t>((N * K + chunk - 1) / chunk), [&](size_t t) {
         const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * K, i0 + chunk);
@@ -217,16 +233,15 @@ struct LazyConvKernel {
       auto xinfo = x.GetTensorTypeAndShapeInfo();
       if (xinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
         Fail(kOp, Msg("input 'X' has element type ", xinfo.GetElementType(), ", expected float (1)"));
-      auto xs = xinfo.GetShape();
+      const auto xs = nchwc::NchwShapeOfX(xinfo.GetShape(), lay.x, kOp);
       const ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
       const float ratio = Ratio(ctx);
       const int64_t N = xs[0], K = g.K, C = g.C, G = g.G, Kg = g.Kg(), HW = g.H * g.W, P = g.P();
       const std::vector<int64_t> yshape{N, K, g.OH, g.OW};
-      gemm::Epilogue ep;
-      ep.residual = OtherInput(ctx, 6, yshape, kOp);
-      if (has_other && !ep.residual)  // unreachable through onnxruntime (a named input is always fed)
+      const float* residual = nchwc::OtherInputIn(ctx, 6, yshape, lay.other, kOp);
+      if (has_other && !residual)  // unreachable through onnxruntime (a named input is always fed)
         Fail(kOp, "input 'other' is absent, expected a tensor (the node names it and pred_W has its rows)");
-      auto y = ctx.GetOutput(0, yshape);
+      auto y = ctx.GetOutput(0, lay.y ? nchwc::BlockedShape(yshape) : yshape);
       int64_t macs = 0;
       if (N > 0 && g.P() > 0) {
         const float* X = x.GetTensorData<float>();
@@ -235,39 +250,45 @@ struct LazyConvKernel {
         if (UseNchwc(nsel, K, P)) {
           // MLAS's direct convolution; the input strengths come out of its NCHWc reorder.
           nchwc::RunOptions opt;
-          opt.residual = ep.residual;
+          opt.residual = residual;
+          opt.x_blocked = lay.x, opt.residual_blocked = lay.other, opt.y_blocked = lay.y;
           opt.nsel = nsel < K ? nsel : -1;
           std::vector<int32_t> chosen;
           opt.select = [&](const double* sx) -> const int32_t* {
-            chosen = Choose(context, sx, ep.residual, N, C, K, P, nsel);
+            chosen = Choose(context, sx, residual, N, C, K, P, nsel, lay.other);
             return chosen.data();
           };
           macs = nchwc::RunConv(context, g, filters, X, N, Y, opt);
         } else {
-          Selection sel;
-          sel.G = G;
-          if (nsel < K) {
-            std::vector<double> sx(static_cast<size_t>(N * C));
-            const int64_t chunk = std::max<int64_t>(1, (N * C + 7) / 8);
-            ParallelFor(context, static_cast<size_t>((N * C + chunk - 1) / chunk), [&](size_t t) {
-              const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * C, i0 + chunk);
-              for (int64_t i = i0; i < i1; ++i) sx[i] = AbsSum(X + i * HW, HW);
-            });
-            const std::vector<int32_t> chosen = Choose(context, sx.data(), ep.residual, N, C, K, P, nsel);
-            sel.start.assign(static_cast<size_t>(N * G + 1), 0);
-            sel.rows.reserve(static_cast<size_t>(N * nsel));
-            for (int64_t n = 0; n < N; ++n) {
-              int64_t j = 0;
-              const int32_t* idx = chosen.data() + n * nsel;  // ascending: groups are contiguous runs
-              for (int64_t grp = 0; grp < G; ++grp) {
-                while (j < nsel && idx[j] < (grp + 1) * Kg) sel.rows.push_back(idx[j++]);
-                sel.start[n * G + grp + 1] = static_cast<int64_t>(sel.rows.size());
+          macs = nchwc::WithNchw(context, lay, X, xs, residual, yshape, Y,
+                                 [&](const float* Xn, const float* Rn, float* Yn) -> int64_t {
+            Selection sel;
+            sel.G = G;
+            if (nsel < K) {
+              std::vector<double> sx(static_cast<size_t>(N * C));
+              const int64_t chunk = std::max<int64_t>(1, (N * C + 7) / 8);
+              ParallelFor(context, static_cast<size_t>((N * C + chunk - 1) / chunk), [&](size_t t) {
+                const int64_t i0 = static_cast<int64_t>(t) * chunk, i1 = std::min(N * C, i0 + chunk);
+                for (int64_t i = i0; i < i1; ++i) sx[i] = AbsSum(Xn + i * HW, HW);
+              });
+              const std::vector<int32_t> chosen = Choose(context, sx.data(), Rn, N, C, K, P, nsel);
+              sel.start.assign(static_cast<size_t>(N * G + 1), 0);
+              sel.rows.reserve(static_cast<size_t>(N * nsel));
+              for (int64_t n = 0; n < N; ++n) {
+                int64_t j = 0;
+                const int32_t* idx = chosen.data() + n * nsel;  // ascending: groups are contiguous runs
+                for (int64_t grp = 0; grp < G; ++grp) {
+                  while (j < nsel && idx[j] < (grp + 1) * Kg) sel.rows.push_back(idx[j++]);
+                  sel.start[n * G + grp + 1] = static_cast<int64_t>(sel.rows.size());
+                }
               }
             }
-          }
-          gemm::ConvPlan plan(g, weights);
-          macs = gemm::RunConv(context, plan, weights, X, N, Y, ep, nsel < K ? &Selection::Get : nullptr, &sel,
-                               /*zero_unselected=*/true);
+            gemm::Epilogue ep;
+            ep.residual = Rn;
+            gemm::ConvPlan plan(g, weights);
+            return gemm::RunConv(context, plan, weights, Xn, N, Yn, ep, nsel < K ? &Selection::Get : nullptr, &sel,
+                                 /*zero_unselected=*/true);
+          });
         }
       }
       if (ctx.GetOutputCount() > 1) {

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cmath>
+#include <climits>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -17,53 +18,10 @@
 #include <new>
 #include <thread>
 
-#ifdef ONNXZERO_HAVE_MLAS
-
-extern "C" {
-// lib/x86_64/SconvKernelFma3.S: one output row of up to 4 filter blocks (8 channels each).
-void MlasConvNchwcFloatKernelFma3(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
-                                  size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
-                                  size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
-                                  size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
-                                  size_t OutputCount, size_t OutputCountRightPad, const float* Bias, unsigned KernelFlags);
-void MlasConvNchwcFloatKernelAvx512F(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
-                                     size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
-                                     size_t OutputStride, size_t KernelHeight, size_t KernelWidth,
-                                     const float* InputBase, size_t InputWidth, size_t DilatedInputWidth,
-                                     size_t OutputCountLeftPad, size_t OutputCount, size_t OutputCountRightPad,
-                                     const float* Bias, unsigned KernelFlags);
-void MlasConvNchwFloatKernelAvx512F(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
-                                    size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
-                                    size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
-                                    size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
-                                    size_t OutputCount, size_t OutputCountRightPad, const float* Bias,
-                                    unsigned KernelFlags);
-void MlasConvNchwFloatKernelFma3(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
-                                 size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
-                                 size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
-                                 size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
-                                 size_t OutputCount, size_t OutputCountRightPad, const float* Bias, unsigned KernelFlags);
-}
-
 namespace oz {
 namespace nchwc {
 
 namespace {
-
-constexpr unsigned kAccumulate = 1, kAddBias = 2, kRelu = 4;  // MLAS_CONV_KERNEL_FLAG_*
-constexpr int64_t kFilterSet = 4;  // filter blocks per kernel call (the kernels' maximum)
-
-// Output positions along one dimension whose window starts in the left padding, lies inside, or
-// reaches into the right padding (MLAS's OutputCountLeftPad / OutputCount / OutputCountRightPad).
-struct Span {
-  size_t left = 0, mid = 0, right = 0;
-};
-Span PadCounts(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t dil, int64_t pad_left) {
-  const int64_t span = dil * (k - 1) + 1;
-  const int64_t with_left = in + pad_left >= span ? (in + pad_left - span) / stride + 1 : 0;
-  const int64_t left = std::min((pad_left + stride - 1) / stride, with_left);
-  return Span{static_cast<size_t>(left), static_cast<size_t>(with_left - left), static_cast<size_t>(out - with_left)};
-}
 
 inline void Transpose8x8(__m256 (&r)[8]) {
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
@@ -148,6 +106,197 @@ void FromBlocked(const float* src, int64_t bs, int64_t p0, int64_t p1, float* co
     }
 }
 
+// AVX-512F in the CPU and ZMM/opmask state saved by the OS (XCR0 bits 1, 2, 5, 6, 7).
+bool CpuHasAvx512F() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1u), "c"(0u));
+  if (!(c & (1u << 27))) return false;  // OSXSAVE
+  unsigned xlo = 0, xhi = 0;
+  __asm__("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0u));
+  if ((xlo & 0xE6u) != 0xE6u) return false;
+  __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7u), "c"(0u));
+  return b & (1u << 16);
+}
+
+}  // namespace
+
+int64_t CpuBlock() {
+  static const int64_t b = [] {
+    const char* e = std::getenv("OZ_DENSE");
+    return CpuHasAvx512F() && !(e != nullptr && std::string(e) == "fma3") ? 16 : 8;
+  }();
+  return b;
+}
+
+BlockedIo BlockedIoFor(int64_t K, int64_t C, int64_t group) {
+  BlockedIo io;
+  if (group != 1 || K <= 0 || C <= 0 || K % 16 != 0) return io;
+  io.x = C % 16 == 0;
+  io.other = io.y = io.x || C < 8;
+  return io;
+}
+
+void NchwToBlocked(const float* src, int64_t C, int64_t P, int64_t B, float* dst) {
+  for (int64_t cb = 0; cb < C / B; ++cb)
+    for (int64_t h = 0; h < B; h += 8) ToBlocked<false>(src + (cb * B + h) * P, P, 0, P, dst + cb * B * P + h, B, nullptr);
+}
+
+void BlockedToNchw(const float* src, int64_t C, int64_t P, int64_t B, float* dst) {
+  for (int64_t cb = 0; cb < C / B; ++cb)
+    for (int64_t h = 0; h < B; h += 8) {
+      float* planes[8];
+      for (int c = 0; c < 8; ++c) planes[c] = dst + (cb * B + h + c) * P;
+      FromBlocked<false, false>(src + cb * B * P + h, B, 0, P, planes, nullptr);
+    }
+}
+
+void BlockAbsSums(const float* blk, int64_t P, int64_t B, double* out) {
+  const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t h = 0; h < B; h += 8) {
+    double total[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    // float partial sums of at most 1024 pixels, added in double (as the NCHW path's AbsSum)
+    for (int64_t p0 = 0; p0 < P; p0 += 1024) {
+      const int64_t p1 = std::min(P, p0 + 1024);
+      __m256 a = _mm256_setzero_ps();
+      for (int64_t p = p0; p < p1; ++p) a = _mm256_add_ps(a, _mm256_and_ps(mask, _mm256_loadu_ps(blk + p * B + h)));
+      alignas(32) float v[8];
+      _mm256_store_ps(v, a);
+      for (int c = 0; c < 8; ++c) total[c] += v[c];
+    }
+    for (int c = 0; c < 8; ++c) out[h + c] = total[c];
+  }
+}
+
+Layouts ReadLayouts(const OrtKernelInfo* info, const char* op, int64_t K, int64_t C, int64_t group) {
+  Layouts lay;
+  const BlockedIo io = BlockedIoFor(K, C, group);
+  auto read = [&](const char* name, bool allowed, const char* needs) {
+    const int64_t v = AttrInt(info, name, 0);
+    if (v != 0 && v != 1) Fail(op, Msg("attribute '", name, "' is ", v, ", expected 0 or 1"));
+    if (v && !allowed)
+      Fail(op, Msg("attribute '", name, "' is 1, but weights of ", K, " filters x ", C, " input channels, group ",
+                   group, " cannot ", needs, " (needs group 1, K % 16 == 0, C % 16 == 0",
+                   std::string(name) == "x_blocked" ? ")" : " or C < 8)"));
+    return v == 1;
+  };
+  lay.x = read("x_blocked", io.x, "read a blocked X");
+  lay.other = read("other_blocked", io.other, "read a blocked 'other'");
+  lay.y = read("y_blocked", io.y, "write a blocked Y");
+  return lay;
+}
+
+std::vector<int64_t> BlockedShape(const std::vector<int64_t>& s) {
+  const int64_t B = CpuBlock();
+  return {s[0], s[1] / B, s[2], s[3], B};
+}
+
+std::vector<int64_t> NchwShapeOfX(const std::vector<int64_t>& xs, bool blocked, const char* op) {
+  if (!blocked) return xs;
+  const int64_t B = CpuBlock();
+  if (xs.size() != 5 || xs[4] != B)
+    Fail(op, Msg("input 'X' has shape ", ShapeStr(xs), ", expected a blocked tensor (N, C/", B, ", H, W, ", B,
+                 ") (attribute x_blocked=1, block ", B, " on this CPU)"));
+  return {xs[0], xs[1] * B, xs[2], xs[3]};
+}
+
+const float* OtherInputIn(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& yshape, bool blocked,
+                          const char* op) {
+  if (!blocked) return OtherInput(ctx, index, yshape, op);
+  if (index >= ctx.GetInputCount() || !ctx.GetInput(index)) return nullptr;
+  const std::vector<int64_t> expected = BlockedShape(yshape);
+  const auto got = ctx.GetInput(index).GetTensorTypeAndShapeInfo().GetShape();
+  if (got != expected)
+    Fail(op, Msg("input 'other' has shape ", ShapeStr(got), ", expected the blocked ", ShapeStr(expected),
+                 " (attribute other_blocked=1, block ", CpuBlock(), " on this CPU)"));
+  return OtherInput(ctx, index, expected, op);
+}
+
+int64_t WithNchw(OrtKernelContext* ctx, const Layouts& lay, const float* X, const std::vector<int64_t>& xs,
+                 const float* residual, const std::vector<int64_t>& yshape, float* Y,
+                 const std::function<int64_t(const float*, const float*, float*)>& run) {
+  const int64_t B = CpuBlock(), N = xs[0];
+  auto convert = [&](const float* src, const std::vector<int64_t>& s, bool to_blocked, float* dst) {
+    const int64_t C = s[1], P = s[2] * s[3];
+    ParallelFor(ctx, static_cast<size_t>(N), [&](size_t n) {
+      if (to_blocked)
+        NchwToBlocked(src + n * C * P, C, P, B, dst + n * C * P);
+      else
+        BlockedToNchw(src + n * C * P, C, P, B, dst + n * C * P);
+    });
+  };
+  auto count = [](const std::vector<int64_t>& s) { return static_cast<size_t>(s[0] * s[1] * s[2] * s[3]); };
+  gemm::AlignedFloats xn, rn, yn;
+  if (lay.x) {
+    xn = gemm::AllocFloats(count(xs));
+    convert(X, xs, false, xn.get());
+    X = xn.get();
+  }
+  if (lay.other && residual) {
+    rn = gemm::AllocFloats(count(yshape));
+    convert(residual, yshape, false, rn.get());
+    residual = rn.get();
+  }
+  float* Yn = Y;
+  if (lay.y) {
+    yn = gemm::AllocFloats(count(yshape));
+    Yn = yn.get();
+  }
+  const int64_t macs = run(X, residual, Yn);
+  if (lay.y) convert(Yn, yshape, true, Y);
+  return macs;
+}
+
+}  // namespace nchwc
+}  // namespace oz
+
+#ifdef ONNXZERO_HAVE_MLAS
+
+extern "C" {
+// lib/x86_64/SconvKernelFma3.S: one output row of up to 4 filter blocks (8 channels each).
+void MlasConvNchwcFloatKernelFma3(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                  size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
+                                  size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
+                                  size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
+                                  size_t OutputCount, size_t OutputCountRightPad, const float* Bias, unsigned KernelFlags);
+void MlasConvNchwcFloatKernelAvx512F(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                     size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
+                                     size_t OutputStride, size_t KernelHeight, size_t KernelWidth,
+                                     const float* InputBase, size_t InputWidth, size_t DilatedInputWidth,
+                                     size_t OutputCountLeftPad, size_t OutputCount, size_t OutputCountRightPad,
+                                     const float* Bias, unsigned KernelFlags);
+void MlasConvNchwFloatKernelAvx512F(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                    size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
+                                    size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
+                                    size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
+                                    size_t OutputCount, size_t OutputCountRightPad, const float* Bias,
+                                    unsigned KernelFlags);
+void MlasConvNchwFloatKernelFma3(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                 size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
+                                 size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
+                                 size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
+                                 size_t OutputCount, size_t OutputCountRightPad, const float* Bias, unsigned KernelFlags);
+}
+
+namespace oz {
+namespace nchwc {
+
+namespace {
+
+constexpr unsigned kAccumulate = 1, kAddBias = 2, kRelu = 4;  // MLAS_CONV_KERNEL_FLAG_*
+constexpr int64_t kFilterSet = 4;  // filter blocks per kernel call (the kernels' maximum)
+
+// Output positions along one dimension whose window starts in the left padding, lies inside, or
+// reaches into the right padding (MLAS's OutputCountLeftPad / OutputCount / OutputCountRightPad).
+struct Span {
+  size_t left = 0, mid = 0, right = 0;
+};
+Span PadCounts(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t dil, int64_t pad_left) {
+  const int64_t span = dil * (k - 1) + 1;
+  const int64_t with_left = in + pad_left >= span ? (in + pad_left - span) / stride + 1 : 0;
+  const int64_t left = std::min((pad_left + stride - 1) / stride, with_left);
+  return Span{static_cast<size_t>(left), static_cast<size_t>(with_left - left), static_cast<size_t>(out - with_left)};
+}
+
 // Filter rows (R floats each; nullptr: zeros) -> one blocked filter block dst[r * bs + lane], 8 lanes.
 void GatherLanes(const float* const* rows, int64_t R, float* dst, int64_t bs) {
   int64_t r = 0;
@@ -179,18 +328,6 @@ Scratch& TlsScratch() {
   return s;
 }
 
-// AVX-512F in the CPU and ZMM/opmask state saved by the OS (XCR0 bits 1, 2, 5, 6, 7).
-bool CpuHasAvx512F() {
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1u), "c"(0u));
-  if (!(c & (1u << 27))) return false;  // OSXSAVE
-  unsigned xlo = 0, xhi = 0;
-  __asm__("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0u));
-  if ((xlo & 0xE6u) != 0xE6u) return false;
-  __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7u), "c"(0u));
-  return b & (1u << 16);
-}
-
 // Tasks for `work` units: a few per hardware thread. The C API (up to 1.21's API 21) does not expose
 // the session pool's size, and KernelContext_ParallelFor with num_batch 0 schedules every task on its
 // own, so extra tasks only add balance; 1, 2 and 4 per thread measured alike (docs/design-kernels.md).
@@ -206,10 +343,7 @@ bool Built() { return true; }
 
 Filters::Filters(const float* w, const float* bias, int64_t K, int64_t C, int64_t KH, int64_t KW, int64_t group,
                  bool gatherable) {
-  static const bool avx512 = [] {
-    const char* e = std::getenv("OZ_DENSE");
-    return CpuHasAvx512F() && !(e != nullptr && std::string(e) == "fma3");
-  }();
+  const bool avx512 = CpuBlock() == 16;
   int64_t B = avx512 && K % 16 == 0 && (C % 16 == 0 || C < 16) ? 16 : 8;
   if (group != 1 || K <= 0 || C <= 0 || K % B != 0 || !(C % B == 0 || C < B)) return;
   K_ = K, C_ = C, KH_ = KH, KW_ = KW, B_ = B;
@@ -269,8 +403,8 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
   const Span sy = PadCounts(H, OH, g.KH, g.SH, g.DH, g.PT);
 
   Scratch& sc = TlsScratch();
-  const size_t in_floats = nchw ? 0 : static_cast<size_t>(N * C * HW);
-  const size_t out_floats = static_cast<size_t>(N * Kp * P);
+  const size_t in_floats = nchw || opt.x_blocked ? 0 : static_cast<size_t>(N * C * HW);
+  const size_t out_floats = opt.y_blocked && !lazy ? 0 : static_cast<size_t>(N * Kp * P);
   const size_t gf_floats = lazy ? static_cast<size_t>(N * Kp * R + N * Kp) : 0;
   float* base = sc.Floats(in_floats + out_floats + gf_floats);
   float* xin = base;
@@ -289,10 +423,30 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     else
       ParallelFor(ctx, n, fn);
   };
+  // Memory-bound passes (the blocked input's strengths, the lazy blocked write-back) over fewer than
+  // kMinParallelFloats floats stay on the calling thread too: with spinning off, a pool dispatch costs
+  // about as much as streaming 1 MB through one core.
+  constexpr int64_t kMinParallelFloats = 1 << 18;
+  auto stream = [&](size_t n, int64_t floats, auto&& fn) {
+    if (floats < kMinParallelFloats)
+      for (size_t i = 0; i < n; ++i) fn(i);
+    else
+      parallel(n, fn);
+  };
 
   // --- input to NCHWc (tasks over image, channel block, pixel chunk), with the lazy strengths
   std::vector<double> strengths;
-  if (!nchw) {
+  if (opt.x_blocked && (nchw || B != CpuBlock())) throw std::logic_error("onnxzero: nchwc blocked input on a non-NCHWc kernel");
+  if ((opt.y_blocked || opt.residual_blocked) && B != CpuBlock())
+    throw std::logic_error("onnxzero: nchwc blocked output with a block size not the CPU's");
+  if (opt.x_blocked) {
+    if (lazy) {  // the strengths: one pass over the blocked input
+      const int64_t units = N * (C / B);
+      strengths.assign(static_cast<size_t>(N * C), 0.0);
+      stream(static_cast<size_t>(units), N * C * HW,
+             [&](size_t u) { BlockAbsSums(X + u * B * HW, HW, B, strengths.data() + u * B); });
+    }
+  } else if (!nchw) {
     const int64_t Cb = C / B, units = N * Cb;
     const int64_t chunks = tiny ? 1 : std::max<int64_t>(1, std::min<int64_t>(PoolTasks(units * 8) / units, HW / 64));
     const int64_t csize = (HW + chunks - 1) / chunks;
@@ -327,13 +481,17 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
   // --- lazy: the selection, its filters gathered into blocks per image, and the channels left out
   const int32_t* sel = nullptr;
   std::vector<int32_t> others;
+  std::vector<int32_t> pos;  // lazy, blocked Y: per image and channel, its lane among the computed, or -1
   if (lazy) {
     sel = opt.select(strengths.data());
     others.reserve(static_cast<size_t>(N * (K - nsel)));
     std::vector<char> mark(static_cast<size_t>(K));
+    if (opt.y_blocked) pos.assign(static_cast<size_t>(N * K), -1);
     for (int64_t n = 0; n < N; ++n) {
       std::fill(mark.begin(), mark.end(), 0);
       for (int64_t j = 0; j < nsel; ++j) mark[sel[n * nsel + j]] = 1;
+      if (opt.y_blocked)
+        for (int64_t j = 0; j < nsel; ++j) pos[n * K + sel[n * nsel + j]] = static_cast<int32_t>(j);
       for (int64_t k = 0; k < K; ++k)
         if (!mark[k]) others.push_back(static_cast<int32_t>(k));
     }
@@ -374,6 +532,15 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
   const size_t out_stride = static_cast<size_t>(B * P) * F;
   const float* residual = opt.residual;
   const bool relu = opt.relu;
+  const bool direct = opt.y_blocked && !lazy;
+  const bool rblk = residual && opt.residual_blocked;
+  // Channel k of image n of the residual: base pointer and pixel stride (1 in NCHW, B blocked).
+  auto rplane = [&](int64_t n, int64_t k) {
+    return rblk ? residual + n * K * P + (k / B) * B * P + k % B : residual + (n * K + k) * P;
+  };
+  const int64_t rstep = rblk ? B : 1;
+  // The lane gathers below index one image's K * P floats with int32.
+  if ((rblk || (lazy && opt.y_blocked)) && K * P > INT32_MAX) throw std::length_error("onnxzero: image too large");
   const bool fuse_relu = relu && residual == nullptr;
   const unsigned last_flags = (f.HasBias() ? kAddBias : 0u) | (fuse_relu ? kRelu : 0u);
   const size_t PT = static_cast<size_t>(g.PT);
@@ -423,7 +590,8 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     const int64_t ob0 = fs * kFilterSet, nb = std::min(kFilterSet, Kb - ob0);
     const float* fset = lazy ? gfilt + (n * Kb + ob0) * B * R : f.Data() + ob0 * B * R;
     const float* bias = lazy ? gbias + n * Kp + ob0 * B : f.Bias() + ob0 * B;
-    float* yset = yout + n * Kp * P + ob0 * B * P;
+    // A dense run with a blocked Y: the kernels write straight into Y (same layout, Kp == K).
+    float* yset = (direct ? Y + n * K * P : yout + n * Kp * P) + ob0 * B * P;
     if (nchw) {
       const float* xn = X + n * C * HW;
       for (int64_t ph = r0; ph < r1; ++ph) {
@@ -446,7 +614,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     } else {
       const int64_t Cb = C / B;
       for (int64_t ib = 0; ib < Cb; ++ib) {
-        const float* in = xin + n * C * HW + ib * B * HW;
+        const float* in = (opt.x_blocked ? X : xin) + n * C * HW + ib * B * HW;
         const unsigned flags = (ib > 0 ? kAccumulate : 0u) | (ib == Cb - 1 ? last_flags : 0u);
         for (int64_t ph = r0; ph < r1; ++ph) {
           const float* filter = fset + ib * B * B * KS;
@@ -462,44 +630,126 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
         }
       }
     }
-    // this band of the set's filter blocks back to NCHW
+    // this band of the set's filter blocks to Y (+ residual, activation)
     const int64_t p0 = r0 * OW, p1 = r1 * OW;
-    float* yn = Y + n * K * P;
-    const float* rn = residual ? residual + n * K * P : nullptr;
-    for (int64_t ob = ob0; ob < ob0 + nb; ++ob)
-      for (int64_t h = 0; h < B; h += 8) {
-        const float* src = yout + n * Kp * P + ob * B * P + p0 * B + h;
-        float* dst[8];
-        const float* res[8];
-        for (int64_t c = 0; c < 8; ++c) {
-          const int64_t j = ob * B + h + c;
-          const int64_t k = lazy ? (j < nsel ? sel[n * nsel + j] : -1) : j;
-          dst[c] = k >= 0 ? yn + k * P : nullptr;
-          res[c] = rn && k >= 0 ? rn + k * P : nullptr;
-        }
-        if (residual) {
-          if (relu)
-            FromBlocked<true, true>(src, B, p0, p1, dst, res);
-          else
-            FromBlocked<true, false>(src, B, p0, p1, dst, res);
-        } else {
-          FromBlocked<false, false>(src, B, p0, p1, dst, res);
+    if (direct) {
+      if (residual) {  // the ReLU waited for the residual (not fused)
+        const __m256 zero = _mm256_setzero_ps();
+        for (int64_t ob = ob0; ob < ob0 + nb; ++ob) {
+          float* yb = Y + n * K * P + ob * B * P;
+          if (rblk) {
+            const float* rb = residual + n * K * P + ob * B * P;
+            for (int64_t i = p0 * B; i < p1 * B; i += 8) {
+              __m256 v = _mm256_add_ps(_mm256_loadu_ps(yb + i), _mm256_loadu_ps(rb + i));
+              if (relu) v = _mm256_max_ps(v, zero);
+              _mm256_storeu_ps(yb + i, v);
+            }
+          } else {
+            for (int64_t c = 0; c < B; ++c) {
+              const float* rr = rplane(n, ob * B + c);
+              for (int64_t p = p0; p < p1; ++p) {
+                const float v = yb[p * B + c] + rr[p];
+                yb[p * B + c] = relu ? std::max(v, 0.f) : v;
+              }
+            }
+          }
         }
       }
+    } else if (lazy && opt.y_blocked) {
+      // written in a second pass below: an output block takes its lanes from any filter set
+    } else {
+      if (rblk) {  // add the blocked residual into the computed blocks first, then to NCHW as without
+        const __m256 zero = _mm256_setzero_ps();
+        for (int64_t ob = ob0; ob < ob0 + nb; ++ob)
+          for (int64_t h = 0; h < B; h += 8) {
+            float* src = yout + n * Kp * P + ob * B * P + h;
+            alignas(32) int32_t ri[8];
+            int32_t live = 0;
+            for (int64_t c = 0; c < 8; ++c) {
+              const int64_t j = ob * B + h + c;
+              const int64_t k = lazy ? (j < nsel ? sel[n * nsel + j] : -1) : j;
+              ri[c] = k >= 0 ? static_cast<int32_t>((k / B) * B * P + k % B) : 0;
+              live |= k >= 0 ? 1 << c : 0;
+            }
+            const __m256i vri = _mm256_load_si256(reinterpret_cast<const __m256i*>(ri));
+            const float* rn = residual + n * K * P;
+            for (int64_t p = p0; p < p1; ++p) {
+              if (!live) break;
+              __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + p * B), _mm256_i32gather_ps(rn + p * B, vri, 4));
+              if (relu) v = _mm256_max_ps(v, zero);
+              _mm256_storeu_ps(src + p * B, v);
+            }
+          }
+      }
+      float* yn = Y + n * K * P;
+      const float* rn = residual ? residual + n * K * P : nullptr;
+      for (int64_t ob = ob0; ob < ob0 + nb; ++ob)
+        for (int64_t h = 0; h < B; h += 8) {
+          const float* src = yout + n * Kp * P + ob * B * P + p0 * B + h;
+          float* dst[8];
+          const float* res[8];
+          for (int64_t c = 0; c < 8; ++c) {
+            const int64_t j = ob * B + h + c;
+            const int64_t k = lazy ? (j < nsel ? sel[n * nsel + j] : -1) : j;
+            dst[c] = k >= 0 ? yn + k * P : nullptr;
+            res[c] = rn && k >= 0 ? rn + k * P : nullptr;
+          }
+          if (residual && !rblk) {
+            if (relu)
+              FromBlocked<true, true>(src, B, p0, p1, dst, res);
+            else
+              FromBlocked<true, false>(src, B, p0, p1, dst, res);
+          } else {
+            FromBlocked<false, false>(src, B, p0, p1, dst, res);
+          }
+        }
+    }
     // the channels left out (lazy), for this band: 0, or act(residual)
-    if (lazy && fs == 0) {
+    if (lazy && fs == 0 && !opt.y_blocked) {
       for (int64_t i = 0; i < K - nsel; ++i) {
         const int64_t k = others[n * (K - nsel) + i];
-        float* yr = yn + k * P;
-        if (!rn) {
+        float* yr = Y + (n * K + k) * P;
+        const float* rr = residual ? rplane(n, k) : nullptr;
+        if (!rr)
           std::fill(yr + p0, yr + p1, 0.f);
-        } else {
-          const float* rr = rn + k * P;
-          for (int64_t p = p0; p < p1; ++p) yr[p] = relu ? std::max(rr[p], 0.f) : rr[p];
-        }
+        else
+          for (int64_t p = p0; p < p1; ++p) yr[p] = relu ? std::max(rr[p * rstep], 0.f) : rr[p * rstep];
       }
     }
   });
+  if (lazy && opt.y_blocked) {
+    // Lane c of output block ob is computed lane pos[k] (k = ob * B + c) or a channel left out: one
+    // gather per 8 lanes and pixel, the left-out lanes masked to 0, then + residual and the activation.
+    const int64_t KB = K / B;
+    stream(static_cast<size_t>(N * KB), N * K * P, [&](size_t t) {
+      const int64_t n = static_cast<int64_t>(t) / KB, ob = static_cast<int64_t>(t) % KB;
+      const __m256 zero = _mm256_setzero_ps();
+      const float* src = yout + n * Kp * P;
+      float* dst = Y + n * K * P + ob * B * P;
+      for (int64_t h = 0; h < B; h += 8) {
+        alignas(32) int32_t gi[8], mk[8], ri[8];
+        for (int64_t c = 0; c < 8; ++c) {
+          const int32_t j = pos[n * K + ob * B + h + c];
+          gi[c] = j >= 0 ? static_cast<int32_t>((j / B) * B * P + j % B) : 0;
+          mk[c] = j >= 0 ? -1 : 0;
+          ri[c] = static_cast<int32_t>(c * P);
+        }
+        const __m256i vgi = _mm256_load_si256(reinterpret_cast<const __m256i*>(gi));
+        const __m256 vmk = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(mk)));
+        const __m256i vri = _mm256_load_si256(reinterpret_cast<const __m256i*>(ri));
+        const float* rb = residual ? residual + n * K * P + ob * B * P + h : nullptr;      // blocked
+        const float* rn = residual ? residual + (n * K + ob * B + h) * P : nullptr;        // NCHW
+        for (int64_t p = 0; p < P; ++p) {
+          __m256 v = _mm256_mask_i32gather_ps(zero, src + p * B, vgi, vmk, 4);
+          if (residual) {
+            v = _mm256_add_ps(v, rblk ? _mm256_loadu_ps(rb + p * B) : _mm256_i32gather_ps(rn + p, vri, 4));
+            if (relu) v = _mm256_max_ps(v, zero);
+          }
+          _mm256_storeu_ps(dst + p * B + h, v);
+        }
+      }
+    });
+  }
   return N * nsel * P * R;
 }
 

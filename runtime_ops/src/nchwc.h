@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 #include "common.h"
 #include "gemm.h"
@@ -29,6 +30,52 @@ namespace nchwc {
 
 // Whether the library was built with MLAS's kernels (cmake/Mlas.cmake found or fetched them).
 bool Built();
+
+// --- Blocked tensors passed between onnxzero ops (x_blocked / other_blocked / y_blocked attributes).
+// A blocked tensor is (N, C/B, H, W, B) float32: channel c of pixel p at [n][c / B][p][c % B], exactly
+// the kernels' NCHWc layout, so a chain of ops skips the reorders at every boundary but its edges.
+// B = CpuBlock(): 16 where the AVX-512F kernels run (CPU and OS support, OZ_DENSE != fma3), else 8.
+int64_t CpuBlock();
+
+// Which blocked tensors an op with weights (K, C/group, KH, KW) and `group` may take: X (C channels),
+// `other` and Y (both K channels). The rule: group 1 and K % 16 == 0 for any of them, and for X also
+// C % 16 == 0; an op with C % 16 != 0 serves `other` and Y only when C < 8 (a stem conv reading NCHW).
+// Then the op's kernel block (Filters::Block()) is CpuBlock() on every CPU, every blocked tensor's
+// channel count is a whole number of blocks (no padding lanes), and the decision does not depend on
+// the machine the model is built on. The Python mirror is onnxzero/ops/conv_relu.py blocked_io();
+// the two must stay the same rule.
+struct BlockedIo {
+  bool x = false, other = false, y = false;
+};
+BlockedIo BlockedIoFor(int64_t K, int64_t C, int64_t group);
+
+// Layout conversions (paths that do not run on the NCHWc kernels: the GEMM core, OZ_DENSE=gemm, a
+// library built without MLAS). C % B == 0. Single-threaded; callers split the work over images.
+void NchwToBlocked(const float* src, int64_t C, int64_t P, int64_t B, float* dst);  // one image
+void BlockedToNchw(const float* src, int64_t C, int64_t P, int64_t B, float* dst);  // one image
+// Per-channel sums of |x| over the P pixels of one block of B channels (the lazy strengths).
+void BlockAbsSums(const float* blk, int64_t P, int64_t B, double* out);
+
+// An op's layout attributes x_blocked / other_blocked / y_blocked (int, 0 or 1, default 0), read at
+// session creation and refused (naming op and attribute) where BlockedIoFor does not allow them.
+struct Layouts {
+  bool x = false, other = false, y = false;
+  bool Any() const { return x || other || y; }
+};
+Layouts ReadLayouts(const OrtKernelInfo* info, const char* op, int64_t K, int64_t C, int64_t group);
+// (N, C, H, W) -> (N, C/B, H, W, B), B = CpuBlock().
+std::vector<int64_t> BlockedShape(const std::vector<int64_t>& nchw);
+// Input X's shape as NCHW; a blocked X must be (N, C/B, H, W, B) with this CPU's B.
+std::vector<int64_t> NchwShapeOfX(const std::vector<int64_t>& xs, bool blocked, const char* op);
+// The residual input `other` (index `index`, nullptr when absent) checked against the conv output's
+// shape (N, K, OH, OW), or its blocked form when `blocked`.
+const float* OtherInputIn(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& yshape, bool blocked,
+                          const char* op);
+// Runs `run(X, residual, Y)` on NCHW tensors, converting the blocked ones (per `lay`) in and out:
+// the paths that do not run on the NCHWc kernels. xs, yshape: NCHW shapes. Returns run's value.
+int64_t WithNchw(OrtKernelContext* ctx, const Layouts& lay, const float* X, const std::vector<int64_t>& xs,
+                 const float* residual, const std::vector<int64_t>& yshape, float* Y,
+                 const std::function<int64_t(const float*, const float*, float*)>& run);
 
 // Filters reordered for the kernels, prepared once at session creation (immutable afterwards).
 class Filters {
@@ -73,6 +120,9 @@ struct RunOptions {
   // Needs a gatherable Filters.
   int64_t nsel = -1;
   std::function<const int32_t*(const double* strengths)> select;
+  // Layouts (see CpuBlock): X, residual and Y blocked instead of NCHW. Blocked X or Y need
+  // f.Block() == CpuBlock() and the NCHWc (not the stem's NCHW-input) kernel for X.
+  bool x_blocked = false, residual_blocked = false, y_blocked = false;
 };
 
 // Y = act(conv(X) + B [+ residual]) for the batch X (N, C, H, W) -> Y (N, K, OH, OW) on the session's
