@@ -648,7 +648,7 @@ struct EarlyExitKernel {
               t[l] = (rp.other && v + l < kn)
                          ? _mm256_maskload_ps(rp.other + (n * g.K + k0 + v + l) * P + p0, lanes)
                          : _mm256_setzero_ps();
-            sr::Transpose8(t);
+            Transpose8(t);
             __m256 b = _mm256_setzero_ps();
             if (v < kn) b = _mm256_maskload_ps(bias.data() + k0 + v, sr::LaneMask(static_cast<int>(std::min<int64_t>(8, kn - v))));
             for (int j = 0; j < 8; ++j) _mm256_store_ps(tile + j * fcp + v, _mm256_add_ps(t[j], b));
@@ -661,7 +661,7 @@ struct EarlyExitKernel {
           for (int64_t v = 0; v < kn; v += 8) {  // back to filter-major: 8x8 transposes
             __m256 t[8];
             for (int j = 0; j < 8; ++j) t[j] = _mm256_load_ps(tile + j * fcp + v);
-            sr::Transpose8(t);
+            Transpose8(t);
             for (int l = 0; l < 8 && v + l < kn; ++l)
               _mm256_maskstore_ps(Y + (n * g.K + k0 + v + l) * P + p0, lanes, sr::Relu(t[l]));
           }

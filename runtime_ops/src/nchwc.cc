@@ -2,6 +2,7 @@
 // (byte strides, padding counts, the effective kernel height at the top/bottom edges, the kernel
 // flags) follow MLAS's own driver, lib/snchwc.cpp, of onnxruntime 1.21.
 #include "nchwc.h"
+#include "simd.h"
 
 #include <immintrin.h>
 
@@ -23,24 +24,6 @@ namespace nchwc {
 
 namespace {
 
-inline void Transpose8x8(__m256 (&r)[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
 
 // 8 channel planes (plane stride `plane`) at pixels [p0, p1) -> blocked dst[(p - p0) * bs + c]
 // (bs: the block size; a 16-block is filled 8 channels at a time).
@@ -58,12 +41,12 @@ void ToBlocked(const float* src, int64_t plane, int64_t p0, int64_t p1, float* d
       r[c] = _mm256_loadu_ps(src + c * plane + p);
       if constexpr (ABS) acc[c] = _mm256_add_ps(acc[c], _mm256_and_ps(mask, r[c]));
     }
-    Transpose8x8(r);
+    Transpose8(r);
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (p - p0 + j) * bs, r[j]);
   }
   if constexpr (ABS) {
     // 8 channels' lane sums at once: transpose, then add the 8 rows.
-    Transpose8x8(acc);
+    Transpose8(acc);
     __m256 t = acc[0];
     for (int j = 1; j < 8; ++j) t = _mm256_add_ps(t, acc[j]);
     alignas(32) float v[8];
@@ -87,7 +70,7 @@ void FromBlocked(const float* src, int64_t bs, int64_t p0, int64_t p1, float* co
   for (; p + 8 <= p1; p += 8) {
     __m256 r[8];
     for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + (p - p0 + j) * bs);
-    Transpose8x8(r);
+    Transpose8(r);
     for (int c = 0; c < 8; ++c) {
       if (!dst[c]) continue;
       __m256 v = r[c];
@@ -303,7 +286,7 @@ void GatherLanes(const float* const* rows, int64_t R, float* dst, int64_t bs) {
   for (; r + 8 <= R; r += 8) {
     __m256 v[8];
     for (int o = 0; o < 8; ++o) v[o] = rows[o] ? _mm256_loadu_ps(rows[o] + r) : _mm256_setzero_ps();
-    Transpose8x8(v);
+    Transpose8(v);
     for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (r + j) * bs, v[j]);
   }
   for (; r < R; ++r)
