@@ -5,17 +5,11 @@
 # the build compiles MLAS's x86-64 convolution kernels from $1.
 set -euo pipefail
 dir=$1
-mkdir -p "$dir/apt/lists/partial" "$dir/apt/cache/archives/partial"
-cat > "$dir/sources.list" <<SRC
-deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main
-SRC
-opts=(-o "Dir::Etc::sourcelist=$dir/sources.list" -o "Dir::Etc::sourceparts=-"
-      -o "Dir::State::Lists=$dir/apt/lists" -o "Dir::Cache=$dir/apt/cache"
-      -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root" -qq)
-apt-get "${opts[@]}" update
+source "$(dirname "${BASH_SOURCE[0]}")/private_apt.sh"
+private_apt_setup "$dir" deb-src
 cd "$dir"
 # Only the orig tarball is needed (the .dsc and the Debian patches are not, and may 404).
-apt-get "${opts[@]}" source --download-only onnxruntime >/dev/null 2>&1 || true
+apt-get "${apt_opts[@]}" source --download-only onnxruntime >/dev/null 2>&1 || true
 tarball=$(ls onnxruntime_*.orig.tar.xz 2>/dev/null | head -1)
 test -n "$tarball" || { echo "fetch_mlas_source: no onnxruntime orig tarball downloaded" >&2; exit 1; }
 rm -rf src && mkdir src

@@ -4,15 +4,9 @@
 # $1, so the system's apt configuration and packages are untouched.
 set -euo pipefail
 dir=$1
-mkdir -p "$dir/apt/lists/partial" "$dir/apt/cache/archives/partial"
-cat > "$dir/sources.list" <<SRC
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main
-SRC
-opts=(-o "Dir::Etc::sourcelist=$dir/sources.list" -o "Dir::Etc::sourceparts=-"
-      -o "Dir::State::Lists=$dir/apt/lists" -o "Dir::Cache=$dir/apt/cache"
-      -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root" -qq)
-apt-get "${opts[@]}" update
+source "$(dirname "${BASH_SOURCE[0]}")/private_apt.sh"
+private_apt_setup "$dir" deb
 cd "$dir"
-apt-get "${opts[@]}" download libonnxruntime-dev
+apt-get "${apt_opts[@]}" download libonnxruntime-dev
 dpkg -x libonnxruntime-dev_*.deb "$dir/x"
 test -f "$dir/x/usr/include/onnxruntime/onnxruntime_c_api.h"
