@@ -783,3 +783,29 @@ def test_residual_sites_absorb_their_add_and_stay_exact(technique, mnist):
     assert [n.op_type for n in out.graph.node if n.op_type in ("Add", "Sum")] == []
     assert sum(n.op_type == "Conv" for n in out.graph.node) == 2 + (technique == "early-exit")  # + the stem
     assert_close(Evaluator(out).run(x).logits, Evaluator(model).run(x).logits)
+
+
+RESNET18_EXACT = {  # settings at which each technique computes the float model's outputs
+    "spatial": {"technique": "spatial", "patch": 2, "mask": [[1, 1], [1, 1]]},
+    "early-exit": {"technique": "early-exit", "mode": "exact"},
+    "lazy": {"technique": "lazy", "ratio": 1.0},
+    "sparse-quant": {"technique": "sparse-quant", "prune": 0.0},
+}
+
+
+@pytest.mark.parametrize("technique", list(RESNET18_EXACT))
+def test_resnet18_every_technique_rewrites_its_17_sites(technique, mnist):
+    """All 17 sites (8 residual), like the spatial paper's 17 prediction layers; exact early exit
+    leaves the stem (its input, normalized pixels, may be negative)."""
+    x, labels = mnist[0][:8], mnist[1][:8]
+    model = zoo_model("resnet18-mnist")
+    out, report = rewrite(model, config={"default": RESNET18_EXACT[technique]}, inputs=x, labels=labels)
+    assert len(report.sites) == 17 and sum(s.site.residual is not None for s in report.sites) == 8
+    assert len(report.rewritten) == (16 if technique == "early-exit" else 17)
+    assert [n.op_type for n in out.graph.node if n.op_type in ("Add", "Relu")] == \
+        (["Relu"] if technique == "early-exit" else [])  # the stem's Relu stays with its Conv
+    got, want = Evaluator(out).run(x).logits, Evaluator(model).run(x).logits
+    if technique == "sparse-quant":  # 8-bit weights: close, the same digits
+        assert np.array_equal(got.argmax(1), want.argmax(1)) and np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    else:
+        assert_close(got, want)
