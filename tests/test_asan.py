@@ -37,6 +37,7 @@ def test_op_tests_pass_under_asan():
     build.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "ONNXZERO_HYPOTHESIS_EXAMPLES": os.environ.get("ONNXZERO_HYPOTHESIS_EXAMPLES", "5")}
     env.pop("LD_PRELOAD", None)
+    env["PYTHON"] = sys.executable  # the interpreter this suite tests, whatever `python` is on PATH
     # One ASan build at a time (parallel test sessions share build/asan).
     with open(build.parent / ".asan.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

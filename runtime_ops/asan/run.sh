@@ -6,7 +6,8 @@
 # BUILD_DIR defaults to build/asan (relative to the repository root). Extra arguments go to pytest
 # (e.g. -k 'not slow', or test files instead of the default tests/test_op_*.py). onnxruntime's headers
 # come from $ONNXRUNTIME_INCLUDE_DIR, else a copy an earlier build fetched, else CMake fetches them.
-# Environment: ONNXZERO_HYPOTHESIS_EXAMPLES (default 8) caps hypothesis examples per test.
+# Environment: ONNXZERO_HYPOTHESIS_EXAMPLES (default 8) caps hypothesis examples per test; PYTHON the
+# interpreter whose onnxzero is tested (default: python on PATH).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BUILD=${1:-$ROOT/build/asan}
@@ -50,4 +51,4 @@ export LD_PRELOAD="$ASAN_LIB${STDCXX:+ $STDCXX}"
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_odr_violation=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}
 export ONNXZERO_LIBRARY=$LIB
 export ONNXZERO_HYPOTHESIS_EXAMPLES=${ONNXZERO_HYPOTHESIS_EXAMPLES:-8}
-exec python -m pytest -q -p no:cacheprovider "${TESTS[@]}" "$@"
+exec "${PYTHON:-python}" -m pytest -q -p no:cacheprovider "${TESTS[@]}" "$@"
