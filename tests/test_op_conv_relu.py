@@ -665,7 +665,8 @@ np.testing.assert_allclose(cr.from_blocked(y), ref, rtol=1e-4, atol=1e-4)
 print("B", B)
 '''
     env = dict(os.environ, OZ_DENSE=dense)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-P", "-c", code], env=env,  # -P: the installed onnxzero, not the source tree
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     if dense == "fma3":
         assert r.stdout.strip() == "B 8"

@@ -51,4 +51,5 @@ export LD_PRELOAD="$ASAN_LIB${STDCXX:+ $STDCXX}"
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_odr_violation=0${ASAN_OPTIONS:+:$ASAN_OPTIONS}
 export ONNXZERO_LIBRARY=$LIB
 export ONNXZERO_HYPOTHESIS_EXAMPLES=${ONNXZERO_HYPOTHESIS_EXAMPLES:-8}
-exec "${PYTHON:-python}" -m pytest -q -p no:cacheprovider "${TESTS[@]}" "$@"
+# -P: import the installed onnxzero (passes/ and cli/ live inside it), not the source tree in the cwd
+exec "${PYTHON:-python}" -P -m pytest -q -p no:cacheprovider "${TESTS[@]}" "$@"
