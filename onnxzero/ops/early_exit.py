@@ -63,8 +63,15 @@ MODES = ("exact", "predictive")
 # Negative terms, ranked by decreasing magnitude, are cut into bands at these fractions of their count;
 # each band is taken in increasing position (the kernel sweeps a band chunk by chunk over its im2col).
 NEG_BAND_EDGES = (0.0, 0.25, 0.5, 1.0)
+# Exact mode's paths (attribute skip_zeros): -1 the kernel's cost model, 0 dense, 1 sparse (zero inputs
+# skipped), 2 stop (each 8-output vector stops once its sign-ordered partial sums prove ReLU = 0).
+SKIP_ZEROS = (-1, 0, 1, 2)
+# Predictive calibration defaults (calibrate_predictive, the early-exit rule): the check after this
+# fraction of each filter's terms, cutting at most about this quantile of the outputs that end positive.
+DEFAULT_FRACTION = 0.25
+DEFAULT_QUANTILE = 0.05
 
-__all__ = ["NEG_BAND_EDGES", "OP", "MODES", "calibrate_predictive", "conv_relu_reference", "im2col", "make_node", "reference",
+__all__ = ["DEFAULT_FRACTION", "DEFAULT_QUANTILE", "NEG_BAND_EDGES", "OP", "MODES", "SKIP_ZEROS", "calibrate_predictive", "conv_relu_reference", "im2col", "make_node", "reference",
            "term_order"]
 
 
@@ -214,7 +221,7 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode
 
 
 def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *,
-                         fraction: float = 0.25, quantile: float = 0.05, other: np.ndarray | None = None,
+                         fraction: float = DEFAULT_FRACTION, quantile: float = DEFAULT_QUANTILE, other: np.ndarray | None = None,
                          strides=(1, 1), pads=(0, 0, 0, 0),
                          dilations=(1, 1), group: int = 1, auto_pad: str = "NOTSET") -> tuple[np.ndarray, np.ndarray]:
     """(n_terms (K,) int64, threshold (K,) float32) for predictive mode, from calibration inputs.
@@ -272,8 +279,9 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
     f"{w_name}_n_terms" / f"{w_name}_threshold") or the names of runtime graph inputs.
     nonneg_input: None = the mode's default (1 in exact mode, 0 in predictive mode).
     other: the residual operand's tensor name at a residual site (input 5), or None.
-    skip_zeros (exact mode): 1 = the sparse path (only nonzero inputs multiplied), 0 = the dense GEMM
-    path, None = the kernel's cost model decides per run (attribute absent, -1).
+    skip_zeros (exact mode): 1 = the sparse path (only nonzero inputs multiplied), 2 = the stop path
+    (sign-ordered terms, each 8-output vector stops on its own), 0 = the dense path, None = the
+    kernel's cost model decides per run (attribute absent, -1).
     """
     if mode not in MODES:
         raise ValueError(f"{OP}: mode is {mode!r}, expected one of {MODES}")
@@ -307,8 +315,8 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
     if nonneg_input is not None:
         attrs["nonneg_input"] = int(nonneg_input)
     if skip_zeros is not None:
-        if skip_zeros not in (-1, 0, 1):
-            raise ValueError(f"{OP}: skip_zeros is {skip_zeros!r}, expected -1, 0 or 1")
+        if skip_zeros not in SKIP_ZEROS:
+            raise ValueError(f"{OP}: skip_zeros is {skip_zeros!r}, expected one of {SKIP_ZEROS}")
         attrs["skip_zeros"] = int(skip_zeros)
     outputs = [y] + ([macs_output] if macs_output else [])
     node = helper.make_node(OP, inputs, outputs, domain=DOMAIN, name=name or f"{OP}_{y}", **attrs)
