@@ -43,8 +43,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--ideal", action="store_true", help="also the numpy reference's per-output skip (slow)")
-    ap.add_argument("--skip-zeros", type=int, default=None, choices=[-1, 0, 1],
-                    help="exact path: 1 sparse, 0 dense GEMM, default: the kernel's cost model")
+    ap.add_argument("--skip-zeros", type=int, default=None, choices=[-1, 0, 1, 2],
+                    help="exact path: 1 sparse, 2 stop, 0 dense, default: the kernel's cost model")
     args = ap.parse_args()
     model, _ = normalize(load_model(f"zoo:{args.model}"))
     data = np.load(zoo_path("mnist"))["inputs"][: args.images].astype(np.float32)

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -126,43 +127,59 @@ InputScan ScanInput(OrtKernelContext* ctx, const float* X, int64_t n) {
 
 // The stop kernel's vectors per task (one image, one group): 32 x 8 output positions.
 constexpr int kStopVecs = 32;
+// Live lanes below this share of the active vectors' lanes: re-pack them (RunStop).
+constexpr float kCompactBelow = 0.6f;
 
 // One period of L <= 8 terms (weights w, input offsets off) for the active vectors act[0..nact) of
-// the stop kernel: acc[8*i..] += sum_e w[e] * ptr[i][off[e]]. Four vectors at a time (four
-// independent FMA chains; the L broadcasts are shared by every vector of the period).
-template <int L>
-void StopPeriod(const float* w, const int64_t* off, const float* const* ptr, const int* act, int nact, float* acc) {
+// the stop kernel: acc[8*i..] += sum_e w[e] * x(i, e), four vectors at a time (four independent
+// FMA chains; the L broadcasts are shared by every vector of the period). Load: how vector i's 8
+// inputs of term e are read (contiguous from xg + vbase[i] + off[e], or gathered per lane).
+template <int L, class Load>
+OZ_SR_INLINE void Period(const float* w, const int* act, int nact, float* acc, const Load& load) {
   __m256 wb[L];
   OZ_SR_UNROLL for (int e = 0; e < L; ++e) wb[e] = _mm256_broadcast_ss(w + e);
   int j = 0;
   for (; j + 4 <= nact; j += 4) {
     const int i0 = act[j], i1 = act[j + 1], i2 = act[j + 2], i3 = act[j + 3];
-    const float *p0 = ptr[i0], *p1 = ptr[i1], *p2 = ptr[i2], *p3 = ptr[i3];
     __m256 a0 = _mm256_load_ps(acc + 8 * i0), a1 = _mm256_load_ps(acc + 8 * i1);
     __m256 a2 = _mm256_load_ps(acc + 8 * i2), a3 = _mm256_load_ps(acc + 8 * i3);
     OZ_SR_UNROLL for (int e = 0; e < L; ++e) {
-      a0 = _mm256_fmadd_ps(wb[e], _mm256_loadu_ps(p0 + off[e]), a0);
-      a1 = _mm256_fmadd_ps(wb[e], _mm256_loadu_ps(p1 + off[e]), a1);
-      a2 = _mm256_fmadd_ps(wb[e], _mm256_loadu_ps(p2 + off[e]), a2);
-      a3 = _mm256_fmadd_ps(wb[e], _mm256_loadu_ps(p3 + off[e]), a3);
+      a0 = _mm256_fmadd_ps(wb[e], load(i0, e), a0);
+      a1 = _mm256_fmadd_ps(wb[e], load(i1, e), a1);
+      a2 = _mm256_fmadd_ps(wb[e], load(i2, e), a2);
+      a3 = _mm256_fmadd_ps(wb[e], load(i3, e), a3);
     }
     _mm256_store_ps(acc + 8 * i0, a0), _mm256_store_ps(acc + 8 * i1, a1);
     _mm256_store_ps(acc + 8 * i2, a2), _mm256_store_ps(acc + 8 * i3, a3);
   }
   for (; j < nact; ++j) {
     const int i = act[j];
-    const float* p = ptr[i];
     __m256 a = _mm256_load_ps(acc + 8 * i), c = _mm256_setzero_ps();
     OZ_SR_UNROLL for (int e = 0; e < L; e += 2) {
-      a = _mm256_fmadd_ps(wb[e], _mm256_loadu_ps(p + off[e]), a);
-      if (e + 1 < L) c = _mm256_fmadd_ps(wb[e + 1], _mm256_loadu_ps(p + off[e + 1]), c);
+      a = _mm256_fmadd_ps(wb[e], load(i, e), a);
+      if (e + 1 < L) c = _mm256_fmadd_ps(wb[e + 1], load(i, e + 1), c);
     }
     _mm256_store_ps(acc + 8 * i, _mm256_add_ps(a, c));
   }
 }
-using PeriodFn = void (*)(const float*, const int64_t*, const float* const*, const int*, int, float*);
-constexpr PeriodFn kStopPeriod[9] = {nullptr, StopPeriod<1>, StopPeriod<2>, StopPeriod<3>, StopPeriod<4>,
-                                     StopPeriod<5>, StopPeriod<6>, StopPeriod<7>, StopPeriod<8>};
+template <int L>
+void StopPeriod(const float* w, const int64_t* off, const float* xg, const int64_t* vbase, const int* act, int nact,
+                float* acc) {
+  Period<L>(w, act, nact, acc, [&](int i, int e) { return _mm256_loadu_ps(xg + vbase[i] + off[e]); });
+}
+template <int L>
+void GatherPeriod(const float* w, const int64_t* off, const float* xg, const int32_t* loff, const int* act, int nact,
+                  float* acc) {
+  Period<L>(w, act, nact, acc, [&](int i, int e) {
+    return _mm256_i32gather_ps(xg + off[e], _mm256_load_si256(reinterpret_cast<const __m256i*>(loff + 8 * i)), 4);
+  });
+}
+using StopFn = void (*)(const float*, const int64_t*, const float*, const int64_t*, const int*, int, float*);
+using GatherFn = void (*)(const float*, const int64_t*, const float*, const int32_t*, const int*, int, float*);
+constexpr StopFn kStopPeriod[9] = {nullptr, StopPeriod<1>, StopPeriod<2>, StopPeriod<3>, StopPeriod<4>,
+                                   StopPeriod<5>, StopPeriod<6>, StopPeriod<7>, StopPeriod<8>};
+constexpr GatherFn kGatherPeriod[9] = {nullptr, GatherPeriod<1>, GatherPeriod<2>, GatherPeriod<3>, GatherPeriod<4>,
+                                       GatherPeriod<5>, GatherPeriod<6>, GatherPeriod<7>, GatherPeriod<8>};
 
 // Offset of reduction row r = (c, kh, kw) in the padded, stride-phase-split input: output columns
 // ow0..ow0+7 of output row oh read 8 consecutive floats at base(oh, ow0) + roff[r].
@@ -185,6 +202,7 @@ struct EarlyExitKernel {
   // exact mode: 1 sparse path (zero inputs skipped), 2 stop path (each 8-output vector stops on its own
   // once its sign-ordered partial sums prove ReLU = 0), 0 dense path, -1 by the cost model (SparsePays)
   int skip_zeros = -1;
+  bool no_compaction = false;  // OZ_EE_NO_COMPACTION=1 (read once): the stop kernel without lane re-packing, to measure it
   bool has_other = false;  // input 5 `other`: a residual site, ReLU(conv + bias + other)
   std::vector<float> bias;
   // Terms of the stop kernel (reduction row, weight), filter by filter in the op's order (BuildTerms);
@@ -237,6 +255,11 @@ struct EarlyExitKernel {
     }
 
     has_other = sr::InputPresent(info, 5);
+    static const bool no_compact_env = [] {
+      const char* e = std::getenv("OZ_EE_NO_COMPACTION");
+      return e && e[0] == '1';
+    }();
+    no_compaction = no_compact_env;
 
     BuildTerms(w.as<float>());
     PackWeights(w.as<float>());
@@ -498,16 +521,17 @@ struct EarlyExitKernel {
   }
 
   // The stop kernel (exact mode's stop path, predictive mode; inputs already validated). Outputs in
-  // lanes: a vector is 8 consecutive output columns of one output row (one unaligned load of the
-  // padded, stride-phase-split input per term, at base + roff[row]); a task holds up to kStopVecs
-  // such vectors of one image and runs a block of filters over them, one filter at a time, in the
-  // filter's own term order. The terms go in periods of <= 8 (weights broadcast once per period,
-  // 4 vectors interleaved: 4 FMA chains); once the positives are done, every period ends with a
-  // check, and a vector whose 8 lanes are all <= 0 (or cut by the threshold, or past the row's end)
-  // stops: it is dropped from the task's active list (swap with the last), so the periods that
-  // follow touch only vectors still running. Predictive: a period also ends at N = n_terms[k],
-  // where the lanes with S_N < threshold are cut (output 0). Returns the MACs done: per vector,
-  // terms done x its valid lanes.
+  // lanes: a task takes up to kStopVecs vectors of 8 consecutive output columns of one output row
+  // (one image, one group; one unaligned load of the padded, stride-phase-split input per term, at
+  // base + roff[row]) and runs a block of filters over them, one filter at a time, in the filter's
+  // own term order (BuildTerms). Terms go in periods of <= 8 (weights broadcast once per period, 4
+  // vectors interleaved: 4 FMA chains). Once the positives are done every period ends with a check:
+  // a lane is done when its sum is <= 0 (exact: only negative terms remain, x >= 0) or the threshold
+  // cut it (predictive, at N = n_terms[k], where a period always ends). A vector whose lanes are all
+  // done stops (dropped from the active list). When the live lanes fill less than kCompactBelow of
+  // the active vectors, they are re-packed into full vectors whose loads are gathers (per-lane input
+  // offsets), so one slow lane no longer holds 7 done ones. Returns the MACs done: per lane, the
+  // terms computed while it sat in a vector.
   int64_t RunStop(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
                   int64_t N) const {
     const int64_t P = g.P(), G = g.G, Kg = g.Kg();
@@ -523,12 +547,16 @@ struct EarlyExitKernel {
     const size_t items = static_cast<size_t>(base * nkb);
     const size_t tasks = sr::PartitionTasks(items);
     std::vector<int64_t> task_macs(tasks, 0);
+    // lane offsets are int32 from one image group's first input
+    const bool compact = rp.exits && !no_compaction && g.Cg() * pi.chan < (int64_t{1} << 31) && P < (int64_t{1} << 31);
     sr::ForTasks(context, tasks, [&](size_t t) {
-      alignas(32) float acc[kStopVecs * 8];
-      alignas(32) float cut[kStopVecs * 8];  // lanes cut by the threshold, or past the row's end
-      const float* ptr[kStopVecs];
-      int64_t yoff[kStopVecs];
-      int n8[kStopVecs], act[kStopVecs];
+      constexpr int kL = kStopVecs * 8;
+      alignas(32) float acc[kL];
+      alignas(32) float cut[kL];       // lanes cut by the threshold, or not holding a position
+      alignas(32) int32_t loff[kL];    // per lane: its first input, relative to xg
+      int32_t yof[kL];                 // per lane: its output position
+      int64_t vbase[kStopVecs];        // contiguous vectors: the first lane's input offset
+      int act[kStopVecs];
       int64_t macs = 0;
       for (size_t it = t * items / tasks; it < (t + 1) * items / tasks; ++it) {
         int64_t rem = static_cast<int64_t>(it);
@@ -537,35 +565,40 @@ struct EarlyExitKernel {
         const int64_t grp = rem % G, n = rem / G;
         const float* xg = pi.data + (n * g.C + grp * g.Cg()) * pi.chan;
         const int64_t v0 = vb * kStopVecs, nv = std::min<int64_t>(kStopVecs, nvt - v0);
-        for (int64_t i = 0; i < nv; ++i) {
-          const int64_t oh = (v0 + i) / gw, ow0 = (v0 + i) % gw * 8;
-          ptr[i] = xg + oh * g.SH * pi.row + ow0;
-          yoff[i] = oh * g.OW + ow0;
-          n8[i] = static_cast<int>(std::min<int64_t>(8, g.OW - ow0));
-        }
         const int64_t k0 = grp * Kg + kb * kbs, k1 = std::min(grp * Kg + Kg, k0 + kbs);
         for (int64_t k = k0; k < k1; ++k) {
           const float* oth = rp.other ? rp.other + (n * g.K + k) * P : nullptr;
           float* yk = Y + (n * g.K + k) * P;
           const __m256 b = _mm256_set1_ps(bias[static_cast<size_t>(k)]);
           for (int64_t i = 0; i < nv; ++i) {
-            const __m256i lanes = sr::LaneMask(n8[i]);
+            const int64_t oh = (v0 + i) / gw, ow0 = (v0 + i) % gw * 8;
+            const int nl = static_cast<int>(std::min<int64_t>(8, g.OW - ow0));
+            vbase[i] = oh * g.SH * pi.row + ow0;
+            for (int l = 0; l < 8; ++l) yof[8 * i + l] = l < nl ? static_cast<int32_t>(oh * g.OW + ow0 + l) : -1;
+            const __m256i lanes = sr::LaneMask(nl);
             __m256 a = b;
-            if (oth) a = _mm256_add_ps(a, _mm256_maskload_ps(oth + yoff[i], lanes));
+            if (oth) a = _mm256_add_ps(a, _mm256_maskload_ps(oth + oh * g.OW + ow0, lanes));
             _mm256_store_ps(acc + 8 * i, a);
             _mm256_store_ps(cut + 8 * i, _mm256_xor_ps(_mm256_castsi256_ps(lanes), _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
             act[i] = static_cast<int>(i);
           }
           int nact = static_cast<int>(nv);
+          bool gathered = false;
           const int32_t* tr = rows.data() + tptr[k];
           const float* tw = wts.data() + tptr[k];
           const int64_t T = tptr[k + 1] - tptr[k], np = npos[k];
           const int64_t nn = rp.predictive ? std::min(rp.n_terms[k], T) : -1;
           const __m256 th = _mm256_set1_ps(rp.predictive ? rp.threshold[k] : 0.f);
           int64_t done = 0;
+          auto lanes_of = [&](int i) {
+            int c = 0;
+            for (int l = 0; l < 8; ++l) c += yof[8 * i + l] >= 0;
+            return c;
+          };
           for (;;) {
             const bool at_thr = done == nn, at_exit = rp.exits && done >= np;
             if (at_thr || at_exit) {
+              int live = 0;
               for (int j = 0; j < nact;) {
                 const int i = act[j];
                 const __m256 a = _mm256_load_ps(acc + 8 * i);
@@ -575,13 +608,46 @@ struct EarlyExitKernel {
                   _mm256_store_ps(cut + 8 * i, c);
                 }
                 if (at_exit) c = _mm256_or_ps(c, _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_LE_OQ));
-                if (_mm256_movemask_ps(c) == 0xff) {  // every lane 0: stop here
-                  macs += done * n8[i];
-                  _mm256_maskstore_ps(yk + yoff[i], sr::LaneMask(n8[i]), _mm256_setzero_ps());
+                const int m = _mm256_movemask_ps(c);
+                if (m == 0xff) {  // every lane's output is 0: stop here
+                  for (int l = 0; l < 8; ++l)
+                    if (yof[8 * i + l] >= 0) yk[yof[8 * i + l]] = 0.f, macs += done;
                   act[j] = act[--nact];
                 } else {
+                  live += 8 - __builtin_popcount(static_cast<unsigned>(m));
                   ++j;
                 }
+              }
+              if (compact && at_exit && nact > 0 && live < kCompactBelow * 8 * nact) {
+                // re-pack the live lanes (in place: lanes only move to lower slots) into full gathered
+                // vectors; the lanes dropped are done (output 0)
+                int w = 0;
+                std::sort(act, act + nact);
+                for (int j = 0; j < nact; ++j) {
+                  const int i = act[j];
+                  const __m256 a = _mm256_load_ps(acc + 8 * i);
+                  const __m256 c = _mm256_or_ps(_mm256_load_ps(cut + 8 * i), _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_LE_OQ));
+                  const int m = _mm256_movemask_ps(c);
+                  for (int l = 0; l < 8; ++l) {
+                    const int s = 8 * i + l;
+                    if (yof[s] < 0) continue;
+                    if (m >> l & 1) {
+                      yk[yof[s]] = 0.f;
+                      macs += done;
+                      continue;
+                    }
+                    const int32_t off = gathered ? loff[s] : static_cast<int32_t>(vbase[i] + l);
+                    acc[w] = acc[s], loff[w] = off, yof[w] = yof[s], cut[w] = 0.f;
+                    ++w;
+                  }
+                }
+                nact = (w + 7) / 8;
+                for (; w < 8 * nact; ++w) {  // tail lanes: no position, read a valid input, never stored
+                  acc[w] = 0.f, loff[w] = 0, yof[w] = -1;
+                  std::memset(&cut[w], 0xff, sizeof(float));
+                }
+                for (int j = 0; j < nact; ++j) act[j] = j;
+                gathered = true;
               }
             }
             if (done >= T || nact == 0) break;
@@ -590,14 +656,19 @@ struct EarlyExitKernel {
             if (done < nn && end > nn) end = nn;
             int64_t off[8];
             for (int64_t e = done; e < end; ++e) off[e - done] = roff[static_cast<size_t>(tr[e])];
-            kStopPeriod[end - done](tw + done, off, ptr, act, nact, acc);
+            if (gathered)
+              kGatherPeriod[end - done](tw + done, off, xg, loff, act, nact, acc);
+            else
+              kStopPeriod[end - done](tw + done, off, xg, vbase, act, nact, acc);
             done = end;
           }
           for (int j = 0; j < nact; ++j) {  // ran to the end: ReLU, lanes cut by the threshold 0
             const int i = act[j];
-            macs += T * n8[i];
-            const __m256 y = _mm256_andnot_ps(_mm256_load_ps(cut + 8 * i), sr::Relu(_mm256_load_ps(acc + 8 * i)));
-            _mm256_maskstore_ps(yk + yoff[i], sr::LaneMask(n8[i]), y);
+            alignas(32) float y[8];
+            _mm256_store_ps(y, _mm256_andnot_ps(_mm256_load_ps(cut + 8 * i), sr::Relu(_mm256_load_ps(acc + 8 * i))));
+            for (int l = 0; l < 8; ++l)
+              if (yof[8 * i + l] >= 0) yk[yof[8 * i + l]] = y[l];
+            macs += T * lanes_of(i);
           }
         }
       }
