@@ -41,11 +41,23 @@ struct SparseQuantKernel {
   std::vector<float> bias;       // (K,) zeros when B is absent
   int64_t nnz = 0;               // kept (non-filler) entries over all filters
   bool has_other = false;        // input 5 `other`: a residual site, ReLU(conv + bias + other)
-  // Dense path: above this density the packed GEMM core on the dequantized weights beats the
-  // sparse kernel (one Col load per FMA): measured 0.80-0.95x onnxruntime sparse vs 0.98-1.28x
-  // dense at 50% nonzeros, ~1.8x vs ~1.1x at 100%: crossover ~60% (docs/design-early-exit.md).
-  static constexpr double kDenseAbove = 0.6;
-  bool use_dense = false;        // attribute sparse_path: 1 never, 0 always, -1 (default) by density
+  // Dense path: above this density MLAS's direct convolution on the dequantized weights beats the
+  // sparse kernel (one Col load per FMA): measured 0.76-0.97x onnxruntime sparse vs 0.99-1.07x dense
+  // at 50 % nonzeros on maps of 14x14 and more, ~1.8x vs ~1.1x at 100 %: crossover ~60 %. On small
+  // maps (one image: fewer than kSmallMap positions, so a position block fills few accumulators and
+  // each term's decode is shared by few FMAs) the sparse kernel loses at 50 % already (256x7x7:
+  // 1.44 vs 1.06, 512x4x4: 1.36 vs 1.07) and still wins at 10 % (0.26-0.49): crossover ~30 %. A
+  // reduction shorter than kShortReduction (a stem: 1x3x3) never pays (1->64 28x28: 2.20 vs 1.50 at
+  // 50 %, 1.83 at 10 %). Decided per run (the map size is known then): DenseAbove.
+  static constexpr double kDenseAbove = 0.6, kDenseAboveSmall = 0.3;
+  static constexpr int64_t kSmallMap = 128, kShortReduction = 32;
+  static double DenseAbove(int64_t P, int64_t CRS) {
+    return CRS < kShortReduction ? -1.0 : P < kSmallMap ? kDenseAboveSmall : kDenseAbove;
+  }
+  int sparse_path = -1;          // attribute sparse_path: 1 always, 0 never, -1 (default) by density and map size
+  bool UseDense(int64_t P) const {
+    return sparse_path == 0 || (sparse_path == -1 && double(nnz) > DenseAbove(P, CRS) * double(K * CRS));
+  }
   nchwc::Filters direct;         // the dequantized weights, only when use_dense: MLAS's direct conv
   gemm::ConvWeights dense;       // ... or the packed GEMM core where that does not serve the shape
 
@@ -114,8 +126,9 @@ struct SparseQuantKernel {
     const uint8_t* idx = index.as<uint8_t>();
     Validate(val, idx, rp, L);
     BuildRuntime(val, idx, rp, L);
-    use_dense = sp == 0 || (sp == -1 && double(nnz) > kDenseAbove * double(K * CRS));
-    if (use_dense) {
+    sparse_path = static_cast<int>(sp);
+    const bool dense_some = UseDense(1), dense_always = UseDense(kSmallMap);  // small maps go dense first
+    if (dense_some) {
       // dequantized once: q * 2^-fl is exact in float, so both paths multiply the same weights
       std::vector<float> w(static_cast<size_t>(K * CRS), 0.f);
       for (int64_t k = 0; k < K; ++k) {
@@ -127,7 +140,8 @@ struct SparseQuantKernel {
       }
       direct = nchwc::Filters(w.data(), bias.data(), K, Cg * attrs.group, KH, KW, attrs.group);
       if (!direct.ok()) dense = gemm::ConvWeights(w.data(), bias.data(), K, Cg, KH, KW, attrs.group);
-      // the sparse form is never read on this path: do not keep the weights twice
+    }
+    if (dense_always) {  // the sparse form is never read: do not keep the weights twice
       std::vector<uint8_t>().swap(terms);
       std::vector<uint32_t>().swap(toff);
     }
@@ -239,11 +253,11 @@ struct SparseQuantKernel {
       float* Y = y.GetTensorMutableData<float>();
       if (ctx.GetOutputCount() > 1) {
         auto m = ctx.GetOutput(1, std::vector<int64_t>{});
-        *m.GetTensorMutableData<int64_t>() = N * P * (use_dense ? K * CRS : nnz);
+        *m.GetTensorMutableData<int64_t>() = N * P * (UseDense(P) ? K * CRS : nnz);
       }
       const float* other = sr::OtherInput(context, 5, has_other, g, N, kOp);
       if (N == 0 || P == 0) return;
-      if (use_dense) {
+      if (UseDense(P)) {
         RunDense(context, g, X, other, Y, N);
         return;
       }
