@@ -181,17 +181,7 @@ constexpr StopFn kStopPeriod[9] = {nullptr, StopPeriod<1>, StopPeriod<2>, StopPe
 constexpr GatherFn kGatherPeriod[9] = {nullptr, GatherPeriod<1>, GatherPeriod<2>, GatherPeriod<3>, GatherPeriod<4>,
                                        GatherPeriod<5>, GatherPeriod<6>, GatherPeriod<7>, GatherPeriod<8>};
 
-// Offset of reduction row r = (c, kh, kw) in the padded, stride-phase-split input: output columns
-// ow0..ow0+7 of output row oh read 8 consecutive floats at base(oh, ow0) + roff[r].
-std::vector<int64_t> RowOffsets(const ConvGeom& g, const sr::PaddedInput& pi) {
-  const int64_t CRS = g.Cg() * g.KH * g.KW;
-  std::vector<int64_t> roff(static_cast<size_t>(CRS));
-  for (int64_t r = 0; r < CRS; ++r) {
-    const int64_t c = r / (g.KH * g.KW), kh = r / g.KW % g.KH, tap = r % g.KW * g.DW;
-    roff[static_cast<size_t>(r)] = c * pi.chan + kh * g.DH * pi.row + tap % pi.SW * pi.Wq + tap / pi.SW;
-  }
-  return roff;
-}
+using sr::RowOffsets;
 
 struct EarlyExitKernel {
   ConvAttrs attrs;
@@ -219,6 +209,7 @@ struct EarlyExitKernel {
   // onnxruntime's own Conv runs), else the packed GEMM core; bias included
   nchwc::Filters direct;
   gemm::ConvWeights dense;
+  sr::ShortConv short_conv;  // reductions shorter than ShortConv::kMaxReduction (stems): its own kernel
 
   EarlyExitKernel() = default;  // for the standalone benchmark harness
   explicit EarlyExitKernel(const OrtKernelInfo* info) {
@@ -263,6 +254,10 @@ struct EarlyExitKernel {
 
     BuildTerms(w.as<float>());
     PackWeights(w.as<float>());
+    if (CRS < sr::ShortConv::kMaxReduction) {
+      short_conv = sr::ShortConv(w.as<float>(), bias.data(), K, CRS, attrs.group);
+      return;
+    }
     direct = nchwc::Filters(w.as<float>(), bias.data(), K, w.shape[1] * attrs.group, w.shape[2], w.shape[3], attrs.group);
     if (!direct.ok())
       dense = gemm::ConvWeights(w.as<float>(), bias.data(), K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
@@ -431,6 +426,7 @@ struct EarlyExitKernel {
   // Add+Relu do; the fused ReLUs would turn it into 0). Returns the MACs done.
   int64_t RunDense(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
                    int64_t N) const {
+    if (short_conv.ok()) return short_conv.Run(context, g, X, N, rp.other, Y);
     int64_t macs;
     if (direct.ok()) {
       nchwc::RunOptions opt;
@@ -540,7 +536,7 @@ struct EarlyExitKernel {
     const std::vector<int64_t> roff = RowOffsets(g, pi);
     const int64_t gw = (g.OW + 7) / 8, nvt = g.OH * gw, nvb = (nvt + kStopVecs - 1) / kStopVecs;
     const int64_t base = N * G * nvb;
-    const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+    const int64_t hw = static_cast<int64_t>(sr::HardwareThreads());
     int64_t nkb = std::max<int64_t>(1, std::min<int64_t>(Kg, (4 * hw + base - 1) / base));
     const int64_t kbs = (Kg + nkb - 1) / nkb;
     nkb = (Kg + kbs - 1) / kbs;

@@ -58,8 +58,9 @@ struct SparseQuantKernel {
   bool UseDense(int64_t P) const {
     return sparse_path == 0 || (sparse_path == -1 && double(nnz) > DenseAbove(P, CRS) * double(K * CRS));
   }
-  nchwc::Filters direct;         // the dequantized weights, only when use_dense: MLAS's direct conv
+  nchwc::Filters direct;         // the dequantized weights, only when UseDense can hold: MLAS's direct conv
   gemm::ConvWeights dense;       // ... or the packed GEMM core where that does not serve the shape
+  sr::ShortConv short_conv;      // ... or, for reductions shorter than ShortConv::kMaxReduction (stems), this
 
   SparseQuantKernel() = default;  // for the standalone benchmark harness
   explicit SparseQuantKernel(const OrtKernelInfo* info) {
@@ -138,8 +139,12 @@ struct SparseQuantKernel {
           if (val[e] != 0) w[static_cast<size_t>(k * CRS + pos)] = float(val[e]) * scale;
         }
       }
-      direct = nchwc::Filters(w.data(), bias.data(), K, Cg * attrs.group, KH, KW, attrs.group);
-      if (!direct.ok()) dense = gemm::ConvWeights(w.data(), bias.data(), K, Cg, KH, KW, attrs.group);
+      if (CRS < sr::ShortConv::kMaxReduction) {
+        short_conv = sr::ShortConv(w.data(), bias.data(), K, CRS, attrs.group);
+      } else {
+        direct = nchwc::Filters(w.data(), bias.data(), K, Cg * attrs.group, KH, KW, attrs.group);
+        if (!direct.ok()) dense = gemm::ConvWeights(w.data(), bias.data(), K, Cg, KH, KW, attrs.group);
+      }
     }
     if (dense_always) {  // the sparse form is never read: do not keep the weights twice
       std::vector<uint8_t>().swap(terms);
@@ -269,6 +274,10 @@ struct SparseQuantKernel {
   // ReLU fused); with a shortcut, + other and the NaN-keeping ReLU in a second pass.
   void RunDense(OrtKernelContext* context, const ConvGeom& g, const float* X, const float* other, float* Y,
                 int64_t N) const {
+    if (short_conv.ok()) {
+      short_conv.Run(context, g, X, N, other, Y);
+      return;
+    }
     if (direct.ok()) {
       nchwc::RunOptions opt;
       opt.relu = other == nullptr;
@@ -291,7 +300,7 @@ struct SparseQuantKernel {
     // Filter blocks: at most 128 filters (a 32 KiB accumulator tile), and enough
     // blocks for a few tasks per thread when there are few position blocks.
     const int64_t base = N * G * pb.count;
-    const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+    const int64_t hw = static_cast<int64_t>(sr::HardwareThreads());
     int64_t nkb = std::max<int64_t>((Kg + 127) / 128, std::min<int64_t>((Kg + 15) / 16, (4 * hw + base - 1) / base));
     nkb = std::max<int64_t>(1, std::min(nkb, Kg));
     const int64_t kbs = (Kg + nkb - 1) / nkb;
