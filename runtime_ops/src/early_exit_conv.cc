@@ -209,7 +209,6 @@ struct EarlyExitKernel {
   // onnxruntime's own Conv runs), else the packed GEMM core; bias included
   nchwc::Filters direct;
   gemm::ConvWeights dense;
-  sr::ShortConv short_conv;  // reductions shorter than ShortConv::kMaxReduction (stems): its own kernel
 
   EarlyExitKernel() = default;  // for the standalone benchmark harness
   explicit EarlyExitKernel(const OrtKernelInfo* info) {
@@ -254,10 +253,6 @@ struct EarlyExitKernel {
 
     BuildTerms(w.as<float>());
     PackWeights(w.as<float>());
-    if (CRS < sr::ShortConv::kMaxReduction) {
-      short_conv = sr::ShortConv(w.as<float>(), bias.data(), K, CRS, attrs.group);
-      return;
-    }
     direct = nchwc::Filters(w.as<float>(), bias.data(), K, w.shape[1] * attrs.group, w.shape[2], w.shape[3], attrs.group);
     if (!direct.ok())
       dense = gemm::ConvWeights(w.as<float>(), bias.data(), K, w.shape[1], w.shape[2], w.shape[3], attrs.group);
@@ -426,7 +421,6 @@ struct EarlyExitKernel {
   // Add+Relu do; the fused ReLUs would turn it into 0). Returns the MACs done.
   int64_t RunDense(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
                    int64_t N) const {
-    if (short_conv.ok()) return short_conv.Run(context, g, X, N, rp.other, Y);
     int64_t macs;
     if (direct.ok()) {
       nchwc::RunOptions opt;

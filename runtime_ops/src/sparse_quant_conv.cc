@@ -60,7 +60,6 @@ struct SparseQuantKernel {
   }
   nchwc::Filters direct;         // the dequantized weights, only when UseDense can hold: MLAS's direct conv
   gemm::ConvWeights dense;       // ... or the packed GEMM core where that does not serve the shape
-  sr::ShortConv short_conv;      // ... or, for reductions shorter than ShortConv::kMaxReduction (stems), this
 
   SparseQuantKernel() = default;  // for the standalone benchmark harness
   explicit SparseQuantKernel(const OrtKernelInfo* info) {
@@ -139,12 +138,8 @@ struct SparseQuantKernel {
           if (val[e] != 0) w[static_cast<size_t>(k * CRS + pos)] = float(val[e]) * scale;
         }
       }
-      if (CRS < sr::ShortConv::kMaxReduction) {
-        short_conv = sr::ShortConv(w.data(), bias.data(), K, CRS, attrs.group);
-      } else {
-        direct = nchwc::Filters(w.data(), bias.data(), K, Cg * attrs.group, KH, KW, attrs.group);
-        if (!direct.ok()) dense = gemm::ConvWeights(w.data(), bias.data(), K, Cg, KH, KW, attrs.group);
-      }
+      direct = nchwc::Filters(w.data(), bias.data(), K, Cg * attrs.group, KH, KW, attrs.group);
+      if (!direct.ok()) dense = gemm::ConvWeights(w.data(), bias.data(), K, Cg, KH, KW, attrs.group);
     }
     if (dense_always) {  // the sparse form is never read: do not keep the weights twice
       std::vector<uint8_t>().swap(terms);
@@ -274,10 +269,6 @@ struct SparseQuantKernel {
   // ReLU fused); with a shortcut, + other and the NaN-keeping ReLU in a second pass.
   void RunDense(OrtKernelContext* context, const ConvGeom& g, const float* X, const float* other, float* Y,
                 int64_t N) const {
-    if (short_conv.ok()) {
-      short_conv.Run(context, g, X, N, other, Y);
-      return;
-    }
     if (direct.ok()) {
       nchwc::RunOptions opt;
       opt.relu = other == nullptr;

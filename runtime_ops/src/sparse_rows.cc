@@ -1,7 +1,6 @@
 // sparse_rows: im2col of a position block, block sizing, per-thread scratch.
 #include "sparse_rows.h"
 
-#include <new>
 
 #include <cstdlib>
 #include <memory>
@@ -298,68 +297,6 @@ std::vector<int64_t> RowOffsets(const ConvGeom& g, const PaddedInput& pi) {
     roff[static_cast<size_t>(r)] = c * pi.chan + kh * g.DH * pi.row + tap % pi.SW * pi.Wq + tap / pi.SW;
   }
   return roff;
-}
-
-ShortConv::ShortConv(const float* w, const float* bias, int64_t K, int64_t CRS, int64_t group)
-    : K_(K), CRS_(CRS), G_(group) {
-  const int64_t Kg = K / group;
-  nkb_ = (Kg + 7) / 8;
-  w_.assign(static_cast<size_t>(group * nkb_ * CRS * 8), 0.f);
-  bias_.assign(static_cast<size_t>(group * nkb_ * 8), 0.f);
-  for (int64_t grp = 0; grp < group; ++grp)
-    for (int64_t kk = 0; kk < Kg; ++kk) {
-      const int64_t k = grp * Kg + kk, kb = kk / 8, l = kk % 8;
-      for (int64_t r = 0; r < CRS; ++r) w_[static_cast<size_t>(((grp * nkb_ + kb) * CRS + r) * 8 + l)] = w[k * CRS + r];
-      if (bias) bias_[static_cast<size_t>((grp * nkb_ + kb) * 8 + l)] = bias[k];
-    }
-}
-
-int64_t ShortConv::Run(OrtKernelContext* ctx, const ConvGeom& g, const float* X, int64_t N, const float* other,
-                       float* Y) const {
-  PaddedInput pi;
-  if (!BuildPaddedInput(ctx, g, X, N, &pi, false)) throw std::bad_alloc();
-  const std::vector<int64_t> roff = RowOffsets(g, pi);
-  const int64_t P = g.P(), Kg = g.Kg(), gw = (g.OW + 7) / 8;
-  // items: (image, group, filter block, output row)
-  const size_t items = static_cast<size_t>(N * G_ * nkb_ * g.OH);
-  const size_t tasks = PartitionTasks(items);
-  ForTasks(ctx, tasks, [&](size_t t) {
-    for (size_t it = t * items / tasks; it < (t + 1) * items / tasks; ++it) {
-      int64_t rem = static_cast<int64_t>(it);
-      const int64_t oh = rem % g.OH; rem /= g.OH;
-      const int64_t kb = rem % nkb_; rem /= nkb_;
-      const int64_t grp = rem % G_, n = rem / G_;
-      const float* wb = w_.data() + static_cast<size_t>((grp * nkb_ + kb) * CRS_ * 8);
-      const float* bb = bias_.data() + static_cast<size_t>((grp * nkb_ + kb) * 8);
-      const int64_t k0 = grp * Kg + kb * 8, nk = std::min<int64_t>(8, Kg - kb * 8);
-      const float* row = pi.data + (n * g.C + grp * g.Cg()) * pi.chan + oh * g.SH * pi.row;
-      for (int64_t v = 0; v < gw; ++v) {
-        const int64_t ow0 = v * 8;
-        const float* xb = row + ow0;
-        __m256 a[8];  // indexed by constants only (unrolled loops), so it stays in registers
-        OZ_SR_UNROLL for (int l = 0; l < 8; ++l) a[l] = _mm256_broadcast_ss(bb + l);
-        for (int64_t r = 0; r < CRS_; ++r) {
-          const __m256 x = _mm256_loadu_ps(xb + roff[static_cast<size_t>(r)]);
-          const float* wr = wb + r * 8;
-          OZ_SR_UNROLL for (int l = 0; l < 8; ++l) a[l] = _mm256_fmadd_ps(_mm256_broadcast_ss(wr + l), x, a[l]);
-        }
-        alignas(32) float tile[8][8];
-        OZ_SR_UNROLL for (int l = 0; l < 8; ++l) _mm256_store_ps(tile[l], a[l]);
-        const int nl = static_cast<int>(std::min<int64_t>(8, g.OW - ow0));
-        for (int64_t l = 0; l < nk; ++l) {
-          const int64_t at = (n * g.K + k0 + l) * P + oh * g.OW + ow0;
-          if (nl == 8) {  // plain loads / stores: masked ones are slow on AMD
-            const __m256 v = _mm256_load_ps(tile[l]);
-            _mm256_storeu_ps(Y + at, Relu(other ? _mm256_add_ps(v, _mm256_loadu_ps(other + at)) : v));
-            continue;
-          }
-          const float* y = tile[l];
-          for (int j = 0; j < nl; ++j) Y[at + j] = Relu(other ? y[j] + other[at + j] : y[j]);
-        }
-      }
-    }
-  });
-  return N * K_ * P * CRS_;
 }
 
 size_t HardwareThreads() {

@@ -222,29 +222,6 @@ void AddRelu(OrtKernelContext* ctx, float* Y, const float* other, int64_t n);
 // (group's first channel) + oh*SH*row + ow0.
 std::vector<int64_t> RowOffsets(const ConvGeom& g, const PaddedInput& pi);
 
-// ---- dense convolution for short reductions ---------------------------------------
-
-// Dense Conv(+bias)(+other)+ReLU for reductions too short for MLAS's kernels to pay their fixed
-// costs (a stem: 1 channel x 3x3 ran 1.5-2.0x onnxruntime through the NCHWc path). Positions in
-// lanes (8 output columns of one row, one unaligned load of the padded copy per term) x a block
-// of 8 filters (8 accumulators, weights packed [r][8]); every weight is multiplied (zero ones too:
-// 0 * inf = NaN as in Conv) and the ReLU keeps a NaN.
-class ShortConv {
- public:
-  static constexpr int64_t kMaxReduction = 32;  // C/group*KH*KW below this: ShortConv pays
-  ShortConv() = default;
-  // w: (K, CRS) row-major (CRS = C/group*KH*KW), bias (K,) or nullptr.
-  ShortConv(const float* w, const float* bias, int64_t K, int64_t CRS, int64_t group);
-  bool ok() const { return K_ > 0; }
-  // Y = ReLU(conv(X) + bias [+ other]) (other: (N, K, OH, OW) or nullptr); returns the MACs.
-  int64_t Run(OrtKernelContext* ctx, const ConvGeom& g, const float* X, int64_t N, const float* other, float* Y) const;
-
- private:
-  int64_t K_ = 0, CRS_ = 0, G_ = 1, nkb_ = 0;
-  std::vector<float> w_;     // [grp][kb][r][8], filters past the group's end zero
-  std::vector<float> bias_;  // [grp][kb][8]
-};
-
 // ---- task partition --------------------------------------------------------------
 
 // The hardware threads, read once (glibc's std::thread::hardware_concurrency opens and reads a sysfs
