@@ -474,13 +474,14 @@ def test_residual_nan_and_inf_in_other_propagate():
     b = np.zeros(3, np.float32)
     o = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
     o[0, 0, 1, 1], o[0, 1, 2, 2], o[0, 2, 3, 3] = np.nan, np.inf, -np.inf
-    y, _ = _run(x, w, b, other=o, pads=(1, 1, 1, 1))
     (y_ort,) = make_session(ee.onnx_conv_add_relu_model(w, b, x.shape, pads=(1, 1, 1, 1)), threads=1,
                             library=False).run(None, {"X": x, "O": o})
-    assert np.isnan(y[0, 0, 1, 1]) and np.isnan(y_ort[0, 0, 1, 1])
-    assert y[0, 1, 2, 2] == np.inf and y[0, 2, 3, 3] == 0
-    ok = ~np.isnan(y_ort)
-    np.testing.assert_allclose(y[ok], y_ort[ok], rtol=1e-5, atol=1e-5)
+    for sz in (1, 0, 2):  # sparse, dense, stop paths
+        y, _ = _run(x, w, b, other=o, skip_zeros=sz, pads=(1, 1, 1, 1))
+        assert np.isnan(y[0, 0, 1, 1]) and np.isnan(y_ort[0, 0, 1, 1])
+        assert y[0, 1, 2, 2] == np.inf and y[0, 2, 3, 3] == 0
+        ok = ~np.isnan(y_ort)
+        np.testing.assert_allclose(y[ok], y_ort[ok], rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=max(5, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
