@@ -221,9 +221,9 @@ def test_dense_and_sparse_paths_agree(prune):
 
 
 @pytest.mark.parametrize("hw,prune,cin,dense", [
-    ((11, 13), 0.5, 16, False),  # 143 positions: the sparse kernel at 50 % nonzeros
-    ((9, 9), 0.5, 16, True),     # 81 positions: a small map goes dense from 30 % nonzeros
-    ((9, 9), 0.9, 16, False),    # ... and stays sparse at 10 %
+    ((7, 7), 0.5, 16, False),    # 49 positions: the sparse kernel at 50 % nonzeros
+    ((4, 4), 0.5, 16, True),     # 16 positions: a tiny map goes dense from 30 % nonzeros
+    ((4, 4), 0.9, 16, False),    # ... and stays sparse at 10 %
     ((16, 16), 0.9, 1, True),    # a stem (reduction 1x3x3 = 9 < 32): always dense
 ])
 def test_auto_path_size_term(hw, prune, cin, dense):

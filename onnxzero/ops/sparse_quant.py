@@ -47,7 +47,7 @@ MAX_GAP = 255
 # = kDenseAbove, kDenseAboveSmall, kSmallMap, kShortReduction in sparse_quant_conv.cc.
 DENSE_ABOVE = 0.6
 DENSE_ABOVE_SMALL = 0.3
-SMALL_MAP = 128
+SMALL_MAP = 32
 SHORT_REDUCTION = 32
 
 

@@ -42,15 +42,15 @@ struct SparseQuantKernel {
   int64_t nnz = 0;               // kept (non-filler) entries over all filters
   bool has_other = false;        // input 5 `other`: a residual site, ReLU(conv + bias + other)
   // Dense path: above this density MLAS's direct convolution on the dequantized weights beats the
-  // sparse kernel (one Col load per FMA): measured 0.76-0.97x onnxruntime sparse vs 0.99-1.07x dense
-  // at 50 % nonzeros on maps of 14x14 and more, ~1.8x vs ~1.1x at 100 %: crossover ~60 %. On small
-  // maps (one image: fewer than kSmallMap positions, so a position block fills few accumulators and
-  // each term's decode is shared by few FMAs) the sparse kernel loses at 50 % already (256x7x7:
-  // 1.44 vs 1.06, 512x4x4: 1.36 vs 1.07) and still wins at 10 % (0.26-0.49): crossover ~30 %. A
-  // reduction shorter than kShortReduction (a stem: 1x3x3) never pays (1->64 28x28: 2.20 vs 1.50 at
-  // 50 %, 1.83 at 10 %). Decided per run (the map size is known then): DenseAbove.
+  // sparse kernel (one Col load per FMA): measured 0.77-0.94x onnxruntime sparse vs 1.00-1.10x dense
+  // at 50 % nonzeros on maps of 7x7 and more, ~1.8x vs ~1.1x at 100 %: crossover ~60 %. On tiny maps
+  // (fewer than kSmallMap positions per image: a position block fills few accumulators, so each
+  // term's decode is shared by few FMAs) the sparse kernel loses at 50 % already (512x4x4: 1.36-1.66
+  // vs 1.03-1.07) and still wins at 10 % (0.32-0.44): crossover ~30 %. A reduction shorter than
+  // kShortReduction (a stem: 1x3x3) never pays (1->64 28x28: sparse 2.20 / 1.83 at 50 / 90 %
+  // nonzeros vs dense 1.50). Decided per run (the map size is known then): DenseAbove.
   static constexpr double kDenseAbove = 0.6, kDenseAboveSmall = 0.3;
-  static constexpr int64_t kSmallMap = 128, kShortReduction = 32;
+  static constexpr int64_t kSmallMap = 32, kShortReduction = 32;
   static double DenseAbove(int64_t P, int64_t CRS) {
     return CRS < kShortReduction ? -1.0 : P < kSmallMap ? kDenseAboveSmall : kDenseAbove;
   }
