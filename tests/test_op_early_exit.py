@@ -237,7 +237,7 @@ def test_exact_nonfinite_input_is_conv_relu(bad):
     w[1] = 0  # a zero filter: 0 * inf = NaN
     w[2] = -np.abs(w[2])
     b = (rng.standard_normal(6)).astype(np.float32)
-    for conv, sz in ((dict(pads=(1, 1, 1, 1)), 1), (dict(strides=(2, 2)), 0), ({}, None)):
+    for conv, sz in ((dict(pads=(1, 1, 1, 1)), 1), (dict(strides=(2, 2)), 0), ({}, None), (dict(pads=(1, 1, 1, 1)), 2)):
         y, _ = _run(x, w, b, nonneg_input=0, skip_zeros=sz, **conv)  # any path: a non-finite input takes the sparse one
         (y_ort,) = make_session(onnx_conv_relu_model(w, b, x.shape, **conv), threads=2, library=False).run(None, {"X": x})
         np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ort))
@@ -245,6 +245,77 @@ def test_exact_nonfinite_input_is_conv_relu(bad):
         ok = np.isfinite(y_ort)
         np.testing.assert_allclose(y[ok], y_ort[ok], rtol=1e-5, atol=1e-5)
         assert (~ok).any()
+
+
+# ------------------------------------------------------------------------------------------ exact stop path
+def _stop_bounds(x, w, b, conv, other=None):
+    """(SnaPEA's ideal: every output stopping on its own at its first S_j <= 0 after the positives, the
+    stop path's ceiling: every nonzero-weight term of every output)."""
+    _, ideal = ee.reference(x, w, b, snapea_count=True, other=other, **conv)
+    _, geo = ee.im2col(x, w.shape, **conv)
+    return ideal, x.shape[0] * geo.OH * geo.OW * int(np.count_nonzero(w))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases(), st.booleans(), st.sampled_from([1, 2]))
+def test_stop_path_equals_conv_relu(case, residual, threads):
+    """skip_zeros=2 (each 8-output vector stops once its sign-ordered partial sums prove ReLU = 0) is
+    Conv(+Add)+Relu: vs the numpy reference and onnxruntime's own ops, plain and residual, batch 1-2; its
+    MACs lie between SnaPEA's per-output ideal and every nonzero-weight term."""
+    x, w, b = _data(case)
+    conv = case["conv"]
+    o = _other(case, x, w) if residual else None
+    y, macs = _run(x, w, b, other=o, skip_zeros=2, threads=threads, **conv)
+    y_ref, _ = ee.reference(x, w, b, other=o, **conv)
+    _close(y, y_ref)
+    if residual:
+        m = ee.onnx_conv_add_relu_model(w, b, x.shape, **_explicit_pads(x, w, conv))
+        (y_ort,) = make_session(m, threads=2, library=False).run(None, {"X": x, "O": o})
+    else:
+        (y_ort,) = make_session(onnx_conv_relu_model(w, b, x.shape, **_explicit_pads(x, w, conv)), threads=2,
+                                library=False).run(None, {"X": x})
+    _same_as_ort(y, y_ort)
+    ideal, ceiling = _stop_bounds(x, w, b, conv, other=o)
+    s_final = ee.conv_relu_reference(x, w, b, other=o, **conv)
+    if not np.any(np.abs(s_final[s_final != 0]) < 1e-4):  # no output within rounding of the ReLU's kink
+        assert ideal <= macs <= ceiling
+
+
+def test_stop_path_counts():
+    """Exact counts: a very negative start (bias or shortcut) stops every vector right after its positive
+    terms; a very positive one stops none (every nonzero-weight term); the ideal and the stop path agree
+    then. A real case skips: between the ideal and the ceiling, strictly below the ceiling."""
+    rng = np.random.default_rng(41)
+    x = rng.random((2, 6, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    w[0, 0] = 0  # zero weights are never multiplied on this path
+    P, npos, nz = 100, int((w > 0).sum()), int(np.count_nonzero(w))
+    pads = dict(pads=(1, 1, 1, 1))
+    y, macs = _run(x, w, np.full(5, -1e4, np.float32), skip_zeros=2, **pads)
+    assert np.all(y == 0) and macs == 2 * P * npos
+    y, macs = _run(x, w, np.zeros(5, np.float32), other=np.full((2, 5, 10, 10), -1e4, np.float32), skip_zeros=2, **pads)
+    assert np.all(y == 0) and macs == 2 * P * npos
+    b = np.full(5, 1e4, np.float32)
+    y, macs = _run(x, w, b, skip_zeros=2, **pads)
+    assert macs == 2 * P * nz
+    _close(y, ee.reference(x, w, b, **pads)[0])
+    x = np.maximum(rng.standard_normal((1, 16, 16, 16)), 0).astype(np.float32)
+    w = (rng.standard_normal((32, 16, 3, 3)) / 12).astype(np.float32)
+    b = (rng.standard_normal(32) * 0.3).astype(np.float32)
+    y, macs = _run(x, w, b, skip_zeros=2, **pads)
+    _close(y, ee.reference(x, w, b, **pads)[0])
+    ideal, ceiling = _stop_bounds(x, w, b, pads)
+    assert ideal <= macs < ceiling
+
+
+def test_stop_path_signed_input_never_stops():
+    """nonneg_input=0 and a negative input: the stop path cannot prove anything, computes every term."""
+    rng = np.random.default_rng(42)
+    x = rng.standard_normal((1, 4, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    b = np.full(6, -1e4, np.float32)
+    y, macs = _run(x, w, b, nonneg_input=0, skip_zeros=2)
+    assert np.all(y == 0) and macs == 49 * w.size
 
 
 # ------------------------------------------------------------------------------------------ predictive mode
@@ -403,13 +474,14 @@ def test_residual_nan_and_inf_in_other_propagate():
     b = np.zeros(3, np.float32)
     o = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
     o[0, 0, 1, 1], o[0, 1, 2, 2], o[0, 2, 3, 3] = np.nan, np.inf, -np.inf
-    y, _ = _run(x, w, b, other=o, pads=(1, 1, 1, 1))
     (y_ort,) = make_session(ee.onnx_conv_add_relu_model(w, b, x.shape, pads=(1, 1, 1, 1)), threads=1,
                             library=False).run(None, {"X": x, "O": o})
-    assert np.isnan(y[0, 0, 1, 1]) and np.isnan(y_ort[0, 0, 1, 1])
-    assert y[0, 1, 2, 2] == np.inf and y[0, 2, 3, 3] == 0
-    ok = ~np.isnan(y_ort)
-    np.testing.assert_allclose(y[ok], y_ort[ok], rtol=1e-5, atol=1e-5)
+    for sz in (1, 0, 2):  # sparse, dense, stop paths
+        y, _ = _run(x, w, b, other=o, skip_zeros=sz, pads=(1, 1, 1, 1))
+        assert np.isnan(y[0, 0, 1, 1]) and np.isnan(y_ort[0, 0, 1, 1])
+        assert y[0, 1, 2, 2] == np.inf and y[0, 2, 3, 3] == 0
+        ok = ~np.isnan(y_ort)
+        np.testing.assert_allclose(y[ok], y_ort[ok], rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=max(5, EXAMPLES // 2), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -500,7 +572,7 @@ def test_errors_creation():
     x = {"X": np.ones((1, 2, 5, 5), np.float32)}
     _expect_error(_raw_model(w, attrs={"mode": "fast"}), ["EarlyExitConv", "attribute 'mode' is 'fast', expected 'exact' or 'predictive'"], x)
     _expect_error(_raw_model(w, attrs={"nonneg_input": 2}), ["attribute 'nonneg_input' is 2, expected 0 or 1"], x)
-    _expect_error(_raw_model(w, attrs={"skip_zeros": 2}), ["attribute 'skip_zeros' is 2, expected -1 (auto), 0 or 1"], x)
+    _expect_error(_raw_model(w, attrs={"skip_zeros": 3}), ["attribute 'skip_zeros' is 3, expected -1 (auto), 0, 1 or 2"], x)
     _expect_error(_raw_model(w, attrs={"mode": "predictive"}), ["mode 'predictive' needs inputs 'n_terms' (3) and 'threshold' (4)"], x)
     _expect_error(_raw_model(w, extra={"NT": np.zeros(3, np.int64), "TH": np.zeros(3, np.float32)}),
                   ["only used in mode 'predictive'"], x)
@@ -551,8 +623,8 @@ def test_errors_run_time():
 @pytest.mark.parametrize("model", ["lenet5", "alexnet-mnist", "resnet-mnist", "resnet18-mnist"])
 def test_exact_on_zoo_models(model):
     """Every Conv(+Add)+ReLU site of the zoo models whose input is non-negative, fed the activations the
-    model computes on real held-out digits (batch 3 and 1): both exact paths equal onnxruntime's own
-    Conv(+Add)+Relu, and the sparse path skips exactly the zero inputs."""
+    model computes on real held-out digits (batch 3 and 1): all three exact paths equal onnxruntime's own
+    Conv(+Add)+Relu, and the sparse path skips exactly the zero inputs; so does the stop path (2)."""
     from onnxzero import zoo
     from onnxzero.bench.op_early_exit import capture, conv_sites, site_models
     from onnxzero.load import load_model
@@ -572,7 +644,7 @@ def test_exact_on_zoo_models(model):
             continue
         feeds = {"X": x} | ({"O": acts[s["other"]]} if s["other"] else {})
         (y_ort,) = make_session(site_models(s, x.shape)[1], threads=2, library=False).run(None, feeds)
-        for sz in (0, 1):
+        for sz in (0, 1, 2):
             sess = make_session(site_models(s, x.shape, skip_zeros=sz)[0], threads=2)
             for n in (3, 1):
                 y, macs = sess.run(None, {k: v[:n] for k, v in feeds.items()})

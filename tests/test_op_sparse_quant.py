@@ -210,12 +210,35 @@ def test_dense_and_sparse_paths_agree(prune):
     dense_macs = 2 * 11 * 13 * w.size
     o = rng.standard_normal(y_ref.shape).astype(np.float32)
     y_res = sq.reference(x, c, b, other=o, **conv)[0]
-    for sp, want in ((0, dense_macs), (1, nnz_macs), (None, dense_macs if nnz_macs > sq.DENSE_ABOVE * dense_macs else nnz_macs)):
+    auto = dense_macs if nnz_macs > sq.dense_above(11 * 13, 16 * 9) * dense_macs else nnz_macs
+    assert sq.kernel_macs_per_position(c, positions=11 * 13) * 2 * 11 * 13 == auto
+    for sp, want in ((0, dense_macs), (1, nnz_macs), (None, auto)):
         y, macs = _run(x, c, b, sparse_path=sp, **conv)
         np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
         assert macs == want
         y, _ = _run(x, c, b, other=o, sparse_path=sp, **conv)
         np.testing.assert_allclose(y, y_res, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hw,prune,cin,dense", [
+    ((7, 7), 0.5, 16, False),    # 49 positions: the sparse kernel at 50 % nonzeros
+    ((4, 4), 0.5, 16, True),     # 16 positions: a tiny map goes dense from 30 % nonzeros
+    ((4, 4), 0.9, 16, False),    # ... and stays sparse at 10 %
+    ((16, 16), 0.9, 1, True),    # a stem (reduction 1x3x3 = 9 < 32): always dense
+])
+def test_auto_path_size_term(hw, prune, cin, dense):
+    """The automatic choice depends on the density, the map size and the reduction length, per run; the
+    Python mirror (kernel_macs_per_position) agrees with the kernel's count."""
+    rng = np.random.default_rng(43)
+    x = np.maximum(rng.standard_normal((1, cin, *hw)), 0).astype(np.float32)
+    w = rng.standard_normal((16, cin, 3, 3)).astype(np.float32)
+    c = sq.compress(w, threshold=float(np.quantile(np.abs(w), prune)))
+    y_ref, nnz_macs = sq.reference(x, c, None, pads=(1, 1, 1, 1))
+    y, macs = _run(x, c, None, sparse_path=None, pads=(1, 1, 1, 1))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+    P = hw[0] * hw[1]
+    assert macs == (P * w.size if dense else nnz_macs)
+    assert macs == P * sq.kernel_macs_per_position(c, positions=P)
 
 
 def test_residual_nan_propagates_and_wrong_shape_is_refused():
@@ -370,7 +393,7 @@ def test_random_streams_are_refused_or_correct(n, seed):
     cut = int(rng.integers(0, n + 1))
     row_ptr = np.array([0, cut, n], np.int64)
     c = {"values": values, "index": index, "row_ptr": row_ptr, "frac_bits": 7, "weight_shape": (K, Cg, KH, KW)}
-    model = _raw_model(_inputs(c), _attrs(c))
+    model = _raw_model(_inputs(c), {**_attrs(c), "sparse_path": 1})  # the sparse kernel reads the stream
     try:
         valid_ref = sq._positions(c) is not None
     except ValueError:

@@ -8,25 +8,26 @@ and measurements: docs/design-early-exit.md.
   onnxruntime's Conv(+Add)+Relu computes (same zero set, non-zeros within float rounding; an inf or
   NaN input gives what Conv gives: 0 * inf = NaN, NaN through the ReLU). The work skipped is the
   one that is provably 0 for EVERY output on its own: the terms whose input value is 0 (after a
-  ReLU 33-69 % of them on the zoo's ResNet). Two paths, chosen per run (attribute `skip_zeros`:
-  -1 = by the kernel's cost model (default), 1 = always sparse, 0 = always dense):
+  ReLU 33-69 % of them on the zoo's ResNet), or SnaPEA's per-output stop. Three paths (attribute
+  `skip_zeros`: -1 = by the kernel's cost model (default), 1 = sparse, 2 = stop, 0 = dense):
   - sparse: for each output position its nonzero inputs are listed once (8 positions at a time,
     vectorized), and every filter multiplies only those (8 filters per SIMD lane group);
-  - dense: the packed GEMM core (gemm.h), every term, when listing would cost more than it saves
-    (few filters, few zeros, or weights too big for L2).
+  - stop: each filter's nonzero weights in the term order below, outputs in SIMD lanes; after the
+    positive terms a vector of 8 outputs stops as soon as all its partial sums are <= 0 (x >= 0:
+    only negative terms remain), and the still-running outputs are re-packed into full vectors.
+    On the zoo's ResNets even a perfect per-output stop skips only 6-16 % of the terms (the zero
+    inputs: 31-54 %), so the cost model never picks it (docs/design-early-exit.md);
+  - dense: MLAS's direct convolution (or the packed GEMM core), every term, when listing would cost
+    more than it saves (few filters, few zeros, or weights too big for L2).
   Attribute `nonneg_input` = 1 (the default in mode "exact") declares the site's input non-negative;
   the kernel checks it (one pass over X, which also counts its zeros for the cost model) and refuses
   a negative input with an error naming the op and input 'X'.
-  SnaPEA's sign-ordered early stop is NOT used in exact mode: on the zoo's ResNet it would skip
-  10-23 % of the terms even if every output stopped on its own, the zero inputs are 33-69 %, and the
-  two do not compose in one vector kernel at a useful rate (see the design note).
-* Term order (predictive mode). Each filter's nonzero weights are ordered once, at session creation:
-  the positive weights first, in increasing flattened (c, kh, kw) position, then the negative
-  weights by decreasing magnitude, in bands: the largest 1/4 of them, the next 1/4, the last 1/2
-  (NEG_BAND_EDGES), each band in increasing position. (SnaPEA orders negatives strictly by
-  magnitude; the bands keep most of that while letting the kernel sweep a band over the im2col
-  chunk by chunk, in L1, for all filters at once.) Zero weights are never multiplied in predictive
-  mode. T_k = nonzero weights of filter k, P_k = positive ones. S_j = bias + other + (sum of the
+* Term order (the stop path and predictive mode). Each filter's nonzero weights are ordered once, at
+  session creation: the positive weights first, in increasing flattened (c, kh, kw) position, then the
+  negative weights by decreasing magnitude, in bands: the largest 1/4 of them, the next 1/4, the last
+  1/2 (NEG_BAND_EDGES), each band in increasing position (SnaPEA orders negatives strictly by
+  magnitude; the bands keep most of that with better locality). Zero weights are never multiplied in
+  these modes. T_k = nonzero weights of filter k, P_k = positive ones. S_j = bias + other + (sum of the
   first j terms) is the partial sum after j terms (S_0 = bias + other; other = 0 at a plain site).
 * Residual sites: optional last input 5 `other` (float, (N, K, OH, OW), a run-time tensor: the
   identity shortcut or a projection's output); Y = ReLU(conv + bias + other). The shortcut value is
@@ -41,12 +42,12 @@ and measurements: docs/design-early-exit.md.
   without rebuilding a session.
 * Output 1 `macs` (int64 scalar): the multiply-accumulates actually performed. Exact mode: on the
   sparse path, per output, the reduction rows whose input is not 0 (zero weights included: they
-  sit in the filter lanes), what `reference` counts; on the dense path every term. Predictive
-  mode: the reference counts per output element its stop index; the kernel works on blocks of up
-  to 64 output positions of one filter and checks its stop conditions only at block level (after
-  the positive terms, after each piece of a negative band, at N), a block stops when all its
-  positions are stopped and counts (terms done) x (positions in the block); so reference macs <=
-  kernel macs <= dense macs there, and y is the same.
+  sit in the filter lanes), what `reference` counts; on the stop path, per output, the terms computed
+  while it sat in a vector (>= `reference(..., snapea_count=True)`, SnaPEA's ideal, where no output
+  lies within rounding of 0); on the dense path every term. Predictive mode (the stop kernel): the
+  reference counts per output element its stop index; the kernel stops vectors of 8 outputs (cut or
+  exactly stopped lanes wait for their vector, or for a re-pack), and checks after the positives,
+  every <= 8 terms and at N, so reference macs <= kernel macs <= dense macs there, and y is the same.
 """
 
 from __future__ import annotations
@@ -63,8 +64,15 @@ MODES = ("exact", "predictive")
 # Negative terms, ranked by decreasing magnitude, are cut into bands at these fractions of their count;
 # each band is taken in increasing position (the kernel sweeps a band chunk by chunk over its im2col).
 NEG_BAND_EDGES = (0.0, 0.25, 0.5, 1.0)
+# Exact mode's paths (attribute skip_zeros): -1 the kernel's cost model, 0 dense, 1 sparse (zero inputs
+# skipped), 2 stop (each 8-output vector stops once its sign-ordered partial sums prove ReLU = 0).
+SKIP_ZEROS = (-1, 0, 1, 2)
+# Predictive calibration defaults (calibrate_predictive, the early-exit rule): the check after this
+# fraction of each filter's terms, cutting at most about this quantile of the outputs that end positive.
+DEFAULT_FRACTION = 0.25
+DEFAULT_QUANTILE = 0.05
 
-__all__ = ["NEG_BAND_EDGES", "OP", "MODES", "calibrate_predictive", "conv_relu_reference", "im2col", "make_node", "reference",
+__all__ = ["DEFAULT_FRACTION", "DEFAULT_QUANTILE", "NEG_BAND_EDGES", "OP", "MODES", "SKIP_ZEROS", "calibrate_predictive", "conv_relu_reference", "im2col", "make_node", "reference",
            "term_order"]
 
 
@@ -214,7 +222,7 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, mode
 
 
 def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *,
-                         fraction: float = 0.25, quantile: float = 0.05, other: np.ndarray | None = None,
+                         fraction: float = DEFAULT_FRACTION, quantile: float = DEFAULT_QUANTILE, other: np.ndarray | None = None,
                          strides=(1, 1), pads=(0, 0, 0, 0),
                          dilations=(1, 1), group: int = 1, auto_pad: str = "NOTSET") -> tuple[np.ndarray, np.ndarray]:
     """(n_terms (K,) int64, threshold (K,) float32) for predictive mode, from calibration inputs.
@@ -272,8 +280,9 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
     f"{w_name}_n_terms" / f"{w_name}_threshold") or the names of runtime graph inputs.
     nonneg_input: None = the mode's default (1 in exact mode, 0 in predictive mode).
     other: the residual operand's tensor name at a residual site (input 5), or None.
-    skip_zeros (exact mode): 1 = the sparse path (only nonzero inputs multiplied), 0 = the dense GEMM
-    path, None = the kernel's cost model decides per run (attribute absent, -1).
+    skip_zeros (exact mode): 1 = the sparse path (only nonzero inputs multiplied), 2 = the stop path
+    (sign-ordered terms, each 8-output vector stops on its own), 0 = the dense path, None = the
+    kernel's cost model decides per run (attribute absent, -1).
     """
     if mode not in MODES:
         raise ValueError(f"{OP}: mode is {mode!r}, expected one of {MODES}")
@@ -307,8 +316,8 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
     if nonneg_input is not None:
         attrs["nonneg_input"] = int(nonneg_input)
     if skip_zeros is not None:
-        if skip_zeros not in (-1, 0, 1):
-            raise ValueError(f"{OP}: skip_zeros is {skip_zeros!r}, expected -1, 0 or 1")
+        if skip_zeros not in SKIP_ZEROS:
+            raise ValueError(f"{OP}: skip_zeros is {skip_zeros!r}, expected one of {SKIP_ZEROS}")
         attrs["skip_zeros"] = int(skip_zeros)
     outputs = [y] + ([macs_output] if macs_output else [])
     node = helper.make_node(OP, inputs, outputs, domain=DOMAIN, name=name or f"{OP}_{y}", **attrs)

@@ -41,11 +41,24 @@ from onnxzero.ops.early_exit import conv_relu_reference
 
 OP = "SparseQuantConv"
 MAX_GAP = 255
-# Above this fraction of nonzero weights the kernel runs the dense GEMM core on the dequantized weights
-# (faster than its sparse kernel there); = kDenseAbove in sparse_quant_conv.cc.
+# Above this fraction of nonzero weights the kernel runs the dense path on the dequantized weights
+# (faster than its sparse kernel there); on small maps (fewer than SMALL_MAP output positions per
+# image) above DENSE_ABOVE_SMALL; with a reduction C/group*KH*KW shorter than SHORT_REDUCTION always.
+# = kDenseAbove, kDenseAboveSmall, kSmallMap, kShortReduction in sparse_quant_conv.cc.
 DENSE_ABOVE = 0.6
+DENSE_ABOVE_SMALL = 0.3
+SMALL_MAP = 32
+SHORT_REDUCTION = 32
 
-__all__ = ["DENSE_ABOVE", "OP", "compress", "kernel_macs_per_position", "compression_stats", "decompress", "frac_bits_for", "make_node", "reference"]
+
+def dense_above(positions: int | None, reduction: int) -> float:
+    """The kernel's density threshold for its dense path at `positions` = OH*OW output positions per image
+    (None: a map of at least SMALL_MAP) and a reduction length C/group*KH*KW."""
+    if reduction < SHORT_REDUCTION:
+        return -1.0
+    return DENSE_ABOVE_SMALL if positions is not None and positions < SMALL_MAP else DENSE_ABOVE
+
+__all__ = ["DENSE_ABOVE", "DENSE_ABOVE_SMALL", "SHORT_REDUCTION", "SMALL_MAP", "OP", "dense_above", "compress", "kernel_macs_per_position", "compression_stats", "decompress", "frac_bits_for", "make_node", "reference"]
 
 
 def frac_bits_for(max_abs: float) -> int:
@@ -167,13 +180,14 @@ def reference(x: np.ndarray, compressed: dict, b: np.ndarray | None = None, *, o
     return y.astype(np.float32), N * OH * OW * nnz
 
 
-def kernel_macs_per_position(compressed: dict, sparse_path: int | None = None) -> int:
+def kernel_macs_per_position(compressed: dict, sparse_path: int | None = None, positions: int | None = None) -> int:
     """The op's `macs` per output position (N*OH*OW of them): the nonzero weights on the sparse path,
-    every weight on the dense one (sparse_path 0, or None above DENSE_ABOVE nonzeros)."""
+    every weight on the dense one (sparse_path 0, or None above dense_above(positions, ...) nonzeros;
+    positions: OH*OW of one image, None = a large map)."""
     K, Cg, KH, KW = compressed["weight_shape"]
     dense = K * Cg * KH * KW
     nnz = int(np.count_nonzero(np.asarray(compressed["values"])))
-    use_dense = sparse_path == 0 or (sparse_path in (None, -1) and nnz > DENSE_ABOVE * dense)
+    use_dense = sparse_path == 0 or (sparse_path in (None, -1) and nnz > dense_above(positions, Cg * KH * KW) * dense)
     return dense if use_dense else nnz
 
 

@@ -24,8 +24,9 @@ class EarlyExitRule(SiteRule):
         if mode not in op.MODES:
             return f"early-exit mode {mode!r} is not one of {', '.join(op.MODES)}"
         sz = setting.get("skip_zeros")
-        if sz is not None and (mode != "exact" or sz not in (-1, 0, 1) or isinstance(sz, bool)):
-            return f"early-exit skip_zeros is {sz!r}, expected -1 (cost model), 0 (dense) or 1 (sparse), in exact mode"
+        if sz is not None and (mode != "exact" or sz not in op.SKIP_ZEROS or isinstance(sz, bool)):
+            return (f"early-exit skip_zeros is {sz!r}, expected -1 (cost model), 0 (dense), 1 (sparse) or 2 (stop), "
+                    "in exact mode")
         if mode == "exact" and not site.input_nonneg:
             return f"exact early exit needs a non-negative input, and this one may be negative ({site.nonneg_reason})"
         if mode != "predictive":
@@ -41,7 +42,7 @@ class EarlyExitRule(SiteRule):
                     return f"predictive {name} has shape {np.shape(setting[name])}, expected ({k},): one per filter"
             return None
         for name in ("fraction", "quantile"):
-            v = setting.get(name, 0.25)
+            v = setting.get(name, op.DEFAULT_FRACTION if name == "fraction" else op.DEFAULT_QUANTILE)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                 return f"predictive {name} is {v!r}, expected a number in [0, 1]"
         if self.calibration is None:
@@ -57,8 +58,8 @@ class EarlyExitRule(SiteRule):
             node, inits = op.make_node(site.x, site.w, site.b, out_name, mode="exact", other=site.residual,
                                        skip_zeros=sz, name=f"{site.name}__early_exit", **kw)
             return Replacement([node], inits, setting={"mode": "exact", **({"skip_zeros": sz} if sz is not None else {})})
-        fraction = float(setting.get("fraction", 0.25))
-        quantile = float(setting.get("quantile", 0.05))
+        fraction = float(setting.get("fraction", op.DEFAULT_FRACTION))
+        quantile = float(setting.get("quantile", op.DEFAULT_QUANTILE))
         if "n_terms" in setting:
             n_terms, threshold = setting["n_terms"], setting["threshold"]
             recorded = {"mode": "predictive", "n_terms": np.asarray(n_terms).tolist(), "threshold": np.asarray(threshold).tolist()}

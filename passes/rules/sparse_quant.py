@@ -61,8 +61,10 @@ class SparseQuantRule(SiteRule):
         node, inits = op.make_node(site.x, f"{site.name}__w", site.b, out_name, compressed=comp, other=site.residual,
                                    name=f"{site.name}__sparse_quant", **conv_kwargs(site))
         # what the kernel multiplies per output position: the nonzeros, or every weight when it takes
-        # the dense path (above DENSE_ABOVE nonzeros, where that is faster)
-        stats = {**op.compression_stats(w, comp), "macs_per_position": op.kernel_macs_per_position(comp)}
+        # the dense path (above op.dense_above(positions, ...) nonzeros, where that is faster)
+        oh, ow = site.y_shape[1:]
+        positions = oh * ow if isinstance(oh, int) and isinstance(ow, int) else None
+        stats = {**op.compression_stats(w, comp), "macs_per_position": op.kernel_macs_per_position(comp, positions=positions)}
         return Replacement([node], inits, drop_initializers=[site.w],
                            setting={"threshold": thr, "frac_bits": comp["frac_bits"]}, stats={**stats, **extra})
 

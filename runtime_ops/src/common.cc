@@ -159,7 +159,8 @@ ConvGeom ResolveConv(const ConvAttrs& a, const std::vector<int64_t>& w, const st
 }
 
 size_t TaskCount(size_t work_items) {
-  size_t hw = std::max(1u, std::thread::hardware_concurrency());
+  // once: glibc's hardware_concurrency opens and reads /sys/devices/system/cpu/online on every call
+  static const size_t hw = std::max(1u, std::thread::hardware_concurrency());
   return std::max<size_t>(1, std::min(work_items, hw * 4));
 }
 

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <thread>
 #include <vector>
@@ -19,7 +20,6 @@ namespace oz {
 namespace {
 
 constexpr const char* kOp = "EarlyExitConv";
-constexpr int64_t kChunkRows = 96;    // rows of Col swept across the filters of a block at a time (measured: 64-128 alike)
 // Negative terms by decreasing magnitude, cut into bands at these fractions of a
 // filter's negative terms; inside a band, row order (so the band can be swept
 // chunk by chunk over Col, which then stays in L1).
@@ -33,22 +33,6 @@ struct RunParams {
   const float* other = nullptr;  // residual input (N, K, OH, OW) or nullptr
 };
 
-// A block's Col built chunk by chunk just before the first sweep reads it (so that
-// sweep finds it in L1), or already complete (shared Col: cb == nullptr).
-struct LazyCol {
-  const sr::ColBuilder* cb = nullptr;
-  float* col = nullptr;
-  int64_t ld = 0, rows_per_chunk = 0, CRS = 0;
-  int64_t* built = nullptr;  // rows built so far
-  void Ensure(int64_t chunk_end) const {
-    if (!cb) return;
-    const int64_t r1 = std::min(CRS, chunk_end * rows_per_chunk);
-    if (r1 > *built) {
-      cb->Build(*built, r1, col + *built * ld);
-      *built = r1;
-    }
-  }
-};
 
 // Exact mode: acc[0..8*NV) += sum_e val[e] * W[idx[e]][0..8*NV) for one output position (its
 // nonzero inputs val at rows idx) and one chunk of 8*NV filters (wc: rows of 8*NV floats). S
@@ -141,29 +125,82 @@ InputScan ScanInput(OrtKernelContext* ctx, const float* X, int64_t n) {
   return s;
 }
 
+// The stop kernel's vectors per task (one image, one group): 32 x 8 output positions.
+constexpr int kStopVecs = 32;
+// Live lanes below this share of the active vectors' lanes: re-pack them (RunStop).
+constexpr float kCompactBelow = 0.6f;
+
+// One period of L <= 8 terms (weights w, input offsets off) for the active vectors act[0..nact) of
+// the stop kernel: acc[8*i..] += sum_e w[e] * x(i, e), four vectors at a time (four independent
+// FMA chains; the L broadcasts are shared by every vector of the period). Load: how vector i's 8
+// inputs of term e are read (contiguous from xg + vbase[i] + off[e], or gathered per lane).
+template <int L, class Load>
+OZ_SR_INLINE void Period(const float* w, const int* act, int nact, float* acc, const Load& load) {
+  __m256 wb[L];
+  OZ_SR_UNROLL for (int e = 0; e < L; ++e) wb[e] = _mm256_broadcast_ss(w + e);
+  int j = 0;
+  for (; j + 4 <= nact; j += 4) {
+    const int i0 = act[j], i1 = act[j + 1], i2 = act[j + 2], i3 = act[j + 3];
+    __m256 a0 = _mm256_load_ps(acc + 8 * i0), a1 = _mm256_load_ps(acc + 8 * i1);
+    __m256 a2 = _mm256_load_ps(acc + 8 * i2), a3 = _mm256_load_ps(acc + 8 * i3);
+    OZ_SR_UNROLL for (int e = 0; e < L; ++e) {
+      a0 = _mm256_fmadd_ps(wb[e], load(i0, e), a0);
+      a1 = _mm256_fmadd_ps(wb[e], load(i1, e), a1);
+      a2 = _mm256_fmadd_ps(wb[e], load(i2, e), a2);
+      a3 = _mm256_fmadd_ps(wb[e], load(i3, e), a3);
+    }
+    _mm256_store_ps(acc + 8 * i0, a0), _mm256_store_ps(acc + 8 * i1, a1);
+    _mm256_store_ps(acc + 8 * i2, a2), _mm256_store_ps(acc + 8 * i3, a3);
+  }
+  for (; j < nact; ++j) {
+    const int i = act[j];
+    __m256 a = _mm256_load_ps(acc + 8 * i), c = _mm256_setzero_ps();
+    OZ_SR_UNROLL for (int e = 0; e < L; e += 2) {
+      a = _mm256_fmadd_ps(wb[e], load(i, e), a);
+      if (e + 1 < L) c = _mm256_fmadd_ps(wb[e + 1], load(i, e + 1), c);
+    }
+    _mm256_store_ps(acc + 8 * i, _mm256_add_ps(a, c));
+  }
+}
+template <int L>
+void StopPeriod(const float* w, const int64_t* off, const float* xg, const int64_t* vbase, const int* act, int nact,
+                float* acc) {
+  Period<L>(w, act, nact, acc, [&](int i, int e) { return _mm256_loadu_ps(xg + vbase[i] + off[e]); });
+}
+template <int L>
+void GatherPeriod(const float* w, const int64_t* off, const float* xg, const int32_t* loff, const int* act, int nact,
+                  float* acc) {
+  Period<L>(w, act, nact, acc, [&](int i, int e) {
+    return _mm256_i32gather_ps(xg + off[e], _mm256_load_si256(reinterpret_cast<const __m256i*>(loff + 8 * i)), 4);
+  });
+}
+using StopFn = void (*)(const float*, const int64_t*, const float*, const int64_t*, const int*, int, float*);
+using GatherFn = void (*)(const float*, const int64_t*, const float*, const int32_t*, const int*, int, float*);
+constexpr StopFn kStopPeriod[9] = {nullptr, StopPeriod<1>, StopPeriod<2>, StopPeriod<3>, StopPeriod<4>,
+                                   StopPeriod<5>, StopPeriod<6>, StopPeriod<7>, StopPeriod<8>};
+constexpr GatherFn kGatherPeriod[9] = {nullptr, GatherPeriod<1>, GatherPeriod<2>, GatherPeriod<3>, GatherPeriod<4>,
+                                       GatherPeriod<5>, GatherPeriod<6>, GatherPeriod<7>, GatherPeriod<8>};
+
+using sr::RowOffsets;
+
 struct EarlyExitKernel {
   ConvAttrs attrs;
   std::vector<int64_t> w_shape;
-  int64_t K = 0, CRS = 0, nch = 1, kce = kChunkRows;
+  int64_t K = 0, CRS = 0;
   bool predictive = false;
   int nonneg = 1;
-  int skip_zeros = -1;  // exact mode: 1 sparse path, 0 dense path, -1 by the cost model (SparsePays)
+  // exact mode: 1 sparse path (zero inputs skipped), 2 stop path (each 8-output vector stops on its own
+  // once its sign-ordered partial sums prove ReLU = 0), 0 dense path, -1 by the cost model (SparsePays)
+  int skip_zeros = -1;
+  bool no_compaction = false;  // OZ_EE_NO_COMPACTION=1 (read once): the stop kernel without lane re-packing, to measure it
   bool has_other = false;  // input 5 `other`: a residual site, ReLU(conv + bias + other)
   std::vector<float> bias;
-  // Terms (uint16 Col row, float weight), stored in sweep order (see BuildTerms);
-  // tptr: prefix sums of the filters' term counts (T_k = tptr[k+1] - tptr[k]).
-  std::vector<uint16_t> rows;
+  // Terms of the stop kernel (reduction row, weight), filter by filter in the op's order (BuildTerms);
+  // tptr: prefix sums of the filters' term counts (T_k = tptr[k+1] - tptr[k]); npos: positives.
+  std::vector<int32_t> rows;
   std::vector<float> wts;
   std::vector<int64_t> tptr;   // (K+1)
   std::vector<int64_t> npos;   // positives per filter
-  // cp[(b*(nch+1) + c)*K + k]: first term (index in filter k's order) of band b
-  // with a Col row in chunk c or later; c = nch: the end of band b. Band 0: positives.
-  std::vector<uint32_t> cp;
-  std::vector<double> edges;  // negative band edges (fractions)
-  std::vector<int64_t> bstep; // chunks per piece of each band: small bands take several chunks at once
-  std::vector<int64_t> pbase; // first piece of each band
-  std::vector<size_t> soff;   // storage offset of (piece, filter); see BuildTerms
-  int nbands = 1;             // bands incl. the positive one
   // Exact mode: weights packed per (group, filter chunk) as CRS rows of fcp = 8*nv floats (filters
   // past the group's end are zero), wpack[((grp*nfc + chunk)*CRS + r)*fcp + l].
   int64_t nv = 1, fcp = 8, nfc = 1;
@@ -184,7 +221,7 @@ struct EarlyExitKernel {
     if (nn != 0 && nn != 1) Fail(kOp, Msg("attribute 'nonneg_input' is ", nn, ", expected 0 or 1"));
     nonneg = static_cast<int>(nn);
     const int64_t sz = AttrInt(info, "skip_zeros", -1);
-    if (sz < -1 || sz > 1) Fail(kOp, Msg("attribute 'skip_zeros' is ", sz, ", expected -1 (auto), 0 or 1"));
+    if (sz < -1 || sz > 2) Fail(kOp, Msg("attribute 'skip_zeros' is ", sz, ", expected -1 (auto), 0, 1 or 2"));
     skip_zeros = static_cast<int>(sz);
     const bool has_n = sr::InputPresent(info, 3), has_t = sr::InputPresent(info, 4);
     if (predictive && !(has_n && has_t))
@@ -208,6 +245,11 @@ struct EarlyExitKernel {
     }
 
     has_other = sr::InputPresent(info, 5);
+    static const bool no_compact_env = [] {
+      const char* e = std::getenv("OZ_EE_NO_COMPACTION");
+      return e && e[0] == '1';
+    }();
+    no_compaction = no_compact_env;
 
     BuildTerms(w.as<float>());
     PackWeights(w.as<float>());
@@ -237,242 +279,38 @@ struct EarlyExitKernel {
         }
   }
 
-  // The term lists and band / chunk offsets, from the dense weights (K, C/group, KH, KW).
+  // Term lists of the stop kernel (exact mode's stop path and predictive mode), from the dense
+  // weights (K, C/group, KH, KW): each filter's nonzero weights in the op's order (`term_order` in
+  // early_exit.py): the positives in row order, then the negatives by decreasing magnitude in
+  // bands (kBandEdges), each band in row order. With x >= 0 a term's sign is its weight's sign, so
+  // this one order serves every output position of the filter.
   void BuildTerms(const float* W) {
-    // Term lists: positives in row order, then the negative bands (decreasing
-    // magnitude), each in row order; chunk offsets of every band.
-    kce = kChunkRows;
-    nch = (CRS + kce - 1) / kce;
     tptr.assign(K + 1, 0);
     npos.assign(K, 0);
-    edges.assign(std::begin(kBandEdges), std::end(kBandEdges));
-    nbands = static_cast<int>(edges.size());  // (edges-1) negative bands + the positive band
-    cp.assign(static_cast<size_t>(nbands * (nch + 1) * K), 0);
-    rows.reserve(static_cast<size_t>(K * CRS) + 2);
-    wts.reserve(static_cast<size_t>(K * CRS) + 2);
-    std::vector<int64_t> neg, band;
+    rows.reserve(static_cast<size_t>(K * CRS));
+    wts.reserve(static_cast<size_t>(K * CRS));
+    std::vector<int32_t> neg, band;
+    const size_t nb = std::size(kBandEdges);
     for (int64_t k = 0; k < K; ++k) {
       const float* wk = W + k * CRS;
-      const int64_t start = static_cast<int64_t>(rows.size());
-      auto emit = [&](int bi, const std::vector<int64_t>& rs) {  // rs sorted by row
-        auto at = [&](int64_t ci) -> uint32_t& { return cp[static_cast<size_t>((bi * (nch + 1) + ci) * K + k)]; };
-        int64_t ci = 0;
-        for (int64_t r : rs) {
-          while (ci <= r / kce) at(ci++) = static_cast<uint32_t>(rows.size() - start);
-          rows.push_back(static_cast<uint16_t>(r));
-          wts.push_back(wk[r]);
-        }
-        while (ci <= nch) at(ci++) = static_cast<uint32_t>(rows.size() - start);
-      };
-      band.clear();
       for (int64_t r = 0; r < CRS; ++r)
-        if (wk[r] > 0.f) band.push_back(r);
-      npos[k] = static_cast<int64_t>(band.size());
-      emit(0, band);
+        if (wk[r] > 0.f) rows.push_back(static_cast<int32_t>(r)), wts.push_back(wk[r]);
+      npos[k] = static_cast<int64_t>(rows.size()) - tptr[k];
       neg.clear();
       for (int64_t r = 0; r < CRS; ++r)
-        if (wk[r] < 0.f) neg.push_back(r);
-      std::stable_sort(neg.begin(), neg.end(), [&](int64_t a, int64_t b) { return wk[a] < wk[b]; });
+        if (wk[r] < 0.f) neg.push_back(static_cast<int32_t>(r));
+      std::stable_sort(neg.begin(), neg.end(), [&](int32_t a, int32_t b) { return wk[a] < wk[b]; });
       const int64_t nn = static_cast<int64_t>(neg.size());
-      for (int bi = 0; bi + 1 < nbands; ++bi) {
-        const int64_t lo = static_cast<int64_t>(std::floor(edges[bi] * nn + 0.5));
-        const int64_t hi = static_cast<int64_t>(std::floor(edges[bi + 1] * nn + 0.5));
+      for (size_t bi = 0; bi + 1 < nb; ++bi) {
+        const int64_t lo = static_cast<int64_t>(std::floor(kBandEdges[bi] * double(nn) + 0.5));
+        const int64_t hi = static_cast<int64_t>(std::floor(kBandEdges[bi + 1] * double(nn) + 0.5));
         band.assign(neg.begin() + lo, neg.begin() + hi);
         std::sort(band.begin(), band.end());
-        emit(bi + 1, band);
+        for (int32_t r : band) rows.push_back(r), wts.push_back(wk[r]);
       }
       tptr[k + 1] = static_cast<int64_t>(rows.size());
     }
-    // A band with few terms per chunk is swept several chunks at a time, so that a
-    // filter's piece has ~32 terms (the per-piece cost is then small).
-    bstep.assign(nbands, 1);
-    for (int bi = 0; bi < nbands; ++bi) {
-      const uint32_t* first = cp.data() + static_cast<size_t>(bi * (nch + 1)) * K;
-      const uint32_t* last = first + static_cast<size_t>(nch) * K;
-      double terms = 0;
-      for (int64_t k = 0; k < K; ++k) terms += double(last[k]) - double(first[k]);
-      const double per_chunk = terms / double(K * nch);
-      bstep[bi] = std::max<int64_t>(1, std::min<int64_t>(nch, static_cast<int64_t>(std::ceil(32.0 / std::max(per_chunk, 1e-9)))));
-    }
-    // Store the terms in the order the kernel reads them: band by band, piece by
-    // piece (bstep chunks), filter by filter inside a piece, so that every task
-    // streams them sequentially. soff[(pbase[b] + piece)*K + k]: where filter k's
-    // terms of that piece start; tptr / cp keep indices in each filter's own order.
-    pbase.assign(nbands + 1, 0);
-    for (int bi = 0; bi < nbands; ++bi) pbase[bi + 1] = pbase[bi] + (nch + bstep[bi] - 1) / bstep[bi];
-    soff.assign(static_cast<size_t>(pbase[nbands] * K + 1), 0);
-    std::vector<uint16_t> srows(rows.size() + 2, 0);
-    std::vector<float> swts(wts.size() + 2, 0.f);
-    size_t at = 0;
-    for (int bi = 0; bi < nbands; ++bi) {
-      const int64_t step = bstep[bi];
-      for (int64_t c = 0, pc = pbase[bi]; c < nch; c += step, ++pc) {
-        const uint32_t* cp0 = cp.data() + static_cast<size_t>((bi * (nch + 1) + c) * K);
-        const uint32_t* cp1 = cp.data() + static_cast<size_t>((bi * (nch + 1) + std::min(nch, c + step)) * K);
-        for (int64_t k = 0; k < K; ++k) {
-          soff[static_cast<size_t>(pc * K + k)] = at;
-          for (uint32_t j = cp0[k]; j < cp1[k]; ++j, ++at) {
-            srows[at] = rows[static_cast<size_t>(tptr[k] + j)];
-            swts[at] = wts[static_cast<size_t>(tptr[k] + j)];
-          }
-        }
-      }
-    }
-    soff.back() = at;
-    rows.swap(srows);  // + 2 entries of slack: the 2-term loads never read past a piece, kept for safety
-    wts.swap(swts);
   }
-
-  // Whether any lane is still running: valid, not killed, and (if `exit_check`) > 0.
-  template <int NA>
-  static OZ_SR_INLINE bool AnyAlive(const __m256 (&a)[NA], const __m256 (&live)[NA], bool exit_check) {
-    __m256 any = _mm256_setzero_ps();
-    const __m256 z = _mm256_setzero_ps();
-    OZ_SR_UNROLL for (int i = 0; i < NA; ++i) {
-      const __m256 m = exit_check ? _mm256_and_ps(live[i], _mm256_cmp_ps(a[i], z, _CMP_NLE_UQ)) : live[i];
-      any = _mm256_or_ps(any, m);
-    }
-    return !_mm256_testz_ps(any, any);
-  }
-
-  // One block of positions x filters [k0, k1): every band swept chunk by chunk over
-  // Col (chunk-outer, filter-inner); a filter's accumulators and live-lane masks sit
-  // in tile / livebuf between its pieces. Returns the MACs done.
-  template <int NA>
-  int64_t Item(const ConvGeom& g, const RunParams& rp, float* Y, int64_t n, int64_t p0, int np, int64_t k0,
-               int64_t k1, const float* colp, const LazyCol& lazy, float* tile, float* livebuf, int64_t* state) const {
-    constexpr int LD = 8 * NA;
-    const sr::StridedRows col{colp, LD};  // row stride a compile-time constant: a shift
-    const int64_t Kb = k1 - k0, P = g.P();
-    const size_t cstride = static_cast<size_t>(nch + 1);
-    // state per filter: [0] terms done (-1 = still running), [1] threshold point N (or -1: none / done)
-    int64_t* done = state;
-    int64_t* thr_at = state + Kb;
-    __m256 valid[NA];
-    sr::ValidMask(valid, np);
-    int64_t running = 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t i = k - k0;
-      sr::FillBias<NA>(tile + i * LD, bias[k], rp.other ? rp.other + (n * g.K + k) * P + p0 : nullptr, np);
-      float* lv = livebuf + i * LD;
-      OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(lv + 8 * v, valid[v]);
-      done[i] = -1;
-      thr_at[i] = rp.predictive ? std::min(rp.n_terms[k], tptr[k + 1] - tptr[k]) : -1;
-      ++running;
-    }
-    // Applies the threshold (at thr_at) and/or the exact stop check to filter i with
-    // `j` terms done; returns true when the filter stops.
-    auto checks = [&](int64_t i, int64_t k, int64_t j, __m256 (&a)[NA], __m256 (&live)[NA], bool exit_check) {
-      if (thr_at[i] == j) {
-        thr_at[i] = -1;
-        const __m256 th = _mm256_set1_ps(rp.threshold[k]);
-        OZ_SR_UNROLL for (int v = 0; v < NA; ++v)
-          live[v] = _mm256_andnot_ps(_mm256_cmp_ps(a[v], th, _CMP_LT_OQ), live[v]);
-        if (!AnyAlive(a, live, false)) return true;
-      }
-      return exit_check && !AnyAlive(a, live, true);
-    };
-    auto stop = [&](int64_t i, int64_t j) {
-      done[i] = j;
-      --running;
-    };
-    // Threshold at N = 0: before any term.
-    for (int64_t k = k0; k < k1 && rp.predictive; ++k) {
-      const int64_t i = k - k0;
-      if (thr_at[i] != 0) continue;
-      __m256 a[NA], live[NA];
-      OZ_SR_UNROLL for (int v = 0; v < NA; ++v) a[v] = _mm256_load_ps(tile + i * LD + 8 * v), live[v] = _mm256_load_ps(livebuf + i * LD + 8 * v);
-      if (checks(i, k, 0, a, live, false)) stop(i, 0);
-      OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(livebuf + i * LD + 8 * v, live[v]);
-    }
-    for (int bi = 0; bi < nbands && running > 0; ++bi) {
-      const bool exit_band = rp.exits && bi > 0;
-      if (exit_band && bi == 1) {
-        // all positives done: the first point where the exact stop may apply
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t i = k - k0;
-          if (done[i] >= 0) continue;
-          __m256 a[NA], live[NA];
-          OZ_SR_UNROLL for (int v = 0; v < NA; ++v) a[v] = _mm256_load_ps(tile + i * LD + 8 * v), live[v] = _mm256_load_ps(livebuf + i * LD + 8 * v);
-          if (!AnyAlive(a, live, true)) stop(i, npos[k]);
-        }
-      }
-      const int64_t step = bstep[bi];
-      for (int64_t c = 0; c < nch && running > 0; c += step) {
-        const uint32_t* cp0 = cp.data() + static_cast<size_t>((bi * cstride + c) * K);
-        const uint32_t* cp1 = cp.data() + static_cast<size_t>((bi * cstride + std::min(nch, c + step)) * K);
-        lazy.Ensure(c + step);
-        for (int64_t k = k0; k < k1; ++k) {
-          const int64_t i = k - k0;
-          if (done[i] >= 0) continue;
-          int64_t lo = cp0[k];
-          const int64_t hi = cp1[k];
-          if (hi <= lo) continue;
-          // term j of filter k (lo <= j < hi) is stored at soff + (j - lo)
-          const size_t so = soff[static_cast<size_t>((pbase[bi] + c / step) * K + k)];
-          const uint16_t* rk = rows.data() + so - lo;
-          const float* wk = wts.data() + so - lo;
-          float* acc = tile + i * LD;
-          float* lv = livebuf + i * LD;
-          const int64_t N = thr_at[i];
-          const bool thr_here = N > lo && N <= hi;  // the threshold point falls in (or at the end of) this piece
-          __m256 a[NA], live[NA];
-          OZ_SR_UNROLL for (int v = 0; v < NA; ++v) a[v] = _mm256_load_ps(acc + 8 * v);
-          if (!thr_here && !exit_band) {
-            sr::FmaRowsF<NA>(a, col, rk + lo, wk + lo, static_cast<size_t>(hi - lo));
-            OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, a[v]);
-            continue;
-          }
-          if (rp.predictive) {  // live lanes change only at a threshold; else they are the valid ones
-            OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_load_ps(lv + 8 * v);
-          } else {
-            OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = valid[v];
-          }
-          bool stopped = false;
-          if (thr_here) {
-            sr::FmaRowsF<NA>(a, col, rk + lo, wk + lo, static_cast<size_t>(N - lo));
-            lo = N;
-            stopped = checks(i, k, N, a, live, exit_band);
-            if (stopped) stop(i, N);
-            OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(lv + 8 * v, live[v]);
-          }
-          if (!stopped && hi > lo) {
-            sr::FmaRowsF<NA>(a, col, rk + lo, wk + lo, static_cast<size_t>(hi - lo));
-            if (exit_band && checks(i, k, hi, a, live, true)) stop(i, hi);
-          }
-          OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, a[v]);
-        }
-      }
-    }
-    int64_t macs = 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t i = k - k0;
-      float* out = Y + (n * g.K + k) * P + p0;
-      if (done[i] >= 0) {  // stopped: the output is 0
-        macs += done[i] * np;
-        std::fill(out, out + np, 0.f);
-        continue;
-      }
-      const int64_t T = tptr[k + 1] - tptr[k];
-      macs += T * np;
-      float* acc = tile + i * LD;
-      const float* lv = livebuf + i * LD;
-      __m256 a[NA];
-      OZ_SR_UNROLL for (int v = 0; v < NA; ++v) a[v] = _mm256_load_ps(acc + 8 * v);
-      if (thr_at[i] == T && T > 0) {  // N = T: the threshold applies to the full sum
-        __m256 live[NA];
-        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_load_ps(lv + 8 * v);
-        const __m256 th = _mm256_set1_ps(rp.threshold[k]);
-        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) live[v] = _mm256_andnot_ps(_mm256_cmp_ps(a[v], th, _CMP_LT_OQ), live[v]);
-        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(sr::Relu(a[v]), live[v]));
-      } else {
-        OZ_SR_UNROLL for (int v = 0; v < NA; ++v) _mm256_store_ps(acc + 8 * v, _mm256_and_ps(sr::Relu(a[v]), _mm256_load_ps(lv + 8 * v)));
-      }
-      std::copy(acc, acc + np, out);
-    }
-    return macs;
-  }
-
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
     return Guard([&] {
       Ort::KernelContext ctx(context);
@@ -497,7 +335,12 @@ struct EarlyExitKernel {
         if (N > 0 && P > 0) {
           const double zf = xnum > 0 ? double(sc.zeros) / double(xnum) : 0.0;
           const bool sparse = sc.nonfinite || skip_zeros == 1 || (skip_zeros == -1 && SparsePays(zf, g.Kg(), CRS, K * CRS));
-          total = sparse ? RunExact(context, g, rp, X, Y, N) : RunDense(context, g, rp, X, Y, N);
+          // the stop path multiplies nonzero weights only: an inf / NaN input takes the sparse path, where
+          // zero weights meet it as in Conv
+          rp.exits = sc.neg_at < 0;
+          total = sparse ? RunExact(context, g, rp, X, Y, N)
+                  : skip_zeros == 2 ? RunStop(context, g, rp, X, Y, N)
+                                    : RunDense(context, g, rp, X, Y, N);
         }
         if (ctx.GetOutputCount() > 1) *ctx.GetOutput(1, std::vector<int64_t>{}).GetTensorMutableData<int64_t>() = total;
         return;
@@ -553,7 +396,7 @@ struct EarlyExitKernel {
       rp.other = sr::OtherInput(context, 5, has_other, g, N, kOp);
       auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
       float* Y = y.GetTensorMutableData<float>();
-      const int64_t total_macs = (N > 0 && P > 0) ? Run(context, g, rp, X, Y, N) : 0;
+      const int64_t total_macs = (N > 0 && P > 0) ? RunStop(context, g, rp, X, Y, N) : 0;
       if (ctx.GetOutputCount() > 1) {
         auto m = ctx.GetOutput(1, std::vector<int64_t>{});
         *m.GetTensorMutableData<int64_t>() = total_macs;
@@ -601,13 +444,7 @@ struct EarlyExitKernel {
     sr::PaddedInput pi;  // always the padded copy: 8 lanes are read at once past a row's end
     if (!sr::BuildPaddedInput(context, g, X, N, &pi, false)) Fail(kOp, "out of memory for the padded input copy");
     const int64_t R8 = (CRS + 7) / 8 * 8;
-    // Offset of reduction row r = (c, kh, kw) in the padded, stride-phase-split input: output
-    // columns ow0..ow0+7 of output row oh read 8 consecutive floats at base(oh, ow0) + roff[r].
-    std::vector<int64_t> roff(static_cast<size_t>(CRS));
-    for (int64_t r = 0; r < CRS; ++r) {
-      const int64_t c = r / (g.KH * g.KW), kh = r / g.KW % g.KH, tap = r % g.KW * g.DW;
-      roff[static_cast<size_t>(r)] = c * pi.chan + kh * g.DH * pi.row + tap % pi.SW * pi.Wq + tap / pi.SW;
-    }
+    const std::vector<int64_t> roff = RowOffsets(g, pi);
     const int64_t rc = std::max<int64_t>(8, std::min<int64_t>(R8, kChunkWeightBytes / 4 / fcp / 8 * 8));
     const int64_t nrc = (R8 + rc - 1) / rc;
     const int64_t gw = (g.OW + 7) / 8, ngr = g.OH * gw;  // groups of <= 8 positions in one output row
@@ -673,97 +510,160 @@ struct EarlyExitKernel {
     return std::accumulate(task_macs.begin(), task_macs.end(), int64_t{0});
   }
 
-  // Predictive mode's kernel (inputs already validated); returns the MACs done.
-  int64_t Run(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
-              int64_t N) const {
+  // The stop kernel (exact mode's stop path, predictive mode; inputs already validated). Outputs in
+  // lanes: a task takes up to kStopVecs vectors of 8 consecutive output columns of one output row
+  // (one image, one group; one unaligned load of the padded, stride-phase-split input per term, at
+  // base + roff[row]) and runs a block of filters over them, one filter at a time, in the filter's
+  // own term order (BuildTerms). Terms go in periods of <= 8 (weights broadcast once per period, 4
+  // vectors interleaved: 4 FMA chains). Once the positives are done every period ends with a check:
+  // a lane is done when its sum is <= 0 (exact: only negative terms remain, x >= 0) or the threshold
+  // cut it (predictive, at N = n_terms[k], where a period always ends). A vector whose lanes are all
+  // done stops (dropped from the active list). When the live lanes fill less than kCompactBelow of
+  // the active vectors, they are re-packed into full vectors whose loads are gathers (per-lane input
+  // offsets), so one slow lane no longer holds 7 done ones. Returns the MACs done: per lane, the
+  // terms computed while it sat in a vector.
+  int64_t RunStop(OrtKernelContext* context, const ConvGeom& g, const RunParams& rp, const float* X, float* Y,
+                  int64_t N) const {
     const int64_t P = g.P(), G = g.G, Kg = g.Kg();
-    // The block's full Col is built once (it stays in L2) and swept once per band.
     sr::PaddedInput pi;
-    if (!sr::BuildPaddedInput(context, g, X, N, &pi)) Fail(kOp, "out of memory for the padded input copy");
-    // Blocks of up to 64 positions; a block's Col (CRS rows) is swept chunk by chunk.
-    const int64_t max_bs = sr::kMaxTP;
-    const sr::PosBlocks pb = sr::ChoosePosBlocks(P, max_bs);
-    const int64_t base = N * G * pb.count;
-    const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-    // Filter blocks of at most 256 filters (tile + live masks: 2 x 64 KiB, in L2); enough
-    // of them for two tasks per thread when there are few position blocks (every filter
-    // block sweeps the block's Col once per band: more blocks, more Col traffic).
-    const int64_t per_thread = 2;
-    int64_t nkb = std::max<int64_t>((Kg + 255) / 256, std::min<int64_t>((Kg + 15) / 16, (per_thread * hw + base - 1) / base));
-    nkb = std::max<int64_t>(1, std::min(nkb, Kg));
+    if (!sr::BuildPaddedInput(context, g, X, N, &pi, false)) Fail(kOp, "out of memory for the padded input copy");
+    const std::vector<int64_t> roff = RowOffsets(g, pi);
+    const int64_t gw = (g.OW + 7) / 8, nvt = g.OH * gw, nvb = (nvt + kStopVecs - 1) / kStopVecs;
+    const int64_t base = N * G * nvb;
+    const int64_t hw = static_cast<int64_t>(sr::HardwareThreads());
+    int64_t nkb = std::max<int64_t>(1, std::min<int64_t>(Kg, (4 * hw + base - 1) / base));
     const int64_t kbs = (Kg + nkb - 1) / nkb;
     nkb = (Kg + kbs - 1) / kbs;
-    const size_t blk_floats = static_cast<size_t>(CRS) * 8 * ((pb.bs + 7) / 8) + 8;
-    // Few position blocks split over filter blocks: build their Col once, shared.
-    float* shared = nullptr;
-    if (nkb > 1 && static_cast<size_t>(base) * blk_floats <= (size_t{64} << 20) / sizeof(float)) {
-      shared = sr::Scratch(2, static_cast<size_t>(base) * blk_floats);
-      if (!shared) Fail(kOp, "out of memory for the im2col buffer");
-      const int64_t rc = 256, nrc = (CRS + rc - 1) / rc;
-      const size_t citems = static_cast<size_t>(base * nrc);
-      const size_t ctasks = sr::PartitionTasks(citems);
-      sr::ForTasks(context, ctasks, [&](size_t t) {
-        for (size_t it = t * citems / ctasks; it < (t + 1) * citems / ctasks; ++it) {
-          const int64_t bi = static_cast<int64_t>(it) / nrc, rci = static_cast<int64_t>(it) % nrc;
-          const int64_t b = bi % pb.count, grp = (bi / pb.count) % G, n = bi / pb.count / G;
-          const int np = pb.size(b), ld = 8 * ((np + 7) / 8);
-          sr::ColBuilder cb(g, pi, pi.data + (n * g.C + grp * g.Cg()) * pi.chan, pb.begin(b), np, ld);
-          const int64_t r0 = rci * rc, r1 = std::min(CRS, r0 + rc);
-          cb.Build(r0, r1, shared + bi * blk_floats + r0 * ld);
-        }
-      });
-    }
     const size_t items = static_cast<size_t>(base * nkb);
     const size_t tasks = sr::PartitionTasks(items);
     std::vector<int64_t> task_macs(tasks, 0);
-    std::atomic<bool> oom{false};
+    // lane offsets are int32 from one image group's first input
+    const bool compact = rp.exits && !no_compaction && g.Cg() * pi.chan < (int64_t{1} << 31) && P < (int64_t{1} << 31);
     sr::ForTasks(context, tasks, [&](size_t t) {
-      const size_t i0 = t * items / tasks, i1 = (t + 1) * items / tasks;
-      float* tile = sr::Scratch(0, static_cast<size_t>(kbs) * sr::kMaxTP);
-      float* livebuf = sr::Scratch(1, static_cast<size_t>(kbs) * sr::kMaxTP + 4 * static_cast<size_t>(kbs));
-      float* own = shared ? nullptr : sr::Scratch(2, blk_floats);
-      if (!tile || !livebuf || (!shared && !own)) {
-        oom = true;
-        return;
-      }
-      int64_t built = -1, built_rows = 0, macs = 0;
-      for (size_t it = i0; it < i1; ++it) {
+      constexpr int kL = kStopVecs * 8;
+      alignas(32) float acc[kL];
+      alignas(32) float cut[kL];       // lanes cut by the threshold, or not holding a position
+      alignas(32) int32_t loff[kL];    // per lane: its first input, relative to xg
+      int32_t yof[kL];                 // per lane: its output position
+      int64_t vbase[kStopVecs];        // contiguous vectors: the first lane's input offset
+      int act[kStopVecs];
+      int64_t macs = 0;
+      for (size_t it = t * items / tasks; it < (t + 1) * items / tasks; ++it) {
         int64_t rem = static_cast<int64_t>(it);
-        const int64_t kbi = rem % nkb; rem /= nkb;
-        const int64_t bi = rem;  // (n*G + grp)*count + b
-        const int64_t b = rem % pb.count; rem /= pb.count;
+        const int64_t kb = rem % nkb; rem /= nkb;
+        const int64_t vb = rem % nvb; rem /= nvb;
         const int64_t grp = rem % G, n = rem / G;
-        const int64_t k0 = grp * Kg + kbi * kbs, k1 = std::min(grp * Kg + Kg, k0 + kbs);
-        const int64_t p0 = pb.begin(b);
-        const int np = pb.size(b), LD = 8 * ((np + 7) / 8);
-        int64_t* state = reinterpret_cast<int64_t*>(livebuf + kbs * sr::kMaxTP);
-        // Own Col: built lazily, chunk by chunk, by the first item of this block
-        // (kept for the following items of the same block in this task).
-        const sr::ColBuilder cb(g, pi, pi.data + (n * g.C + grp * g.Cg()) * pi.chan, p0, np, LD);
-        LazyCol lazy;
-        const float* col;
-        if (shared) {
-          col = shared + bi * blk_floats;
-        } else {
-          if (built != bi) {
-            built = bi;
-            built_rows = 0;
+        const float* xg = pi.data + (n * g.C + grp * g.Cg()) * pi.chan;
+        const int64_t v0 = vb * kStopVecs, nv = std::min<int64_t>(kStopVecs, nvt - v0);
+        const int64_t k0 = grp * Kg + kb * kbs, k1 = std::min(grp * Kg + Kg, k0 + kbs);
+        for (int64_t k = k0; k < k1; ++k) {
+          const float* oth = rp.other ? rp.other + (n * g.K + k) * P : nullptr;
+          float* yk = Y + (n * g.K + k) * P;
+          const __m256 b = _mm256_set1_ps(bias[static_cast<size_t>(k)]);
+          for (int64_t i = 0; i < nv; ++i) {
+            const int64_t oh = (v0 + i) / gw, ow0 = (v0 + i) % gw * 8;
+            const int nl = static_cast<int>(std::min<int64_t>(8, g.OW - ow0));
+            vbase[i] = oh * g.SH * pi.row + ow0;
+            for (int l = 0; l < 8; ++l) yof[8 * i + l] = l < nl ? static_cast<int32_t>(oh * g.OW + ow0 + l) : -1;
+            const __m256i lanes = sr::LaneMask(nl);
+            __m256 a = b;
+            if (oth) a = _mm256_add_ps(a, _mm256_maskload_ps(oth + oh * g.OW + ow0, lanes));
+            _mm256_store_ps(acc + 8 * i, a);
+            _mm256_store_ps(cut + 8 * i, _mm256_xor_ps(_mm256_castsi256_ps(lanes), _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
+            act[i] = static_cast<int>(i);
           }
-          lazy = LazyCol{&cb, own, LD, kce, CRS, &built_rows};
-          col = own;
-        }
-        switch (LD / 8) {
-#define OZ_EE_CASE(na) \
-  case na: macs += Item<na>(g, rp, Y, n, p0, np, k0, k1, col, lazy, tile, livebuf, state); break;
-          OZ_EE_CASE(1) OZ_EE_CASE(2) OZ_EE_CASE(3) OZ_EE_CASE(4)
-          OZ_EE_CASE(5) OZ_EE_CASE(6) OZ_EE_CASE(7) OZ_EE_CASE(8)
-#undef OZ_EE_CASE
-          default: break;
+          int nact = static_cast<int>(nv);
+          bool gathered = false;
+          const int32_t* tr = rows.data() + tptr[k];
+          const float* tw = wts.data() + tptr[k];
+          const int64_t T = tptr[k + 1] - tptr[k], np = npos[k];
+          const int64_t nn = rp.predictive ? std::min(rp.n_terms[k], T) : -1;
+          const __m256 th = _mm256_set1_ps(rp.predictive ? rp.threshold[k] : 0.f);
+          int64_t done = 0;
+          auto lanes_of = [&](int i) {
+            int c = 0;
+            for (int l = 0; l < 8; ++l) c += yof[8 * i + l] >= 0;
+            return c;
+          };
+          for (;;) {
+            const bool at_thr = done == nn, at_exit = rp.exits && done >= np;
+            if (at_thr || at_exit) {
+              int live = 0;
+              for (int j = 0; j < nact;) {
+                const int i = act[j];
+                const __m256 a = _mm256_load_ps(acc + 8 * i);
+                __m256 c = _mm256_load_ps(cut + 8 * i);
+                if (at_thr) {
+                  c = _mm256_or_ps(c, _mm256_cmp_ps(a, th, _CMP_LT_OQ));
+                  _mm256_store_ps(cut + 8 * i, c);
+                }
+                if (at_exit) c = _mm256_or_ps(c, _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_LE_OQ));
+                const int m = _mm256_movemask_ps(c);
+                if (m == 0xff) {  // every lane's output is 0: stop here
+                  for (int l = 0; l < 8; ++l)
+                    if (yof[8 * i + l] >= 0) yk[yof[8 * i + l]] = 0.f, macs += done;
+                  act[j] = act[--nact];
+                } else {
+                  live += 8 - __builtin_popcount(static_cast<unsigned>(m));
+                  ++j;
+                }
+              }
+              if (compact && at_exit && nact > 0 && live < kCompactBelow * 8 * nact) {
+                // re-pack the live lanes (in place: lanes only move to lower slots) into full gathered
+                // vectors; the lanes dropped are done (output 0)
+                int w = 0;
+                std::sort(act, act + nact);
+                for (int j = 0; j < nact; ++j) {
+                  const int i = act[j];
+                  const __m256 a = _mm256_load_ps(acc + 8 * i);
+                  const __m256 c = _mm256_or_ps(_mm256_load_ps(cut + 8 * i), _mm256_cmp_ps(a, _mm256_setzero_ps(), _CMP_LE_OQ));
+                  const int m = _mm256_movemask_ps(c);
+                  for (int l = 0; l < 8; ++l) {
+                    const int s = 8 * i + l;
+                    if (yof[s] < 0) continue;
+                    if (m >> l & 1) {
+                      yk[yof[s]] = 0.f;
+                      macs += done;
+                      continue;
+                    }
+                    const int32_t off = gathered ? loff[s] : static_cast<int32_t>(vbase[i] + l);
+                    acc[w] = acc[s], loff[w] = off, yof[w] = yof[s], cut[w] = 0.f;
+                    ++w;
+                  }
+                }
+                nact = (w + 7) / 8;
+                for (; w < 8 * nact; ++w) {  // tail lanes: no position, read a valid input, never stored
+                  acc[w] = 0.f, loff[w] = 0, yof[w] = -1;
+                  std::memset(&cut[w], 0xff, sizeof(float));
+                }
+                for (int j = 0; j < nact; ++j) act[j] = j;
+                gathered = true;
+              }
+            }
+            if (done >= T || nact == 0) break;
+            int64_t end = std::min(T, done + 8);
+            if (done < np && end > np) end = np;
+            if (done < nn && end > nn) end = nn;
+            int64_t off[8];
+            for (int64_t e = done; e < end; ++e) off[e - done] = roff[static_cast<size_t>(tr[e])];
+            if (gathered)
+              kGatherPeriod[end - done](tw + done, off, xg, loff, act, nact, acc);
+            else
+              kStopPeriod[end - done](tw + done, off, xg, vbase, act, nact, acc);
+            done = end;
+          }
+          for (int j = 0; j < nact; ++j) {  // ran to the end: ReLU, lanes cut by the threshold 0
+            const int i = act[j];
+            alignas(32) float y[8];
+            _mm256_store_ps(y, _mm256_andnot_ps(_mm256_load_ps(cut + 8 * i), sr::Relu(_mm256_load_ps(acc + 8 * i))));
+            for (int l = 0; l < 8; ++l)
+              if (yof[8 * i + l] >= 0) yk[yof[8 * i + l]] = y[l];
+            macs += T * lanes_of(i);
+          }
         }
       }
       task_macs[t] = macs;
     });
-    if (oom) Fail(kOp, "out of memory for the per-thread scratch buffers");
     return std::accumulate(task_macs.begin(), task_macs.end(), int64_t{0});
   }
 

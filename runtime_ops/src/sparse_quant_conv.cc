@@ -41,12 +41,24 @@ struct SparseQuantKernel {
   std::vector<float> bias;       // (K,) zeros when B is absent
   int64_t nnz = 0;               // kept (non-filler) entries over all filters
   bool has_other = false;        // input 5 `other`: a residual site, ReLU(conv + bias + other)
-  // Dense path: above this density the packed GEMM core on the dequantized weights beats the
-  // sparse kernel (one Col load per FMA): measured 0.80-0.95x onnxruntime sparse vs 0.98-1.28x
-  // dense at 50% nonzeros, ~1.8x vs ~1.1x at 100%: crossover ~60% (docs/design-early-exit.md).
-  static constexpr double kDenseAbove = 0.6;
-  bool use_dense = false;        // attribute sparse_path: 1 never, 0 always, -1 (default) by density
-  nchwc::Filters direct;         // the dequantized weights, only when use_dense: MLAS's direct conv
+  // Dense path: above this density MLAS's direct convolution on the dequantized weights beats the
+  // sparse kernel (one Col load per FMA): measured 0.77-0.94x onnxruntime sparse vs 1.00-1.10x dense
+  // at 50 % nonzeros on maps of 7x7 and more, ~1.8x vs ~1.1x at 100 %: crossover ~60 %. On tiny maps
+  // (fewer than kSmallMap positions per image: a position block fills few accumulators, so each
+  // term's decode is shared by few FMAs) the sparse kernel loses at 50 % already (512x4x4: 1.36-1.66
+  // vs 1.03-1.07) and still wins at 10 % (0.32-0.44): crossover ~30 %. A reduction shorter than
+  // kShortReduction (a stem: 1x3x3) never pays (1->64 28x28: sparse 2.20 / 1.83 at 50 / 90 %
+  // nonzeros vs dense 1.50). Decided per run (the map size is known then): DenseAbove.
+  static constexpr double kDenseAbove = 0.6, kDenseAboveSmall = 0.3;
+  static constexpr int64_t kSmallMap = 32, kShortReduction = 32;
+  static double DenseAbove(int64_t P, int64_t CRS) {
+    return CRS < kShortReduction ? -1.0 : P < kSmallMap ? kDenseAboveSmall : kDenseAbove;
+  }
+  int sparse_path = -1;          // attribute sparse_path: 1 always, 0 never, -1 (default) by density and map size
+  bool UseDense(int64_t P) const {
+    return sparse_path == 0 || (sparse_path == -1 && double(nnz) > DenseAbove(P, CRS) * double(K * CRS));
+  }
+  nchwc::Filters direct;         // the dequantized weights, only when UseDense can hold: MLAS's direct conv
   gemm::ConvWeights dense;       // ... or the packed GEMM core where that does not serve the shape
 
   SparseQuantKernel() = default;  // for the standalone benchmark harness
@@ -114,8 +126,9 @@ struct SparseQuantKernel {
     const uint8_t* idx = index.as<uint8_t>();
     Validate(val, idx, rp, L);
     BuildRuntime(val, idx, rp, L);
-    use_dense = sp == 0 || (sp == -1 && double(nnz) > kDenseAbove * double(K * CRS));
-    if (use_dense) {
+    sparse_path = static_cast<int>(sp);
+    const bool dense_some = UseDense(1), dense_always = UseDense(kSmallMap);  // small maps go dense first
+    if (dense_some) {
       // dequantized once: q * 2^-fl is exact in float, so both paths multiply the same weights
       std::vector<float> w(static_cast<size_t>(K * CRS), 0.f);
       for (int64_t k = 0; k < K; ++k) {
@@ -127,7 +140,8 @@ struct SparseQuantKernel {
       }
       direct = nchwc::Filters(w.data(), bias.data(), K, Cg * attrs.group, KH, KW, attrs.group);
       if (!direct.ok()) dense = gemm::ConvWeights(w.data(), bias.data(), K, Cg, KH, KW, attrs.group);
-      // the sparse form is never read on this path: do not keep the weights twice
+    }
+    if (dense_always) {  // the sparse form is never read: do not keep the weights twice
       std::vector<uint8_t>().swap(terms);
       std::vector<uint32_t>().swap(toff);
     }
@@ -239,11 +253,11 @@ struct SparseQuantKernel {
       float* Y = y.GetTensorMutableData<float>();
       if (ctx.GetOutputCount() > 1) {
         auto m = ctx.GetOutput(1, std::vector<int64_t>{});
-        *m.GetTensorMutableData<int64_t>() = N * P * (use_dense ? K * CRS : nnz);
+        *m.GetTensorMutableData<int64_t>() = N * P * (UseDense(P) ? K * CRS : nnz);
       }
       const float* other = sr::OtherInput(context, 5, has_other, g, N, kOp);
       if (N == 0 || P == 0) return;
-      if (use_dense) {
+      if (UseDense(P)) {
         RunDense(context, g, X, other, Y, N);
         return;
       }
@@ -277,7 +291,7 @@ struct SparseQuantKernel {
     // Filter blocks: at most 128 filters (a 32 KiB accumulator tile), and enough
     // blocks for a few tasks per thread when there are few position blocks.
     const int64_t base = N * G * pb.count;
-    const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+    const int64_t hw = static_cast<int64_t>(sr::HardwareThreads());
     int64_t nkb = std::max<int64_t>((Kg + 127) / 128, std::min<int64_t>((Kg + 15) / 16, (4 * hw + base - 1) / base));
     nkb = std::max<int64_t>(1, std::min(nkb, Kg));
     const int64_t kbs = (Kg + nkb - 1) / nkb;

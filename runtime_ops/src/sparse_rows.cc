@@ -1,6 +1,7 @@
 // sparse_rows: im2col of a position block, block sizing, per-thread scratch.
 #include "sparse_rows.h"
 
+
 #include <cstdlib>
 #include <memory>
 #include <thread>
@@ -286,6 +287,21 @@ void AddRelu(OrtKernelContext* ctx, float* Y, const float* other, int64_t n) {
       _mm256_storeu_ps(Y + i, Relu(_mm256_add_ps(_mm256_loadu_ps(Y + i), _mm256_loadu_ps(other + i))));
     for (; i < i1; ++i) Y[i] = Relu(Y[i] + other[i]);
   });
+}
+
+std::vector<int64_t> RowOffsets(const ConvGeom& g, const PaddedInput& pi) {
+  const int64_t CRS = g.Cg() * g.KH * g.KW;
+  std::vector<int64_t> roff(static_cast<size_t>(CRS));
+  for (int64_t r = 0; r < CRS; ++r) {
+    const int64_t c = r / (g.KH * g.KW), kh = r / g.KW % g.KH, tap = r % g.KW * g.DW;
+    roff[static_cast<size_t>(r)] = c * pi.chan + kh * g.DH * pi.row + tap % pi.SW * pi.Wq + tap / pi.SW;
+  }
+  return roff;
+}
+
+size_t HardwareThreads() {
+  static const size_t hw = std::max(1u, std::thread::hardware_concurrency());
+  return hw;
 }
 
 size_t PartitionTasks(size_t items, size_t min_tasks_hint) {

@@ -31,6 +31,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 #include "simd.h"
@@ -213,7 +214,19 @@ const float* OtherInput(OrtKernelContext* ctx, size_t index, bool declared, cons
 // second pass after a GEMM that could not fuse the shortcut.
 void AddRelu(OrtKernelContext* ctx, float* Y, const float* other, int64_t n);
 
+// ---- stride-phase row offsets ----------------------------------------------------
+
+// Offset of reduction row r = (c, kh, kw) of one group in the padded, stride-phase-split input
+// (BuildPaddedInput with allow_direct = false): the inputs of output columns ow0..ow0+7 of output
+// row oh for row r are the 8 consecutive floats at base(oh, ow0) + roff[r], base(oh, ow0) =
+// (group's first channel) + oh*SH*row + ow0.
+std::vector<int64_t> RowOffsets(const ConvGeom& g, const PaddedInput& pi);
+
 // ---- task partition --------------------------------------------------------------
+
+// The hardware threads, read once (glibc's std::thread::hardware_concurrency opens and reads a sysfs
+// file on every call: microseconds of a layer's fixed cost).
+size_t HardwareThreads();
 
 // How many tasks to split `items` work items into (task t runs items
 // [t*items/T, (t+1)*items/T)): oz::TaskCount, at least min_tasks_hint if given.
