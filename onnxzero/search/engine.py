@@ -207,6 +207,13 @@ class Engine:
         return rewrite(self.base, config={"sites": cfg}, inputs=self.x, labels=self.ref, normalized=True,
                        runtime_settings=False)
 
+    def combination(self, config: dict[str, dict[str, Any]]) -> tuple[onnx.ModelProto, float, int]:
+        """(deployed model, calibration accuracy, MACs per sample of the rewritten sites' ops) of a
+        network-level combination, measured as it will be deployed."""
+        model, _ = self.deployed(config)
+        r = Evaluator(model, threads=self.threads).run(self.x)
+        return model, top1(r.logits, self.ref), site_macs(model, r.site_macs, config)
+
 
 class Suffix:
     """One session over the rest of a model, run on cached activations in batches."""
@@ -237,6 +244,20 @@ class Suffix:
             for k, v in zip(self.macs_outputs, out[1:]):
                 macs[k] += int(v)
         return np.concatenate(logits), {k: v // max(1, self.n) for k, v in macs.items()}
+
+
+def macs_by_site(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> dict[str, int]:
+    """Per-sample MACs each rewritten site's op reported (its counter output)."""
+    out = {}
+    for n in model.graph.node:
+        site = n.name.rsplit("__", 1)[0]
+        if n.domain and site in config:
+            out[site] = next((v for k, v in site_macs.items() if k.startswith(n.output[0])), 0)
+    return out
+
+
+def site_macs(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> int:
+    return sum(macs_by_site(model, site_macs, config).values())
 
 
 def _site_node(model: onnx.ModelProto, s: Site) -> onnx.NodeProto:

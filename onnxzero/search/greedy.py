@@ -27,6 +27,7 @@ emitted model is faster than the original where it is deployed, or nothing is wr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -45,7 +46,8 @@ from onnxzero.passes.normalize import normalize
 from onnxzero.passes.rules import TECHNIQUES
 from onnxzero.passes.sites import Site, find_sites
 from onnxzero.search.candidates import Candidate, first_level
-from onnxzero.search.engine import Engine, Measured, _jsonable
+from onnxzero.search.cluster import Cluster, RemotePool
+from onnxzero.search.engine import Engine, Measured, _jsonable, macs_by_site, site_macs
 from onnxzero.search.latency import Measurer, OrtMeasurer, batch_sample
 from onnxzero.search.spatial_modes import layer_mask
 
@@ -195,7 +197,16 @@ def load_cache(path: Path, key: str) -> tuple[dict[str, Any] | None, str]:
 # ---- the search ---------------------------------------------------------------------------------
 def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | None, options: SearchOptions, *,
              cache_path: Path | None = None, resume: bool = False, progress: Progress | None = None,
-             threads: int = 0, measurer: Measurer | None = None) -> OptimizeResult:
+             threads: int = 0, measurer: Measurer | None = None, cluster: Cluster | None = None) -> OptimizeResult:
+    """The search. With `cluster` (search/cluster.py) the accuracy and MAC runs of first-level
+    candidates and network-level combinations go to Ray workers; all else, latency included, runs here."""
+    with contextlib.ExitStack() as stack:
+        return _optimize(model, inputs, labels, options, cache_path=cache_path, resume=resume, progress=progress,
+                         threads=threads, measurer=measurer, cluster=cluster, stack=stack)
+
+
+def _optimize(model, inputs, labels, options: SearchOptions, *, cache_path, resume, progress, threads, measurer,
+              cluster, stack: contextlib.ExitStack) -> OptimizeResult:
     options.validate()
     progress = progress or Progress()
     measurer = measurer or OrtMeasurer()
@@ -238,10 +249,21 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
         if latency else (set(), set())
     cands = [c for c in cands if (c.site, c.technique) not in hopeless]
     todo = [c for c in cands if c.key not in cache["measured"]]
+    remote = None
+    if cluster is not None:
+        remote = cluster.pool(base, sites, inputs[cal], ref_all[cal])
+        stack.callback(remote.close)
     progress.start(len(cands), "first-level candidates")
     progress.advance(len(cands) - len(todo))
     try:
-        if options.jobs > 1:
+        if remote is not None:
+            for i, m in enumerate(remote.measure(todo)):
+                m.loss = 100.0 * (engine.base_accuracy - m.accuracy)  # against the driver's own float model
+                cache["measured"][m.key] = m.to_json()
+                progress.advance()
+                if i % 10 == 9:
+                    save()
+        elif options.jobs > 1:
             with ThreadPoolExecutor(options.jobs) as pool:
                 for m in pool.map(engine.measure, todo):
                     cache["measured"][m.key] = m.to_json()
@@ -336,7 +358,8 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
             return original
         k = json.dumps(_jsonable(cfg), sort_keys=True)
         if k not in seen:
-            seen[k] = _evaluate_combined(cfg, engine, measurer, base, base_macs, site_dense, sample, options, latency)
+            seen[k] = _evaluate_combined(cfg, engine, measurer, base, base_macs, site_dense, sample, options, latency,
+                                         remote)
             combined.append(seen[k])
             cache["combined"].append(seen[k].to_json())
             progress.advance()
@@ -425,7 +448,7 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
         else:
             out_model, rep = engine.deployed(target.config)
             r = Evaluator(out_model, threads=threads).run(inputs[val])
-        macs = base_macs - sum(site_dense[s] for s in target.config) + _site_macs(out_model, r.site_macs, target.config)
+        macs = base_macs - sum(site_dense[s] for s in target.config) + site_macs(out_model, r.site_macs, target.config)
         lat_opt, lat_base = measurer.compare(out_model, base, sample, runs=options.final_runs)
         acc = top1(r.logits, ref_all[val])
         report["optimized"] = {"accuracy": acc, "macs": int(macs), "latency_ms": lat_opt}
@@ -434,7 +457,7 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
         report["mac_reduction"] = 1 - macs / base_macs
         report["validation_loss"] = 100.0 * (base_val_acc - acc)
         report["calibration_loss"] = target.loss
-        by_site = _macs_by_site(out_model, r.site_macs, target.config)
+        by_site = macs_by_site(out_model, r.site_macs, target.config)
         report["sites"] = [_site_row(s, target.config.get(s.name), rep, by_site.get(s.name)) for s in sites]
         decision["final_ratio"] = lat_opt / lat_base
         faster = lat_opt <= (1 - options.margin) * lat_base
@@ -579,27 +602,11 @@ def _probe(engine: Engine, measurer: Measurer, base, sample, cands: list[Candida
     return hopeless | small, chains
 
 
-def _macs_by_site(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> dict[str, int]:
-    """Per-sample MACs each rewritten site's op reported (its counter output)."""
-    out = {}
-    for n in model.graph.node:
-        site = n.name.rsplit("__", 1)[0]
-        if n.domain and site in config:
-            out[site] = next((v for k, v in site_macs.items() if k.startswith(n.output[0])), 0)
-    return out
-
-
-def _site_macs(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> int:
-    return sum(_macs_by_site(model, site_macs, config).values())
-
-
-
 def _evaluate_combined(cfg, engine: Engine, measurer: Measurer, base, base_macs, site_dense, sample,
-                       o: SearchOptions, latency: bool) -> Combined:
-    model, _ = engine.deployed(cfg)  # measured as it will be deployed
-    r = Evaluator(model, threads=engine.threads).run(engine.x)
-    acc = top1(r.logits, engine.ref)
-    macs = base_macs - sum(site_dense[s] for s in cfg) + _site_macs(model, r.site_macs, cfg)
+                       o: SearchOptions, latency: bool, remote: RemotePool | None = None) -> Combined:
+    # accuracy and MACs on a Ray worker when there is one; latency always here, on the driver
+    model, acc, op_macs = remote.combination(cfg, latency) if remote is not None else engine.combination(cfg)
+    macs = base_macs - sum(site_dense[s] for s in cfg) + op_macs
     lat, base_lat = measurer.compare(model, base, sample, runs=o.latency_runs) if latency else (1.0, 1.0)
     return Combined(config=cfg, accuracy=acc, loss=100.0 * (engine.base_accuracy - acc), macs=int(macs),
                     latency_ms=lat, base_latency_ms=base_lat)
