@@ -17,9 +17,11 @@ A worker that dies is restarted and its lost task retried (actor max_restarts / 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -59,6 +61,25 @@ def _check_address(address: str) -> None:
                         "start one with `ray start --head` or give its address") from None
 
 
+@contextlib.contextmanager
+def _quiet_stderr(on: bool):
+    """While connecting, Ray's C++ client logs each retry to file descriptor 2 (a minute of warnings
+    when something that is not a Ray cluster answers); the error becomes one line instead. Not for a
+    local start, whose daemons would inherit the redirection."""
+    if not on:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class Cluster:
     """A connection to Ray: a running cluster (`auto`, HOST:PORT, ray://HOST:PORT) or, with no address,
     a local one started here with one CPU per core (stopped again by close()). When Ray is already
@@ -81,7 +102,8 @@ class Cluster:
         else:
             kw.update(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
         try:
-            ray.init(**kw)
+            with _quiet_stderr(bool(address)):
+                ray.init(**kw)
         except Exception as e:  # ConnectionError, ValueError (ray:// without ray[client]), RuntimeError ...
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             where = f"at {address}" if address else "locally"
