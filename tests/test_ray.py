@@ -33,9 +33,26 @@ TECHS = ("early-exit", "sparse-quant", "lazy")
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    cluster = Cluster(num_cpus=2)  # ray.init(num_cpus=2, include_dashboard=False, ...) from the installed package's folder
+    assert cluster.owned
     yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    cluster.close()
+    assert not ray.is_initialized()
+
+
+def test_workers_import_the_installed_onnxzero(local_ray):
+    """Not the source tree the tests run from (Ray puts the driver's working directory on the workers'
+    sys.path; a non-editable install's source tree has no onnxzero/passes)."""
+    import onnxzero
+    from onnxzero import passes
+
+    @ray.remote
+    def where():
+        import onnxzero
+        from onnxzero import passes
+        return onnxzero.__file__, passes.__file__
+
+    assert ray.get(where.remote()) == (onnxzero.__file__, passes.__file__)
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +89,27 @@ def figures(result):
     }
 
 
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
 def worker_pids(title: bytes = b"ray::_Worker") -> set[int]:
     """Processes of this test's Ray actors (Ray titles them ray::_Worker, ray::_Worker.measure while
-    measuring), found in /proc."""
+    measuring), found in /proc: descendants of this process (its Ray's raylet started them), so
+    another Ray on the machine does not count."""
     out = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if (d / "cmdline").read_bytes().split(b"\0")[0].startswith(title):
+                if not (d / "cmdline").read_bytes().split(b"\0")[0].startswith(title):
+                    continue
+                pid = int(d.name)
+                while pid > 1 and pid != os.getpid():
+                    pid = _ppid(pid)
+                if pid == os.getpid():
                     out.add(int(d.name))
-            except OSError:
+            except (OSError, ValueError):
                 pass
     return out
 

@@ -23,11 +23,13 @@ import os
 import socket
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+import onnxzero
 from onnxzero.errors import UserError
 from onnxzero.passes.sites import Site
 from onnxzero.search.candidates import Candidate
@@ -102,7 +104,10 @@ class Cluster:
         else:
             kw.update(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False)
         try:
-            with _quiet_stderr(bool(address)):
+            # Ray puts the driver's working directory first on every worker's sys.path; run from a
+            # source checkout, the workers would import its onnxzero/ (which has no passes/ or cli/:
+            # only the install maps them into the package) instead of the installed one.
+            with _quiet_stderr(bool(address)), contextlib.chdir(Path(onnxzero.__file__).resolve().parent.parent):
                 ray.init(**kw)
         except Exception as e:  # ConnectionError, ValueError (ray:// without ray[client]), RuntimeError ...
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
