@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from onnxzero.evaluate import Evaluator, expose_macs, fixed_batch, session, top1
 from onnxzero.ops import early_exit
-from onnxzero.passes.rewrite import rewrite
+from onnxzero.passes.rewrite import _jsonable, rewrite
 from onnxzero.passes.rules import Calibration
 from onnxzero.passes.rules.base import weight
 from onnxzero.passes.sites import Site
@@ -266,15 +266,3 @@ def _site_node(model: onnx.ModelProto, s: Site) -> onnx.NodeProto:
         if n.name.startswith(prefix) and n.domain:
             return n
     raise KeyError(f"no op for site {s.name}")
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return np.asarray(v).tolist()
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not np.isfinite(v):
-        return None if np.isnan(v) else (1e308 if v > 0 else -1e308)  # strict JSON has no inf
-    return v
