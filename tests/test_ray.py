@@ -256,6 +256,30 @@ def test_cli_connects_to_a_running_cluster_and_matches_the_local_search(local_ra
     assert out.exists() and not (tmp_path / "o.onnx.search.json").exists()
 
 
+def test_cli_sigint_keeps_the_cache_and_resume_continues(local_ray, small_data, tmp_path):
+    """Ctrl-C on the driver, for real: SIGINT to the CLI once its cache holds the first candidates."""
+    out, cache = tmp_path / "o.onnx", tmp_path / "o.onnx.search.json"
+    args = ["optimize", "zoo:lenet5", "--eps", "3", "--objective", "macs", "--techniques", "early-exit,sparse-quant,lazy",
+            "--data", small_data, "-o", out, "--ray", local_ray]
+    code = "import sys\nfrom onnxzero.cli.main import cli\ncli(sys.argv[1:], prog_name='onnxzero')\n"
+    p = subprocess.Popen([sys.executable, "-P", "-c", code, *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not cache.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()  # still searching: 37 candidates, the cache is written every 10
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130 and stderr.strip() == "onnxzero: interrupted", stderr
+    assert "what was measured is kept in" in " ".join(stdout.split()) and not out.exists()
+    kept = len(json.loads(cache.read_text())["measured"])
+    assert 10 <= kept < 37
+    r = cli_run(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"onnxzero: resumed {kept} measured candidates from {cache}" in r.stderr.splitlines()
+    assert out.exists() and not cache.exists()
+
+
 @pytest.mark.parametrize("address, message", [
     ("127.0.0.1:1", "onnxzero: error: --ray: cannot reach a Ray cluster at 127.0.0.1:1 (Connection refused); "
                     "start one with `ray start --head` or give its address"),
