@@ -217,7 +217,8 @@ def _ones_range(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--top-m", type=click.IntRange(min=1), default=3, show_default=True, help="Options kept per site for back-off.")
 @click.option("--val-fraction", type=click.FloatRange(0.05, 0.95), default=0.5, show_default=True,
               help="Share of the data held out for the final figures.")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Candidates evaluated in parallel.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Candidates evaluated in parallel (the local search; with --ray: --ray-workers).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size the latency is measured (and the final check is made) at.")
 @click.option("--margin", type=click.FloatRange(0, 100, max_open=True), default=3.0, show_default=True,
