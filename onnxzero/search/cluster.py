@@ -216,6 +216,20 @@ class RemotePool:
         model, acc, macs = self._get(a.combination.remote(self.data, config, with_model))
         return (onnx.load_from_string(model) if model is not None else None), acc, macs
 
+    def combinations(self, configs: list[dict[str, dict[str, Any]]], with_model: bool
+                     ) -> list[tuple[onnx.ModelProto | None, float, int]]:
+        """combination() of several configs at once, spread over the workers, in the given order."""
+        refs = []
+        for config in configs:
+            a = self.actors[self._next % len(self.actors)]
+            self._next += 1
+            refs.append(a.combination.remote(self.data, config, with_model))
+        out = []
+        for ref in refs:
+            model, acc, macs = self._get(ref)
+            out.append(((onnx.load_from_string(model) if model is not None else None), acc, macs))
+        return out
+
     def pids(self) -> list[int]:
         return [self.ray.get(a.pid.remote()) for a in self.actors]
 

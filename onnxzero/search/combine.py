@@ -88,6 +88,10 @@ def seeds(ranked: dict[str, list[Measured]], measured: dict[str, Measured], site
     return out
 
 
+def _key(cfg: dict[str, dict[str, Any]]) -> str:
+    return json.dumps(_jsonable(cfg), sort_keys=True)
+
+
 def site_loss(measured: dict[str, Measured], cfg: dict[str, Any], site: str, cands: dict[str, Candidate]) -> float:
     """The first-level loss of the option `cfg` at `site` (0 when it was not measured alone)."""
     for m in measured.values():
@@ -111,33 +115,79 @@ class Combiner:
     def evaluate(self, cfg: dict[str, dict[str, Any]]) -> Combined:
         if not cfg:
             return self.original
-        k = json.dumps(_jsonable(cfg), sort_keys=True)
+        k = _key(cfg)
         if k not in self.seen:
-            self.seen[k] = self.measure(cfg)
-            self.combined.append(self.seen[k])
-            self.cache_entries.append(self.seen[k].to_json())
+            self._record(k, self.measure(cfg))
             self.progress.advance()
         return self.seen[k]
 
-    def network_level(self, seeds: list[dict[str, list[Measured]]], cand_by_key: dict[str, Candidate]) -> None:
-        """From each seed, every site takes its best option; while the combination loses more than eps,
-        the site whose option costs the most accuracy backs off to its next option, or to dense."""
+    def _record(self, k: str, c: Combined) -> None:
+        self.seen[k] = c
+        self.combined.append(c)
+        self.cache_entries.append(c.to_json())
+
+    def _walk(self, options_by_site: dict[str, list[Measured]], cand_by_key: dict[str, Candidate]):
+        """One seed's back-off walk: yields a combination, is sent its figures, yields the next."""
         o = self.o
-        self.progress.start(o.max_rounds * len(seeds), "network-level combinations")
-        for options_by_site in seeds:
-            choice = {s: 0 for s in options_by_site}
-            for _ in range(o.max_rounds):
-                if not choice:
-                    break
-                c = self.evaluate({s: site_config(cand_by_key[options_by_site[s][i].key]) for s, i in choice.items()})
-                if c.loss <= o.eps:
-                    break
-                # back off the site whose current option costs the most accuracy on its own
-                worst = max(choice, key=lambda s: (options_by_site[s][choice[s]].loss,
-                                                   -options_by_site[s][choice[s]].saved(o.objective)))
-                choice[worst] += 1
-                if choice[worst] >= len(options_by_site[worst]):
-                    del choice[worst]
+        choice = {s: 0 for s in options_by_site}
+        for _ in range(o.max_rounds):
+            if not choice:
+                return
+            c = yield {s: site_config(cand_by_key[options_by_site[s][i].key]) for s, i in choice.items()}
+            if c.loss <= o.eps:
+                return
+            # back off the site whose current option costs the most accuracy on its own
+            worst = max(choice, key=lambda s: (options_by_site[s][choice[s]].loss,
+                                               -options_by_site[s][choice[s]].saved(o.objective)))
+            choice[worst] += 1
+            if choice[worst] >= len(options_by_site[worst]):
+                del choice[worst]
+
+    def network_level(self, seeds: list[dict[str, list[Measured]]], cand_by_key: dict[str, Candidate],
+                      measure_many: Callable[[list[dict[str, dict[str, Any]]]], list[Combined]] | None = None) -> None:
+        """From each seed, every site takes its best option; while the combination loses more than eps,
+        the site whose option costs the most accuracy backs off to its next option, or to dense.
+
+        With `measure_many` (Ray workers) the seeds' walks advance side by side: a walk's next step
+        depends only on its own last combination, so each round's new combinations are measured at
+        once; they are then recorded in the order the walks one after the other find them, so the
+        decision is the one the serial search makes."""
+        self.progress.start(self.o.max_rounds * len(seeds), "network-level combinations")
+        walks = [self._walk(seed, cand_by_key) for seed in seeds]
+        if measure_many is None:
+            for w in walks:
+                cfg = next(w, None)
+                while cfg is not None:
+                    try:
+                        cfg = w.send(self.evaluate(cfg))
+                    except StopIteration:
+                        cfg = None
+            return
+        found: dict[str, Combined] = {}
+        trails: list[list[str]] = [[] for _ in walks]
+        current = {i: cfg for i, w in enumerate(walks) if (cfg := next(w, None)) is not None}
+        while current:
+            new = {}
+            for cfg in current.values():
+                k = _key(cfg)
+                if k not in found and k not in new:
+                    new[k] = cfg
+            for k, c in zip(new, measure_many(list(new.values()))):
+                found[k] = c
+                self.progress.advance()
+            step = {}
+            for i, cfg in current.items():
+                k = _key(cfg)
+                trails[i].append(k)
+                try:
+                    step[i] = walks[i].send(found[k])
+                except StopIteration:
+                    pass
+            current = step
+        for trail in trails:
+            for k in trail:
+                if k not in self.seen:
+                    self._record(k, found[k])
 
     def pool(self) -> list[Combined]:
         return [c for c in self.combined if c.loss <= self.o.eps and id(c) not in self.rejected] + \

@@ -178,7 +178,8 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
         original = Combined({}, engine.base_accuracy, 0.0, base_macs, 1.0, 1.0)  # always a candidate
         combiner = Combiner(lambda cfg: ms.combination(cfg, base_macs, site_dense), original, options, cache.combined,
                             progress)
-        combiner.network_level(seeds(ranked, measured, sites, chains, options), cand_by_key)
+        many = (lambda cfgs: ms.combinations(cfgs, base_macs, site_dense)) if ms.remote is not None else None
+        combiner.network_level(seeds(ranked, measured, sites, chains, options), cand_by_key, many)
 
         # 4. decision, held to the validation split; the report (with the final latency check)
         base_val_acc = top1(float_ev.run(inputs[val]).logits, ref_all[val])

@@ -239,13 +239,25 @@ class Measurements:
             cache.save()
             raise
 
-    # -- 3. one network-level combination -----------------------------------------------------------
+    # -- 3. network-level combinations -------------------------------------------------------------
     def combination(self, cfg: dict[str, dict[str, Any]], base_macs: int, site_dense: dict[str, int]) -> Combined:
         """Accuracy, MACs (and with objective latency, whole-model latency) of `cfg` as deployed."""
         latency = self.o.objective == "latency"
         # accuracy and MACs on a Ray worker when there is one; latency always here, on the driver
         model, acc, op_macs = self.remote.combination(cfg, latency) if self.remote is not None \
             else self.engine.combination(cfg)
+        return self._combined(cfg, model, acc, op_macs, base_macs, site_dense)
+
+    def combinations(self, cfgs: list[dict[str, dict[str, Any]]], base_macs: int,
+                     site_dense: dict[str, int]) -> list[Combined]:
+        """Several combinations' accuracy and MACs at once on the Ray workers; then, with no Ray task
+        of this search running, each one's latency here."""
+        latency = self.o.objective == "latency"
+        figures = self.remote.combinations(cfgs, latency)
+        return [self._combined(cfg, *f, base_macs, site_dense) for cfg, f in zip(cfgs, figures)]
+
+    def _combined(self, cfg, model, acc: float, op_macs: int, base_macs: int, site_dense: dict[str, int]) -> Combined:
+        latency = self.o.objective == "latency"
         macs = base_macs - sum(site_dense[s] for s in cfg) + op_macs
         lat, base_lat = self.compare(model) if latency else (1.0, 1.0)
         return Combined(config=cfg, accuracy=acc, loss=100.0 * (self.engine.base_accuracy - acc), macs=int(macs),
