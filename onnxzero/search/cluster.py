@@ -162,7 +162,7 @@ class _Worker:
 
 class RemotePool:
     """The search's two measurements on Ray actors: first-level candidates (in parallel, results as
-    they complete) and network-level combinations (one at a time: the back-off is serial)."""
+    they complete) and network-level combinations (one, or a round of the seeds' walks at once)."""
 
     def __init__(self, cluster: Cluster, base: onnx.ModelProto, sites: list[Site], x: np.ndarray, ref: np.ndarray):
         ray = self.ray = cluster.ray
