@@ -308,6 +308,14 @@ def test_cli_without_ray_installed_names_the_extra(tmp_path, small_data):
     assert r.returncode == 0, r.stderr
 
 
+def test_more_workers_than_the_cluster_has_cpus_is_one_line(local_ray, tmp_path):
+    """An actor Ray cannot place would hold its candidates forever: refused before any work."""
+    r = cli_run("optimize", "zoo:lenet5", "--eps", "3", "-o", tmp_path / "o.onnx", "--ray", local_ray, "--ray-workers", "3")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "onnxzero: error: --ray-workers is 3, but the Ray cluster has room for 2 (one CPU each); expected at most 2")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ray_workers_needs_ray(tmp_path):
     r = CliRunner().invoke(cli, ["optimize", "zoo:lenet5", "--eps", "3", "-o", str(tmp_path / "o.onnx"), "--ray-workers", "2"])
     assert r.exit_code == 1 and r.stderr.strip() == "onnxzero: error: --ray-workers needs --ray"

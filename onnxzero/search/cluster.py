@@ -94,8 +94,16 @@ class Cluster:
             raise UserError(f"--ray-workers is {workers}, expected >= 1")
         self.workers, self.threads = workers, max(1, threads)
         self.owned = False
-        if ray.is_initialized():
-            return
+        if not ray.is_initialized():
+            self._init(address, num_cpus)
+        try:
+            self.size()  # --ray-workers must fit, before any work
+        except UserError:
+            self.close()
+            raise
+
+    def _init(self, address: str | None, num_cpus: int | None) -> None:
+        ray = self.ray
         kw: dict[str, Any] = dict(logging_level=logging.ERROR, log_to_driver=False)
         if address:
             if address != "auto" and not address.startswith("ray://"):
@@ -117,9 +125,12 @@ class Cluster:
 
     def size(self) -> int:
         """Workers a pool gets: --ray-workers, else one per `threads` CPUs of the cluster."""
-        if self.workers:
-            return self.workers
-        return max(1, int(self.ray.cluster_resources().get("CPU", 1)) // self.threads)
+        fit = int(self.ray.cluster_resources().get("CPU", 0)) // self.threads
+        if self.workers and self.workers > fit:
+            # an actor that cannot be placed would hold its queued candidates forever
+            raise UserError(f"--ray-workers is {self.workers}, but the Ray cluster has room for {fit} "
+                            f"(one CPU each); expected at most {fit}")
+        return self.workers or max(1, fit)
 
     def pool(self, base: onnx.ModelProto, sites: list[Site], x: np.ndarray, ref: np.ndarray) -> "RemotePool":
         return RemotePool(self, base, sites, x, ref)
