@@ -217,7 +217,8 @@ def _ones_range(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--top-m", type=click.IntRange(min=1), default=3, show_default=True, help="Options kept per site for back-off.")
 @click.option("--val-fraction", type=click.FloatRange(0.05, 0.95), default=0.5, show_default=True,
               help="Share of the data held out for the final figures.")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Candidates evaluated in parallel.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Candidates evaluated in parallel (the local search; with --ray: --ray-workers).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size the latency is measured (and the final check is made) at.")
 @click.option("--margin", type=click.FloatRange(0, 100, max_open=True), default=3.0, show_default=True,
@@ -232,17 +233,27 @@ def _ones_range(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--pareto", is_flag=True, help="Then search the run-time settings' accuracy vs latency front (NSGA-II) "
               "and write ONE model with a scalar input `speed` (0 = most accurate within eps, 1 = fastest).")
 @click.option("--points", type=int, default=8, show_default=True, help="With --pareto: points on the speed dial (>= 2).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run the accuracy/MAC measurements on Ray (pip install onnxzero[ray]): no ADDRESS starts a local "
+              "Ray, `auto`, HOST:PORT or ray://HOST:PORT connects to a running cluster. Latency is measured on this "
+              "machine only (the driver), never compared across machines. Give it after MODEL.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None,
+              help="With --ray: Ray workers (default: one per CPU of the cluster).")
 @_user_errors
 def optimize(model: str, eps: float, data: Path | None, output: Path | None, report_path: Path | None, techniques: str,
              objective: str, mode: str, patch_sizes: tuple[int, ...], ones_range: tuple[int, int],
              granularity_threshold: float, top_m: int, val_fraction: float, jobs: int, batch: int, margin: float,
-             final_runs: int, resume: bool, best_effort: bool, html_out: Path | None, pareto: bool, points: int) -> None:
+             final_runs: int, resume: bool, best_effort: bool, html_out: Path | None, pareto: bool, points: int,
+             ray_address: str | None, ray_workers: int | None) -> None:
     """Search per-site techniques and settings under an accuracy budget; write a faster model.
 
     With --objective latency (the default) every candidate is timed in the whole model as deployed
     (onnxruntime's graph optimizations on) against the original; the model is written only if a
     final interleaved check finds it faster by --margin, else the original is reported the fastest
     and nothing is written (exit 0).
+
+    With --ray the first-level candidates' and the network-level combinations' accuracy and MAC runs
+    go to Ray workers; the back-off, the held-out check and all latency stay on this machine.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -281,6 +292,13 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
         raise UserError("no data: expected --data FILE.npz with 'inputs' (and 'labels') to measure accuracy on")
     ds = load_dataset(data_path)
     check_fits(ds, m)
+    if ray_address is None and ray_workers is not None:
+        raise UserError("--ray-workers needs --ray")
+    cluster = None
+    if ray_address is not None:
+        from onnxzero.search.cluster import Cluster
+
+        cluster = Cluster(ray_address or None, workers=ray_workers)
     console = Console(stderr=False)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -299,10 +317,14 @@ def optimize(model: str, eps: float, data: Path | None, output: Path | None, rep
 
         cache = out.with_name(out.name + ".search.json")
         try:
-            result = run_search(m, ds.inputs, ds.labels, opts, cache_path=cache, resume=resume, progress=_Bar())
+            result = run_search(m, ds.inputs, ds.labels, opts, cache_path=cache, resume=resume, progress=_Bar(),
+                                cluster=cluster)
         except KeyboardInterrupt:
             console.print(f"interrupted: what was measured is kept in {cache}; rerun with --resume to continue")
             raise
+        finally:
+            if cluster is not None:
+                cluster.close()
     render(result.report, console)
     rep = result.report
     out_model = result.model

@@ -8,11 +8,14 @@ from typing import Any
 
 import numpy as np
 
+from onnxzero.passes.rules.sparse_quant import PRUNE_FRACTIONS as RULE_PRUNE_FRACTIONS
 from onnxzero.passes.sites import Site
 
 # The paper's 2^(p^2) - 2 singleton patterns are filtered by --ones-range.
 LAZY_RATIOS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
-PRUNE_FRACTIONS = (0.5, 0.7, 0.8, 0.9, 0.95)
+# The rewrite rule's pruning levels, one list for both; the search tries those that prune at least
+# half of a site's weights (a gentler level saves too little for an accuracy run of its own).
+PRUNE_FRACTIONS = tuple(f for f in sorted(RULE_PRUNE_FRACTIONS) if f >= 0.5)
 PREDICTIVE = ((0.5, 0.02), (0.5, 0.1), (0.25, 0.05), (0.25, 0.15))  # (fraction of terms N, quantile for Th)
 
 
@@ -61,3 +64,42 @@ def first_level(site: Site, technique: str, *, patch_sizes: tuple[int, ...], one
                 for f, q in PREDICTIVE]
         return out
     raise ValueError(technique)
+
+
+def search_space(engine, sites: list[Site], o) -> list[Candidate]:
+    """Every first-level candidate of the search: each site x enabled technique x setting. The finer
+    spatial modes derive their masks from the calibration split's activations (engine.calibration)."""
+    from onnxzero.search.spatial_modes import layer_mask  # spatial_modes builds on spatial_patterns above
+
+    out: list[Candidate] = []
+    for s in sites:
+        for t in o.techniques:
+            if t == "spatial" and o.mode != "uniform-layer":
+                y = engine.calibration.tensors([s.y])[s.y] > 0
+                for p in o.patch_sizes:
+                    for thr in sorted({o.granularity_threshold / 2, o.granularity_threshold, o.granularity_threshold * 2}):
+                        m = layer_mask(y, p, o.mode, o.ones_range, thr)
+                        out.append(Candidate.make(s.name, "spatial", {"patch": p, "mask": m.tolist(), "granularity": thr}))
+            else:
+                out.extend(first_level(s, t, patch_sizes=o.patch_sizes, ones_range=o.ones_range))
+    return out
+
+
+def site_config(c: Candidate) -> dict[str, Any]:
+    """A candidate as one site's entry of a rewrite config ({"technique", setting...})."""
+    setting = dict(c.setting)
+    setting.pop("granularity", None)
+    return {"technique": c.technique, **setting}
+
+
+def aggressiveness(c: Candidate) -> float:
+    """Orders a (site, technique)'s settings by how much work they may skip (higher skips more)."""
+    if c.technique == "lazy":
+        return -float(c.setting["ratio"])
+    if c.technique == "sparse-quant":
+        return float(c.setting["prune"])
+    if c.technique == "spatial":
+        return -float(np.mean(c.setting["mask"]))  # fewer positions computed first
+    if c.setting.get("mode") == "exact":
+        return 0.0
+    return float(c.setting["quantile"]) + 1.0 - float(c.setting["fraction"])  # earlier and bolder prediction

@@ -20,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from onnxzero.evaluate import Evaluator, expose_macs, fixed_batch, session, top1
 from onnxzero.ops import early_exit
-from onnxzero.passes.rewrite import rewrite
+from onnxzero.passes.rewrite import _jsonable, rewrite
 from onnxzero.passes.rules import Calibration
 from onnxzero.passes.rules.base import weight
 from onnxzero.passes.sites import Site
@@ -207,6 +207,13 @@ class Engine:
         return rewrite(self.base, config={"sites": cfg}, inputs=self.x, labels=self.ref, normalized=True,
                        runtime_settings=False)
 
+    def combination(self, config: dict[str, dict[str, Any]]) -> tuple[onnx.ModelProto, float, int]:
+        """(deployed model, calibration accuracy, MACs per sample of the rewritten sites' ops) of a
+        network-level combination, measured as it will be deployed."""
+        model, _ = self.deployed(config)
+        r = Evaluator(model, threads=self.threads).run(self.x)
+        return model, top1(r.logits, self.ref), site_macs(model, r.site_macs, config)
+
 
 class Suffix:
     """One session over the rest of a model, run on cached activations in batches."""
@@ -239,21 +246,23 @@ class Suffix:
         return np.concatenate(logits), {k: v // max(1, self.n) for k, v in macs.items()}
 
 
+def macs_by_site(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> dict[str, int]:
+    """Per-sample MACs each rewritten site's op reported (its counter output)."""
+    out = {}
+    for n in model.graph.node:
+        site = n.name.rsplit("__", 1)[0]
+        if n.domain and site in config:
+            out[site] = next((v for k, v in site_macs.items() if k.startswith(n.output[0])), 0)
+    return out
+
+
+def site_macs(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> int:
+    return sum(macs_by_site(model, site_macs, config).values())
+
+
 def _site_node(model: onnx.ModelProto, s: Site) -> onnx.NodeProto:
     prefix = f"{s.name}__"
     for n in model.graph.node:
         if n.name.startswith(prefix) and n.domain:
             return n
     raise KeyError(f"no op for site {s.name}")
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return np.asarray(v).tolist()
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not np.isfinite(v):
-        return None if np.isnan(v) else (1e308 if v > 0 else -1e308)  # strict JSON has no inf
-    return v

@@ -27,31 +27,31 @@ emitted model is faster than the original where it is deployed, or nothing is wr
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
-from onnxzero.emit import atomic_write_json
 from onnxzero.errors import UserError
 from onnxzero.evaluate import Evaluator, top1
 from onnxzero.passes.normalize import normalize
 from onnxzero.passes.rules import TECHNIQUES
-from onnxzero.passes.sites import Site, find_sites
-from onnxzero.search.candidates import Candidate, first_level
-from onnxzero.search.engine import Engine, Measured, _jsonable
+from onnxzero.passes.sites import find_sites
+from onnxzero.search import report as reporting
+from onnxzero.search.candidates import search_space
+from onnxzero.search.cluster import Cluster
+from onnxzero.search.combine import Combined, Combiner, choose, rank, seeds  # noqa: F401 (choose: public here)
+from onnxzero.search.engine import Engine, Measured
 from onnxzero.search.latency import Measurer, OrtMeasurer, batch_sample
-from onnxzero.search.spatial_modes import layer_mask
+from onnxzero.search.measure import CACHE_VERSION, Cache, Measurements, cache_key, load_cache  # noqa: F401
+from onnxzero.search.report import pareto  # noqa: F401 (public here)
 
 MODES = ("uniform-layer", "uniform-filter", "uniform-patch", "max-granularity")
 OBJECTIVES = ("latency", "macs")
-CACHE_VERSION = 2
+_candidates = search_space  # the name the tests know
 
 
 @dataclass
@@ -100,24 +100,6 @@ class SearchOptions:
 
 
 @dataclass
-class Combined:
-    config: dict[str, dict[str, Any]]  # site -> {"technique", setting...}; {} is the original model
-    accuracy: float
-    loss: float
-    macs: int
-    latency_ms: float
-    base_latency_ms: float  # the original, interleaved with it in the same measurement
-
-    @property
-    def ratio(self) -> float:
-        return self.latency_ms / self.base_latency_ms if self.base_latency_ms else 1.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {"config": _jsonable(self.config), "accuracy": self.accuracy, "loss": self.loss, "macs": self.macs,
-                "latency_ms": self.latency_ms, "base_latency_ms": self.base_latency_ms, "ratio": self.ratio}
-
-
-@dataclass
 class OptimizeResult:
     model: onnx.ModelProto | None  # None when the original is kept (or nothing met eps) and best_effort is off
     met_eps: bool
@@ -141,64 +123,21 @@ def split(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.nd
     return np.sort(idx[n_val:]), np.sort(idx[:n_val])
 
 
-def choose(combos: list[Combined], objective: str, tie: float) -> Combined:
-    """The fastest (or fewest-MACs) combination; among ties the smaller accuracy loss."""
-    if objective == "macs":
-        return min(combos, key=lambda c: (c.macs, c.loss))
-    fastest = min(c.ratio for c in combos)
-    near = [c for c in combos if c.ratio <= fastest * (1 + tie)]
-    return min(near, key=lambda c: (c.loss, c.ratio, len(c.config)))
+def split(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (calibration, validation) index split."""
+    idx = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * val_fraction)))
+    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
 
 
-# ---- the resume cache ---------------------------------------------------------------------------
-def cache_key(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | None, cal: np.ndarray,
-              options: SearchOptions) -> str:
-    """What the cached figures depend on: model, data, split and the options (not --jobs)."""
-    h = hashlib.sha256()
-    h.update(model.SerializeToString(deterministic=True))
-    for a in (np.ascontiguousarray(inputs), labels, cal):
-        if a is not None:
-            h.update(str((a.dtype, a.shape)).encode())
-            h.update(np.ascontiguousarray(a).tobytes())
-    opts = {k: v for k, v in asdict(options).items() if k != "jobs"}
-    h.update(json.dumps(opts, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-_MEASURED_FIELDS = {f.name for f in fields(Measured)}
-_REQUIRED = {"key", "site", "technique", "setting", "accuracy", "loss", "macs", "dense_macs"}
-
-
-def load_cache(path: Path, key: str) -> tuple[dict[str, Any] | None, str]:
-    """(cache, "") when `path` holds this run's cache, else (None, why not) for a one-line note."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return None, f"it is not readable JSON ({type(e).__name__})"
-    if not isinstance(data, dict) or set(data) != {"version", "key", "probes", "measured", "combined"}:
-        return None, "it is not a search cache (expected keys version, key, probes, measured, combined)"
-    if data["version"] != CACHE_VERSION:
-        return None, f"it is cache version {data['version']!r}, expected {CACHE_VERSION}"
-    if data["key"] != key:
-        return None, "it was made for another model, data, split or options"
-    if not isinstance(data["measured"], dict) or not isinstance(data["combined"], list) or not isinstance(data["probes"], dict) \
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data["probes"].values()):
-        return None, "its 'probes', 'measured' or 'combined' entry has the wrong type"
-    for k, v in data["measured"].items():
-        if not (isinstance(v, dict) and _REQUIRED <= set(v) <= _MEASURED_FIELDS and v["key"] == k
-                and all(isinstance(v[f], (int, float)) and not isinstance(v[f], bool) for f in ("accuracy", "loss", "macs", "dense_macs"))
-                and all(v.get(f) is None or isinstance(v[f], (int, float)) for f in ("latency_ms", "dense_latency_ms"))):
-            return None, f"its entry {k[:60]!r} is malformed"
-    return data, ""
-
-
-# ---- the search ---------------------------------------------------------------------------------
+# ---- the search: orchestration of the parts -----------------------------------------------------
 def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | None, options: SearchOptions, *,
              cache_path: Path | None = None, resume: bool = False, progress: Progress | None = None,
-             threads: int = 0, measurer: Measurer | None = None) -> OptimizeResult:
+             threads: int = 0, measurer: Measurer | None = None, cluster: Cluster | None = None) -> OptimizeResult:
+    """The search: search space (candidates.py), measurer and cache (measure.py, on Ray workers with
+    `cluster`: cluster.py), combiner and decision (combine.py), report (report.py)."""
     options.validate()
     progress = progress or Progress()
-    measurer = measurer or OrtMeasurer()
     t0 = time.time()
     base, _ = normalize(model)
     sites = [s for s in find_sites(base) if s.macs]
@@ -212,397 +151,46 @@ def optimize(model: onnx.ModelProto, inputs: np.ndarray, labels: np.ndarray | No
     engine = Engine(base, sites, inputs[cal], ref_all[cal], threads=threads)
     if options.jobs > 1:
         engine.threads = max(1, (threads or 2) // options.jobs)
-    sample = batch_sample(inputs, options.batch)
     latency = options.objective == "latency"
 
-    key = cache_key(model, inputs, labels, cal, options)
-    cache: dict[str, Any] = {"version": CACHE_VERSION, "key": key, "probes": {}, "measured": {}, "combined": []}
-    if resume and cache_path and cache_path.exists():
-        loaded, why = load_cache(cache_path, key)
-        if loaded is None:
-            progress.note(f"--resume: ignored {cache_path}: {why}; starting afresh")
-        else:
-            cache = loaded
-            probes = f" and {len(cache['probes'])} latency probes" if cache["probes"] else ""
-            progress.note(f"resumed {len(cache['measured'])} measured candidates{probes} from {cache_path}")
+    cache = Cache(cache_path, cache_key(model, inputs, labels, cal, options))
+    if resume:
+        cache.resume(progress)
+    ms = Measurements(engine, measurer or OrtMeasurer(), base, batch_sample(inputs, options.batch), options, cache,
+                      progress)
+    with contextlib.ExitStack() as stack:
+        # 0-1. search space, latency probes (objective latency), first level
+        cands = search_space(engine, sites, options)
+        cand_by_key = {c.key: c for c in cands}
+        base_macs = dense_model_macs(base)
+        hopeless, chains = ms.probe(cands, base_macs) if latency else (set(), set())
+        cands = [c for c in cands if (c.site, c.technique) not in hopeless]
+        if cluster is not None:  # started after the probes: no worker competes with their timing
+            ms.remote = cluster.pool(base, sites, inputs[cal], ref_all[cal])
+            stack.callback(ms.remote.close)
+        measured = ms.first_level(cands)
+        if latency:
+            ms.time_first_level(measured, cand_by_key, base_macs)
 
-    def save() -> None:
-        if cache_path:
-            atomic_write_json(cache_path, cache)
+        # 2-3. per-site options, network level with back-off
+        ranked = rank(measured, sites, options)
+        site_dense = {s.name: int(s.macs) for s in sites}
+        original = Combined({}, engine.base_accuracy, 0.0, base_macs, 1.0, 1.0)  # always a candidate
+        combiner = Combiner(lambda cfg: ms.combination(cfg, base_macs, site_dense), original, options, cache.combined,
+                            progress)
+        many = (lambda cfgs: ms.combinations(cfgs, base_macs, site_dense)) if ms.remote is not None else None
+        combiner.network_level(seeds(ranked, measured, sites, chains, options), cand_by_key, many)
 
-    # ---- 1. first level: accuracy and MACs --------------------------------------------------------
-    cands = _candidates(engine, sites, options)
-    cand_by_key = {c.key: c for c in cands}
-    base_macs = dense_model_macs(base)
-    hopeless, chains = _probe(engine, measurer, base, sample, cands, base_macs, options, cache, save, progress) \
-        if latency else (set(), set())
-    cands = [c for c in cands if (c.site, c.technique) not in hopeless]
-    todo = [c for c in cands if c.key not in cache["measured"]]
-    progress.start(len(cands), "first-level candidates")
-    progress.advance(len(cands) - len(todo))
-    try:
-        if options.jobs > 1:
-            with ThreadPoolExecutor(options.jobs) as pool:
-                for m in pool.map(engine.measure, todo):
-                    cache["measured"][m.key] = m.to_json()
-                    progress.advance()
-        else:
-            for i, c in enumerate(todo):
-                cache["measured"][c.key] = engine.measure(c).to_json()
-                progress.advance()
-                if i % 10 == 9:
-                    save()
-    except KeyboardInterrupt:
-        save()
-        raise
-    save()
-    measured = {c.key: Measured(**cache["measured"][c.key]) for c in cands}
-
-    # ---- 1b. whole-model latency of the candidates that can still win -----------------------------
-    timed = 0
-    if latency:
-        def time_one(m: Measured) -> None:
-            nonlocal timed
-            if m.latency_ms is None:
-                model_c, _ = engine.deployed({m.site: _site_config(m, cand_by_key)})
-                m.latency_ms, m.dense_latency_ms = measurer.compare(model_c, base, sample, runs=options.latency_runs)
-                cache["measured"][m.key] = m.to_json()
-                timed += 1
-
-        groups = {}
-        for m in measured.values():
-            if m.loss <= options.eps and m.macs < m.dense_macs:
-                groups.setdefault((m.site, m.technique), []).append(m)
-        progress.start(len(groups), "whole-model latency per site and technique")
-        try:
-            for (site, _t), ms in groups.items():
-                ms.sort(key=lambda m: (m.macs, m.loss))  # most aggressive first
-                # upper bound: a site's rewrite can save at most its share of the work it skips
-                if (ms[0].dense_macs - ms[0].macs) / base_macs < options.min_share:
-                    progress.advance()
-                    continue
-                fast = 0
-                for m in ms:
-                    time_one(m)
-                    if m.saved("latency") <= options.tie:
-                        break  # a gentler setting skips less: it will not buy time either
-                    fast += 1
-                    if fast >= options.top_m:
-                        break
-                progress.advance()
-                save()
-        except KeyboardInterrupt:
-            save()
-            raise
-
-    # ---- 2. per-site options within eps, best first ------------------------------------------------
-    ranked: dict[str, list[Measured]] = {}
-    for s in sites:
-        ok = [m for m in measured.values() if m.site == s.name and m.loss <= options.eps
-              and m.saved(options.objective) > (options.tie if latency else 0)]
-        ok.sort(key=lambda m: (-m.saved(options.objective), m.loss))
-        if ok:
-            ranked[s.name] = ok
-    # Seeds for the network level: the best options over all techniques, and, when several are
-    # enabled, each technique's own best options (a site's single best choice can combine worse
-    # than a uniform technique; we want the fastest passing model, not the first).
-    seeds = [{s: ms[:options.top_m] for s, ms in ranked.items()}] if ranked else []
-    if len(options.techniques) > 1:
-        for t in options.techniques:
-            seed = {s: [m for m in ms if m.technique == t][:options.top_m] for s, ms in ranked.items()}
-            seed = {s: v for s, v in seed.items() if v}
-            if seed and seed not in seeds:
-                seeds.append(seed)
-    # A technique that pays only as a chain (its ops next to each other, no reorders between them)
-    # shows no gain site by site: seed it on every site, ranked by the MACs its settings skip.
-    for t in sorted(chains):
-        seed = {}
-        for s in sites:
-            ms = sorted((m for m in measured.values() if m.site == s.name and m.technique == t
-                         and m.loss <= options.eps and m.macs < m.dense_macs), key=lambda m: (m.macs, m.loss))
-            if ms:
-                seed[s.name] = ms[:options.top_m]
-        if seed and seed not in seeds:
-            seeds.append(seed)
-
-    # ---- 3. network level with back-off ------------------------------------------------------------
-    site_dense = {s.name: int(s.macs) for s in sites}
-    original = Combined({}, engine.base_accuracy, 0.0, base_macs, 1.0, 1.0)  # always a candidate
-    combined: list[Combined] = []
-    seen: dict[str, Combined] = {}
-
-    def evaluate(cfg: dict[str, dict[str, Any]]) -> Combined:
-        if not cfg:
-            return original
-        k = json.dumps(_jsonable(cfg), sort_keys=True)
-        if k not in seen:
-            seen[k] = _evaluate_combined(cfg, engine, measurer, base, base_macs, site_dense, sample, options, latency)
-            combined.append(seen[k])
-            cache["combined"].append(seen[k].to_json())
-            progress.advance()
-        return seen[k]
-
-    progress.start(options.max_rounds * len(seeds), "network-level combinations")
-    for options_by_site in seeds:
-        choice = {s: 0 for s in options_by_site}
-        for _ in range(options.max_rounds):
-            if not choice:
-                break
-            c = evaluate({s: _site_config(options_by_site[s][i], cand_by_key) for s, i in choice.items()})
-            if c.loss <= options.eps:
-                break
-            # back off the site whose current option costs the most accuracy on its own
-            worst = max(choice, key=lambda s: (options_by_site[s][choice[s]].loss,
-                                               -options_by_site[s][choice[s]].saved(options.objective)))
-            choice[worst] += 1
-            if choice[worst] >= len(options_by_site[worst]):
-                del choice[worst]
-
-    # ---- 4. decision -------------------------------------------------------------------------------
-    rejected: set[int] = set()  # combinations that did not hold on the held-out split
-
-    def pool() -> list[Combined]:
-        return [c for c in combined if c.loss <= options.eps and id(c) not in rejected] + ([original] if latency else [])
-
-    def decide() -> Combined:
-        rw = [c for c in pool() if c.config]
-        if latency and rw:
-            # a site whose rewrite buys no whole-model time goes back to the original
-            c = choose(rw, options.objective, options.tie)
-            for s in sorted(c.config, key=lambda s: -_site_loss(measured, c.config[s], s, cand_by_key)):
-                d = evaluate({k: v for k, v in c.config.items() if k != s})
-                if d.loss <= options.eps and id(d) not in rejected and d.ratio <= c.ratio * (1 + options.tie):
-                    c = d
-        return choose(pool(), options.objective, options.tie)
-
-    report: dict[str, Any] = {"eps": options.eps, "objective": options.objective, "mode": options.mode,
-                              "techniques": list(options.techniques), "split": {"calibration": int(len(cal)), "validation": int(len(val))},
-                              "labels": "labels" if labels is not None else "the float model's own top-1 (no labels given)",
-                              "batch": options.batch}
-    base_val_acc = top1(float_ev.run(inputs[val]).logits, ref_all[val])
-    report["baseline"] = {"accuracy": base_val_acc, "macs": base_macs, "latency_ms": None}
-
-    # The choice must hold on data the search never saw: back off to the next choice until it does.
-    best, held_out_failures = None, []
-    val_cache: dict[int, tuple[Any, Any, Any]] = {}
-    while pool() and len(held_out_failures) < 8:
-        cand = decide()
-        if not cand.config:
-            best = cand
-            break
-        out_model, rep = engine.deployed(cand.config)
-        r = Evaluator(out_model, threads=threads).run(inputs[val])
-        vloss = 100.0 * (base_val_acc - top1(r.logits, ref_all[val]))
-        val_cache[id(cand)] = (out_model, rep, r)
-        if vloss <= options.eps:
-            best = cand
-            break
-        held_out_failures.append({"sites": len(cand.config), "calibration_loss": cand.loss, "validation_loss": vloss})
-        rejected.add(id(cand))
-    rewritten = [c for c in combined if c.loss <= options.eps and id(c) not in rejected]
-    save()
-
-    met_eps = best is not None
-    if best is None:  # nothing held on held-out data (or nothing met eps on calibration)
-        cands_all = [c for c in combined if id(c) in val_cache] or combined
-        best = min(cands_all, key=lambda c: c.loss) if cands_all else None
-    if held_out_failures:
-        f = held_out_failures[0]
-        report["held_out"] = (f"eps {options.eps:g} held on the calibration split (loss {f['calibration_loss']:.2f} pts) "
-                              f"but not on the held-out split (loss {f['validation_loss']:.2f} pts)")
-    report["held_out_backoffs"] = held_out_failures
-
-    out_model = None
-    best_rewritten = choose(rewritten, options.objective, options.tie) if rewritten else None
-    # what the figures describe: the choice, or when the original won, the best rewrite found (for
-    # the "best found" figure and --best-effort)
-    target = best if best is not None and best.config else best_rewritten
-    decision: dict[str, Any] = {"margin": options.margin, "final_runs": options.final_runs, "batch": options.batch,
-                                "choice": "rewritten" if target is not None and target is best else "original"}
-    if target is not None:
-        if id(target) in val_cache:
-            out_model, rep, r = val_cache[id(target)]
-        else:
-            out_model, rep = engine.deployed(target.config)
-            r = Evaluator(out_model, threads=threads).run(inputs[val])
-        macs = base_macs - sum(site_dense[s] for s in target.config) + _site_macs(out_model, r.site_macs, target.config)
-        lat_opt, lat_base = measurer.compare(out_model, base, sample, runs=options.final_runs)
-        acc = top1(r.logits, ref_all[val])
-        report["optimized"] = {"accuracy": acc, "macs": int(macs), "latency_ms": lat_opt}
-        report["baseline"]["latency_ms"] = lat_base
-        report["latency_ratio"] = lat_opt / lat_base
-        report["mac_reduction"] = 1 - macs / base_macs
-        report["validation_loss"] = 100.0 * (base_val_acc - acc)
-        report["calibration_loss"] = target.loss
-        by_site = _macs_by_site(out_model, r.site_macs, target.config)
-        report["sites"] = [_site_row(s, target.config.get(s.name), rep, by_site.get(s.name)) for s in sites]
-        decision["final_ratio"] = lat_opt / lat_base
-        faster = lat_opt <= (1 - options.margin) * lat_base
-        # The final check (final_runs interleaved runs) outweighs the search's shorter measurements: a
-        # rewrite within eps on both splits that it finds faster by the margin beats the original even
-        # where the search's noisier figure had them tied.
-        if latency and target is not best and met_eps and faster and report["validation_loss"] <= options.eps:
-            best = target
-            decision["choice"] = "rewritten"
-        decision["written"] = bool(met_eps and target is best and (faster or not latency))
-        decision["reason"] = ("faster than the original by at least the margin" if decision["written"] and latency else
-                              "fewest MACs within eps" if decision["written"] else
-                              "eps not met on held-out data" if not met_eps else
-                              "the original is the fastest within eps" if target is not best else
-                              "not faster than the original by the margin")
-    else:
-        report["optimized"] = None
-        report["sites"] = [_site_row(s, None, None) for s in sites]
-        if combined:
-            report["baseline"]["latency_ms"] = float(np.median([c.base_latency_ms for c in combined]))
-        # no combination within eps: the fastest single-site rewrite timed (a boldest-setting probe, or
-        # a setting within eps), which bounds what any combination of them could have done
-        single = [m.latency_ms / m.dense_latency_ms for m in measured.values()
-                  if m.latency_ms is not None and m.dense_latency_ms and m.loss <= options.eps] + list(cache["probes"].values())
-        decision["written"] = False
-        decision["final_ratio"] = min(single) if single else None
-        decision["reason"] = "the original is the fastest within eps" if latency else "no configuration met eps"
-    if latency and not decision["written"] and met_eps:
-        fr = decision["final_ratio"]
-        report["note"] = (f"no faster model within eps {options.eps:g}: the original is the fastest on this machine "
-                          + (f"(best found x{fr:.2f})" if fr is not None else "(no rewrite within eps sped the whole model up)"))
-    if not latency and not ranked:
-        report["note"] = (f"no site setting saved {options.objective} within eps on its own: "
-                          "the original model is the best this search found")
-    report["decision"] = decision
-    report["met_eps"] = met_eps
-    report["search"] = {"candidates_evaluated": len(measured) + len(combined), "first_level": len(measured),
-                        "latency_timed": timed, "probes": len(cache["probes"]),
-                        "hopeless": sorted(f"{s}|{t}" for s, t in hopeless), "chains": sorted(chains),
-                        "combinations": len(combined),
-                        "seconds": time.time() - t0}
-    base_lat = report["baseline"]["latency_ms"] or 0.0
-    report["pareto"] = pareto([{"accuracy": engine.base_accuracy, "macs": base_macs, "latency_ms": base_lat, "label": "float model"}]
-                              + [{"accuracy": engine.base_accuracy - c.loss / 100, "macs": c.macs,
-                                  "latency_ms": c.ratio * base_lat, "label": f"{len(c.config)} sites"} for c in combined])
-    return OptimizeResult(out_model, met_eps, report, list(measured.values()), combined)
-
-
-def _site_loss(measured: dict[str, Measured], cfg: dict[str, Any], site: str, cands: dict[str, Candidate]) -> float:
-    """The first-level loss of the option `cfg` at `site` (0 when it was not measured alone)."""
-    for m in measured.values():
-        if m.site == site and _site_config(m, cands) == cfg:
-            return m.loss
-    return 0.0
-
-
-def _candidates(engine: Engine, sites: list[Site], o: SearchOptions) -> list[Candidate]:
-    out: list[Candidate] = []
-    for s in sites:
-        for t in o.techniques:
-            if t == "spatial" and o.mode != "uniform-layer":
-                y = engine.calibration.tensors([s.y])[s.y] > 0
-                for p in o.patch_sizes:
-                    for thr in sorted({o.granularity_threshold / 2, o.granularity_threshold, o.granularity_threshold * 2}):
-                        m = layer_mask(y, p, o.mode, o.ones_range, thr)
-                        out.append(Candidate.make(s.name, "spatial", {"patch": p, "mask": m.tolist(), "granularity": thr}))
-            else:
-                out.extend(first_level(s, t, patch_sizes=o.patch_sizes, ones_range=o.ones_range))
-    return out
-
-
-
-def _site_config(m: Measured, cands: dict[str, Candidate]) -> dict[str, Any]:
-    return _cand_config(cands[m.key])
-
-
-def _cand_config(c: Candidate) -> dict[str, Any]:
-    setting = dict(c.setting)
-    setting.pop("granularity", None)
-    return {"technique": c.technique, **setting}
-
-
-def _aggressiveness(c: Candidate) -> float:
-    """Orders a (site, technique)'s settings by how much work they may skip (higher skips more)."""
-    if c.technique == "lazy":
-        return -float(c.setting["ratio"])
-    if c.technique == "sparse-quant":
-        return float(c.setting["prune"])
-    if c.technique == "spatial":
-        return -float(np.mean(c.setting["mask"]))  # fewer positions computed first
-    if c.setting.get("mode") == "exact":
-        return 0.0
-    return float(c.setting["quantile"]) + 1.0 - float(c.setting["fraction"])  # earlier and bolder prediction
-
-
-def _probe(engine: Engine, measurer: Measurer, base, sample, cands: list[Candidate], base_macs: int,
-           o: SearchOptions, cache: dict[str, Any], save, progress: Progress) -> tuple[set[tuple[str, str]], set[str]]:
-    """((site, technique) pairs that cannot speed the whole model up, techniques that pay only as a
-    chain), found before any accuracy run.
-
-    A latency run at batch 1 costs far less than an accuracy run over the calibration split, so each
-    pair's most aggressive setting is timed in the whole model first: when even it is no faster than
-    the original, its gentler settings (which skip less) are never measured. A site whose share of
-    the model's MACs is below min_share is not even timed: it cannot make a difference. Each technique
-    is also timed with every site at its boldest setting: where that is faster although no site alone
-    is (onnxruntime reorders only at a chain's edges), the technique's sites stay in the search."""
-    groups: dict[tuple[str, str], list[Candidate]] = {}
-    for c in cands:
-        groups.setdefault((c.site, c.technique), []).append(c)
-    hopeless, small, boldest = set(), set(), {}
-    techniques = sorted({t for _, t in groups})
-
-    def probe(key: str, config: dict[str, dict[str, Any]]) -> float:
-        if key not in cache["probes"]:
-            model, _ = engine.deployed(config)
-            lat, b = measurer.compare(model, base, sample, runs=o.latency_runs)
-            cache["probes"][key] = lat / b
-        return cache["probes"][key]
-
-    progress.start(len(groups) + len(techniques), "whole-model latency of each site's boldest setting")
-    try:
-        for (site, t), cs in groups.items():
-            if engine.sites[site].macs / base_macs < o.min_share:
-                small.add((site, t))
-            else:
-                p = boldest[(site, t)] = max(cs, key=_aggressiveness)
-                if probe(p.key, {site: _cand_config(p)}) > 1 - o.tie:
-                    hopeless.add((site, t))
-            progress.advance()
-        chains = set()
-        for t in techniques:
-            ps = [p for (_, pt), p in boldest.items() if pt == t]
-            if len(ps) > 1 and all((p.site, t) in hopeless for p in ps) and \
-                    probe(f"chain|{t}", {p.site: _cand_config(p) for p in ps}) <= 1 - o.tie:
-                chains.add(t)
-                hopeless -= {(p.site, t) for p in ps}
-            progress.advance()
-    except KeyboardInterrupt:
-        save()
-        raise
-    save()
-    return hopeless | small, chains
-
-
-def _macs_by_site(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> dict[str, int]:
-    """Per-sample MACs each rewritten site's op reported (its counter output)."""
-    out = {}
-    for n in model.graph.node:
-        site = n.name.rsplit("__", 1)[0]
-        if n.domain and site in config:
-            out[site] = next((v for k, v in site_macs.items() if k.startswith(n.output[0])), 0)
-    return out
-
-
-def _site_macs(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> int:
-    return sum(_macs_by_site(model, site_macs, config).values())
-
-
-
-def _evaluate_combined(cfg, engine: Engine, measurer: Measurer, base, base_macs, site_dense, sample,
-                       o: SearchOptions, latency: bool) -> Combined:
-    model, _ = engine.deployed(cfg)  # measured as it will be deployed
-    r = Evaluator(model, threads=engine.threads).run(engine.x)
-    acc = top1(r.logits, engine.ref)
-    macs = base_macs - sum(site_dense[s] for s in cfg) + _site_macs(model, r.site_macs, cfg)
-    lat, base_lat = measurer.compare(model, base, sample, runs=o.latency_runs) if latency else (1.0, 1.0)
-    return Combined(config=cfg, accuracy=acc, loss=100.0 * (engine.base_accuracy - acc), macs=int(macs),
-                    latency_ms=lat, base_latency_ms=base_lat)
+        # 4. decision, held to the validation split; the report (with the final latency check)
+        base_val_acc = top1(float_ev.run(inputs[val]).logits, ref_all[val])
+        held_out = combiner.hold_out(engine, inputs[val], ref_all[val], base_val_acc, threads, measured, cand_by_key)
+        cache.save()
+    report, out_model, met_eps = reporting.build(
+        o=options, engine=engine, measurements=ms, combiner=combiner, sites=sites, site_dense=site_dense,
+        base_macs=base_macs, measured=measured, ranked=ranked, hopeless=hopeless, chains=chains,
+        split_sizes=(int(len(cal)), int(len(val))), labelled=labels is not None, base_val_acc=base_val_acc,
+        x_val=inputs[val], ref_val=ref_all[val], threads=threads, held_out=held_out, t0=t0)
+    return OptimizeResult(out_model, met_eps, report, list(measured.values()), combiner.combined)
 
 
 def dense_model_macs(model: onnx.ModelProto) -> int:
@@ -614,20 +202,3 @@ def dense_model_macs(model: onnx.ModelProto) -> int:
     m.CopyFrom(model)
     prep = prepare(m)
     return int(sum(node_macs(n, prep.shapes, prep.analysis_batch) or 0 for n in prep.nodes))
-
-
-def _site_row(s: Site, cfg: dict[str, Any] | None, rep, macs_after: int | None = None) -> dict[str, Any]:
-    row: dict[str, Any] = {"node": s.name, "technique": None, "setting": None, "macs_before": int(s.macs or 0),
-                           "macs_after": int(s.macs or 0) if macs_after is None else int(macs_after)}
-    if cfg and rep is not None:
-        r = next(x for x in rep.sites if x.site.name == s.name)
-        row.update(technique=cfg["technique"], setting=r.to_json()["setting"], stats=r.to_json()["stats"])
-    return row
-
-
-def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Points not dominated in (higher accuracy, lower MACs, lower latency)."""
-    def dominated(p, q):
-        return (q["accuracy"] >= p["accuracy"] and q["macs"] <= p["macs"] and q["latency_ms"] <= p["latency_ms"]
-                and (q["accuracy"], q["macs"], q["latency_ms"]) != (p["accuracy"], p["macs"], p["latency_ms"]))
-    return [p for p in points if not any(dominated(p, q) for q in points)]
