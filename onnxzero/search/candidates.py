@@ -15,7 +15,7 @@ from onnxzero.passes.sites import Site
 LAZY_RATIOS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 # The search's pruning levels: five points of the rewrite rule's finer sensitivity grid (the rule
 # bisects a loss bound; the search pays an accuracy run per level and site, so it samples fewer),
-# each pruning at least half of a site's weights. test_search_paths checks they are on the grid.
+# each pruning at least half of a site's weights, and all on the grid (asserted here).
 PRUNE_FRACTIONS = (0.5, 0.7, 0.8, 0.9, 0.95)
 assert set(PRUNE_FRACTIONS) <= set(RULE_PRUNE_FRACTIONS)
 PREDICTIVE = ((0.5, 0.02), (0.5, 0.1), (0.25, 0.05), (0.25, 0.15))  # (fraction of terms N, quantile for Th)
