@@ -1,0 +1,339 @@
+// SpatialConv on MLAS's NCHWc kernels: see spatial_nchwc.h for the design.
+#include "spatial_nchwc.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "gemm.h"
+#include "simd.h"
+#include "spatial_conv.h"
+
+namespace oz {
+namespace spatial {
+namespace {
+
+constexpr unsigned kAccumulate = 1, kAddBias = 2;  // MLAS_CONV_KERNEL_FLAG_*
+constexpr int64_t kFilterSet = 4;                  // filter blocks per kernel call (the kernels' maximum)
+// Below these a pool dispatch costs more than it saves (spinning off): the same rules as nchwc.cc.
+constexpr int64_t kMinParallelMacs = 1500000;
+constexpr int64_t kMinTaskMacs = 250000;
+constexpr int64_t kMinParallelFloats = 1 << 18;
+
+// dst[w][B] (w < W, 8 channels at lane offset h) <- 8 NCHW rows src + c*plane.
+void RowToBlocked8(const float* src, int64_t plane, int64_t W, float* dst, int64_t B) {
+  int64_t w = 0;
+  for (; w + 8 <= W; w += 8) {
+    __m256 r[8];
+    for (int c = 0; c < 8; ++c) r[c] = _mm256_loadu_ps(src + c * plane + w);
+    Transpose8(r);
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (w + j) * B, r[j]);
+  }
+  for (; w < W; ++w)
+    for (int c = 0; c < 8; ++c) dst[w * B + c] = src[c * plane + w];
+}
+
+// 8 rows dst + c*ld (n floats each) <- src[n][B] lanes h..h+7 (the transpose back).
+void BlockedToRows8(const float* src, int64_t B, int64_t n, float* dst, int64_t ld) {
+  int64_t w = 0;
+  for (; w + 8 <= n; w += 8) {
+    __m256 r[8];
+    for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + (w + j) * B);
+    Transpose8(r);
+    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(dst + c * ld + w, r[c]);
+  }
+  for (; w < n; ++w)
+    for (int c = 0; c < 8; ++c) dst[c * ld + w] = src[w * B + c];
+}
+
+struct PadScratch {  // the run's padded NCHWc input, kept by the calling thread across runs
+  gemm::AlignedFloats buf;
+  size_t cap = 0;
+  float* Floats(size_t n) {
+    if (n > cap) {
+      buf = gemm::AllocFloats(n);
+      cap = n;
+    }
+    return buf.get();
+  }
+};
+
+struct TaskScratch {
+  std::vector<float> F, R, T;
+  std::vector<uint8_t> alive, full, hm;
+  std::vector<int32_t> ks;
+  std::vector<const float*> xs;
+  std::vector<int64_t> cols;
+};
+
+}  // namespace
+
+bool NchwcServes(const nchwc::Filters& f, const ConvGeom& g) {
+  return f.ok() && !f.NchwInput() && f.Row(0) != nullptr && g.G == 1 && g.C == f.C() && g.K == f.K();
+}
+
+int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
+  const ConvGeom& g = *run.g;
+  const nchwc::Filters& f = *run.f;
+  const int p = run.p;
+  const int64_t N = run.N, B = f.Block(), C = g.C, K = g.K, Cb = C / B, Kb = K / B;
+  const int64_t H = g.H, W = g.W, OH = g.OH, OW = g.OW, P = OH * OW, KS = g.KH * g.KW, R = C * KS;
+  const int64_t Hp = H + g.PT + g.PB, Wp = W + g.PL + g.PR, plane = Hp * Wp * B;
+  const int64_t PH = (OH + p - 1) / p, PW = (OW + p - 1) / p;
+  const int64_t sets = (Kb + kFilterSet - 1) / kFilterSet;
+  const uint8_t* mask = run.mask;
+  bool predicts = false;  // some position is left for phase 2
+  for (int q = 0; q < p * p; ++q) predicts |= mask[q] == 0;
+  const bool tiny = N * K * P * R < kMinParallelMacs;
+  auto parallel = [&](size_t n, auto&& fn) {
+    if (tiny)
+      for (size_t i = 0; i < n; ++i) fn(i);
+    else
+      ParallelFor(ctx, n, fn);
+  };
+
+  // --- the padded NCHWc input (from NCHW X by 8x8 transposes, or row copies of a blocked X)
+  static thread_local PadScratch pad;
+  float* xp = pad.Floats(static_cast<size_t>(N * Cb * plane));
+  {
+    const int64_t units = N * Cb;
+    auto pack = [&](size_t u) {
+      const int64_t n = static_cast<int64_t>(u) / Cb, ib = static_cast<int64_t>(u) % Cb;
+      float* dst = xp + (n * Cb + ib) * plane;
+      std::memset(dst, 0, sizeof(float) * g.PT * Wp * B);
+      std::memset(dst + (g.PT + H) * Wp * B, 0, sizeof(float) * g.PB * Wp * B);
+      for (int64_t ih = 0; ih < H; ++ih) {
+        float* d = dst + (g.PT + ih) * Wp * B;
+        std::memset(d, 0, sizeof(float) * g.PL * B);
+        std::memset(d + (g.PL + W) * B, 0, sizeof(float) * g.PR * B);
+        if (run.x_blocked) {
+          std::memcpy(d + g.PL * B, run.X + ((n * Cb + ib) * H + ih) * W * B, sizeof(float) * W * B);
+        } else {
+          for (int64_t h = 0; h < B; h += 8)
+            RowToBlocked8(run.X + ((n * C + ib * B + h) * H + ih) * W, H * W, W, d + g.PL * B + h, B);
+        }
+      }
+    };
+    if (N * C * H * W < kMinParallelFloats)
+      for (int64_t u = 0; u < units; ++u) pack(static_cast<size_t>(u));
+    else
+      parallel(static_cast<size_t>(units), pack);
+  }
+
+  // --- phase 2's dot-tile layout on the padded NCHWc tensor: one segment per (input block, kernel
+  // row) of KW*B floats (dilation_w 1), else per (input block, kernel row, kernel column) of B floats;
+  // the order of nchwc::Filters::Row(k)
+  const bool seg_rows = g.DW == 1;
+  std::vector<int64_t> off;
+  for (int64_t ib = 0; ib < Cb; ++ib)
+    for (int64_t r = 0; r < g.KH; ++r)
+      for (int64_t s = 0; s < (seg_rows ? 1 : g.KW); ++s) off.push_back(ib * plane + (r * g.DH * Wp + s * g.DW) * B);
+  SegLayout L;
+  L.nseg = static_cast<int64_t>(off.size());
+  L.len = seg_rows ? g.KW * B : B;
+  L.lpad = L.len;
+  L.off = off.data();
+
+  // --- tasks: (image, set of up to 4 filter blocks, band of patch rows)
+  const int64_t units = N * sets;
+  const int64_t macs_per_prow = std::max<int64_t>(1, std::min<int64_t>(K, kFilterSet * B) * p * OW * R);
+  const int64_t prows_min = std::max<int64_t>(1, kMinTaskMacs / macs_per_prow);
+  int64_t bands = std::max<int64_t>(
+      1, std::min<int64_t>((PH + prows_min - 1) / prows_min,
+                           (static_cast<int64_t>(TaskCount(static_cast<size_t>(units * PH))) + units - 1) / units));
+  if (tiny) bands = 1;
+  const int64_t band = (PH + bands - 1) / bands;
+  const nchwc::Filters::KernelFn kernel = f.Kernel();
+  const size_t F4 = sizeof(float);
+  const size_t stride_w = static_cast<size_t>(p * g.SW * B) * F4, dil_w = static_cast<size_t>(g.DW * B) * F4;
+  const size_t in_w = static_cast<size_t>(Wp * B) * F4, dil_in_w = static_cast<size_t>(g.DH * Wp * B) * F4;
+  const size_t in_stride = dil_in_w - static_cast<size_t>(g.KW) * dil_w;
+  const size_t filter_stride = static_cast<size_t>(B * R) * F4, out_stride = static_cast<size_t>(PW * B) * F4;
+  const unsigned last = f.HasBias() ? kAddBias : 0u;
+  std::vector<int64_t> done(static_cast<size_t>(units * bands), 0);
+
+  parallel(static_cast<size_t>(units * bands), [&](size_t t) {
+    const int64_t u = static_cast<int64_t>(t) / bands, bnd = static_cast<int64_t>(t) % bands;
+    const int64_t n = u / sets, fs = u % sets;
+    const int64_t pi0 = bnd * band, pi1 = std::min(PH, pi0 + band);
+    if (pi0 >= pi1) return;
+    const int64_t ob0 = fs * kFilterSet, nb = std::min(kFilterSet, Kb - ob0), KF = nb * B, k0 = ob0 * B;
+    const float* fset = f.Data() + ob0 * B * R;
+    const float* bias = f.Bias() + k0;
+    const float* xn = xp + n * Cb * plane;
+    static thread_local TaskScratch sc;
+    const int64_t tile = KF * p * OW;
+    sc.F.resize(static_cast<size_t>(tile));
+    sc.T.resize(static_cast<size_t>(nb * PW * B));
+    if (run.other) sc.R.resize(static_cast<size_t>(tile));
+    sc.alive.resize(static_cast<size_t>(PW * KF));
+    sc.full.resize(static_cast<size_t>(PW));
+    sc.hm.resize(static_cast<size_t>(PW));
+    float* Fp = sc.F.data();
+    float* T = sc.T.data();
+    float* Rp = run.other ? sc.R.data() : nullptr;
+    uint8_t* alive = sc.alive.data();
+    int64_t count = 0;
+
+    // MLAS: output row oh, columns cp + p*j for j in [j0, j0 + cnt), filter blocks [b0, b0 + nbc) of
+    // the set -> T[b][j][B] (+ bias)
+    auto mlas = [&](int64_t oh, int64_t cp, int64_t j0, int64_t cnt, int64_t b0, int64_t nbc) {
+      for (int64_t ib = 0; ib < Cb; ++ib) {
+        const float* row = xn + ib * plane + oh * g.SH * Wp * B;
+        kernel(row + (j0 * p + cp) * g.SW * B, fset + b0 * B * R + ib * B * B * KS, T + (b0 * PW + j0) * B, stride_w,
+               dil_w, static_cast<size_t>(nbc), in_stride, filter_stride, out_stride, static_cast<size_t>(g.KH),
+               static_cast<size_t>(g.KW), row, in_w, dil_in_w, 0, static_cast<size_t>(cnt), 0, bias + b0 * B,
+               (ib > 0 ? kAccumulate : 0u) | (ib == Cb - 1 ? last : 0u));
+      }
+    };
+    // T's (b, j) of row r / column phase cp -> F (+ residual, ReLU keeping NaN), alive flags
+    auto take = [&](int64_t r, int64_t cp, int64_t j0, int64_t cnt, int64_t b0, int64_t nbc, bool flag) {
+      for (int64_t b = b0; b < b0 + nbc; ++b)
+        for (int64_t j = j0; j < j0 + cnt; ++j) {
+          const float* v = T + (b * PW + j) * B;
+          const int64_t ow = j * p + cp;
+          for (int64_t i = 0; i < B; ++i) {
+            const int64_t at = ((b * B + i) * p + r) * OW + ow;
+            float s = v[i];
+            if (Rp) s += Rp[at];
+            Fp[at] = std::max(s, 0.f);
+            if (flag) alive[j * KF + b * B + i] |= static_cast<uint8_t>(s > 0.f);
+          }
+        }
+    };
+
+    for (int64_t pi = pi0; pi < pi1; ++pi) {
+      const int64_t rows = std::min<int64_t>(p, OH - pi * p), oh0 = pi * p;
+      std::fill(Fp, Fp + tile, 0.f);
+      if (Rp) {  // the residual of this patch row, channel-major like F
+        for (int64_t r = 0; r < rows; ++r) {
+          if (run.other_blocked) {
+            for (int64_t b = 0; b < nb; ++b)
+              for (int64_t h = 0; h < B; h += 8)
+                BlockedToRows8(run.other + n * K * P + (ob0 + b) * B * P + (oh0 + r) * OW * B + h, B, OW,
+                               Rp + ((b * B + h) * p + r) * OW, p * OW);
+          } else {
+            for (int64_t kl = 0; kl < KF; ++kl)
+              std::memcpy(Rp + (kl * p + r) * OW, run.other + ((n * K + k0 + kl) * OH + oh0 + r) * OW, F4 * OW);
+          }
+        }
+      }
+      std::fill(alive, alive + PW * KF, uint8_t{0});
+      // a patch with no masked position in range is not predicted: computed in full
+      for (int64_t j = 0; j < PW; ++j) {
+        const int64_t cols = std::min<int64_t>(p, OW - j * p);
+        bool any = false;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) any |= mask[r * p + c] != 0;
+        sc.hm[j] = any;
+        if (!any) std::fill(alive + j * KF, alive + (j + 1) * KF, uint8_t{1});
+      }
+      // phase 1: the masked positions, every channel of the set
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t cp = 0; cp < std::min<int64_t>(p, OW); ++cp) {
+          if (!mask[r * p + cp]) continue;
+          const int64_t J = (OW - cp + p - 1) / p;
+          mlas(oh0 + r, cp, 0, J, 0, nb);
+          take(r, cp, 0, J, 0, nb, predicts);
+          count += KF * J;
+        }
+      // phase 2: which blocks of each patch are alive in all lanes (those run on MLAS)
+      for (int64_t j = 0; j < PW; ++j) {
+        uint8_t fm = 0;
+        for (int64_t b = 0; b < nb; ++b) {
+          bool all = true;
+          for (int64_t i = 0; i < B && all; ++i) all = alive[j * KF + b * B + i] != 0;
+          fm |= static_cast<uint8_t>(all) << b;
+        }
+        sc.full[j] = fm;
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t cp = 0; cp < std::min<int64_t>(p, OW); ++cp) {
+          if (mask[r * p + cp]) continue;
+          const int64_t J = (OW - cp + p - 1) / p;
+          for (int64_t j = 0; j < J;) {
+            const uint8_t fm = sc.full[j];
+            int64_t j1 = j + 1;
+            while (j1 < J && sc.full[j1] == fm) ++j1;
+            for (int64_t b = 0; b < nb;) {  // each run of full blocks: one call over patches [j, j1)
+              if (!(fm >> b & 1)) {
+                ++b;
+                continue;
+              }
+              int64_t b1 = b + 1;
+              while (b1 < nb && (fm >> b1 & 1)) ++b1;
+              mlas(oh0 + r, cp, j, j1 - j, b, b1 - b);
+              take(r, cp, j, j1 - j, b, b1 - b, false);
+              count += (b1 - b) * B * (j1 - j);
+              b = b1;
+            }
+            j = j1;
+          }
+        }
+      // phase 2 on the dot tiles: alive channels of the blocks not alive in all lanes, per patch
+      for (int64_t j = 0; j < PW; ++j) {
+        sc.ks.clear();
+        for (int64_t kl = 0; kl < KF; ++kl)
+          if (alive[j * KF + kl] && !(sc.full[j] >> (kl / B) & 1)) sc.ks.push_back(static_cast<int32_t>(kl));
+        if (sc.ks.empty()) continue;
+        sc.xs.clear();
+        sc.cols.clear();
+        const int64_t cols = std::min<int64_t>(p, OW - j * p);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c) {
+            if (mask[r * p + c] && sc.hm[j]) continue;
+            const int64_t oh = oh0 + r, ow = j * p + c;
+            sc.xs.push_back(xn + (oh * g.SH * Wp + ow * g.SW) * B);
+            sc.cols.push_back(r * OW + ow);
+          }
+        DotJob job;
+        job.k = sc.ks.data();
+        job.nf = static_cast<int64_t>(sc.ks.size());
+        job.w0 = f.Row(k0);
+        job.wrow = R;
+        job.y0 = Fp;
+        job.ystride = p * OW;
+        job.bias = bias;
+        job.o0 = Rp;
+        job.x = sc.xs.data();
+        job.ycol = sc.cols.data();
+        job.np = static_cast<int64_t>(sc.xs.size());
+        DotBlock(job, L, false);
+        count += job.nf * job.np;
+      }
+      // the patch row to Y
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t oh = oh0 + r;
+        if (run.y_blocked) {
+          for (int64_t b = 0; b < nb; ++b) {
+            float* yb = run.Y + n * K * P + (ob0 + b) * B * P + oh * OW * B;
+            for (int64_t h = 0; h < B; h += 8) {
+              const float* src = Fp + ((b * B + h) * p + r) * OW;
+              int64_t w = 0;
+              for (; w + 8 <= OW; w += 8) {
+                __m256 v[8];
+                for (int c = 0; c < 8; ++c) v[c] = _mm256_loadu_ps(src + c * p * OW + w);
+                Transpose8(v);
+                for (int j = 0; j < 8; ++j) _mm256_storeu_ps(yb + (w + j) * B + h, v[j]);
+              }
+              for (; w < OW; ++w)
+                for (int c = 0; c < 8; ++c) yb[w * B + h + c] = src[c * p * OW + w];
+            }
+          }
+        } else {
+          for (int64_t kl = 0; kl < KF; ++kl)
+            std::memcpy(run.Y + ((n * K + k0 + kl) * OH + oh) * OW, Fp + (kl * p + r) * OW, F4 * OW);
+        }
+      }
+    }
+    done[t] = count;
+  });
+  int64_t total = 0;
+  for (int64_t d : done) total += d;
+  return total;
+}
+
+}  // namespace spatial
+}  // namespace oz
