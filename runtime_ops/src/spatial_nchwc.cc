@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -62,7 +63,8 @@ struct PadScratch {  // the run's padded NCHWc input, kept by the calling thread
 
 struct TaskScratch {
   std::vector<float> F, R, T;
-  std::vector<uint8_t> alive, full, hm;
+  std::vector<uint32_t> bits;
+  std::vector<uint8_t> full, hm;
   std::vector<int32_t> ks;
   std::vector<const float*> xs;
   std::vector<int64_t> cols;
@@ -84,8 +86,6 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
   const int64_t PH = (OH + p - 1) / p, PW = (OW + p - 1) / p;
   const int64_t sets = (Kb + kFilterSet - 1) / kFilterSet;
   const uint8_t* mask = run.mask;
-  bool predicts = false;  // some position is left for phase 2
-  for (int q = 0; q < p * p; ++q) predicts |= mask[q] == 0;
   const bool tiny = N * K * P * R < kMinParallelMacs;
   auto parallel = [&](size_t n, auto&& fn) {
     if (tiny)
@@ -152,6 +152,15 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
   const size_t in_stride = dil_in_w - static_cast<size_t>(g.KW) * dil_w;
   const size_t filter_stride = static_cast<size_t>(B * R) * F4, out_stride = static_cast<size_t>(PW * B) * F4;
   const unsigned last = f.HasBias() ? kAddBias : 0u;
+  // A phase-2 block with at least block_min alive lanes runs on MLAS (all B lanes computed, the dead
+  // ones discarded), fewer on the dot tiles (alive lanes only). A dot-tile MAC costs ~2.2 MLAS MACs
+  // (perf, 64@28: 2 pixels per patch, one W row load per 2 FMAs), hence B * 0.45.
+  // OZ_SPATIAL_BLOCK_MIN (lanes, read once) overrides it for measurements.
+  static const int64_t block_min_env = [] {
+    const char* e = std::getenv("OZ_SPATIAL_BLOCK_MIN");
+    return e ? std::atoll(e) : int64_t{-1};
+  }();
+  const int64_t block_min = block_min_env >= 0 ? block_min_env : (B * 45 + 99) / 100;
   std::vector<int64_t> done(static_cast<size_t>(units * bands), 0);
 
   parallel(static_cast<size_t>(units * bands), [&](size_t t) {
@@ -164,18 +173,22 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
     const float* bias = f.Bias() + k0;
     const float* xn = xp + n * Cb * plane;
     static thread_local TaskScratch sc;
-    const int64_t tile = KF * p * OW;
+    // F, R: this patch row of the set's channels, blocked: [b][r][OW][B] (r < p)
+    const int64_t tile = KF * p * OW, brow = OW * B;
+    auto fat = [&](int64_t b, int64_t r) { return (b * p + r) * brow; };
     sc.F.resize(static_cast<size_t>(tile));
     sc.T.resize(static_cast<size_t>(nb * PW * B));
     if (run.other) sc.R.resize(static_cast<size_t>(tile));
-    sc.alive.resize(static_cast<size_t>(PW * KF));
+    sc.bits.resize(static_cast<size_t>(PW * nb));
     sc.full.resize(static_cast<size_t>(PW));
     sc.hm.resize(static_cast<size_t>(PW));
     float* Fp = sc.F.data();
     float* T = sc.T.data();
     float* Rp = run.other ? sc.R.data() : nullptr;
-    uint8_t* alive = sc.alive.data();
+    uint32_t* bits = sc.bits.data();  // per (patch, block): the alive lanes
     int64_t count = 0;
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
 
     // MLAS: output row oh, columns cp + p*j for j in [j0, j0 + cnt), filter blocks [b0, b0 + nbc) of
     // the set -> T[b][j][B] (+ bias)
@@ -188,39 +201,50 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
                (ib > 0 ? kAccumulate : 0u) | (ib == Cb - 1 ? last : 0u));
       }
     };
-    // T's (b, j) of row r / column phase cp -> F (+ residual, ReLU keeping NaN), alive flags
+    // T's (b, j) of row r / column phase cp -> F (+ residual, then ReLU as max(0, v): NaN stays NaN).
+    // Phase 1 (flag) takes every lane and sets the alive bits; phase 2 keeps the alive lanes only (the
+    // dead ones stay 0). Returns the outputs taken.
     auto take = [&](int64_t r, int64_t cp, int64_t j0, int64_t cnt, int64_t b0, int64_t nbc, bool flag) {
+      int64_t taken = 0;
       for (int64_t b = b0; b < b0 + nbc; ++b)
         for (int64_t j = j0; j < j0 + cnt; ++j) {
           const float* v = T + (b * PW + j) * B;
-          const int64_t ow = j * p + cp;
-          for (int64_t i = 0; i < B; ++i) {
-            const int64_t at = ((b * B + i) * p + r) * OW + ow;
-            float s = v[i];
-            if (Rp) s += Rp[at];
-            Fp[at] = std::max(s, 0.f);
-            if (flag) alive[j * KF + b * B + i] |= static_cast<uint8_t>(s > 0.f);
+          const int64_t at = fat(b, r) + (j * p + cp) * B;
+          uint32_t& al = bits[j * nb + b];
+          const uint32_t keep = flag ? ~0u : al;
+          for (int64_t h = 0; h < B; h += 8) {
+            __m256 s = _mm256_loadu_ps(v + h);
+            if (Rp) s = _mm256_add_ps(s, _mm256_loadu_ps(Rp + at + h));
+            __m256 y = _mm256_max_ps(zero, s);
+            if (flag) {
+              al |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, zero, _CMP_GT_OQ))) << h;
+            } else {
+              const __m256i kb = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(keep >> h)), lane_bit);
+              y = _mm256_and_ps(y, _mm256_castsi256_ps(_mm256_cmpeq_epi32(kb, lane_bit)));
+            }
+            _mm256_storeu_ps(Fp + at + h, y);
           }
+          taken += flag ? B : __builtin_popcount(keep);
         }
+      return taken;
     };
 
+    const uint32_t all_lanes = B == 32 ? ~0u : (1u << B) - 1;
     for (int64_t pi = pi0; pi < pi1; ++pi) {
       const int64_t rows = std::min<int64_t>(p, OH - pi * p), oh0 = pi * p;
       std::fill(Fp, Fp + tile, 0.f);
-      if (Rp) {  // the residual of this patch row, channel-major like F
-        for (int64_t r = 0; r < rows; ++r) {
-          if (run.other_blocked) {
-            for (int64_t b = 0; b < nb; ++b)
+      if (Rp) {  // the residual of this patch row, blocked like F
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t b = 0; b < nb; ++b) {
+            if (run.other_blocked) {
+              std::memcpy(Rp + fat(b, r), run.other + n * K * P + (ob0 + b) * B * P + (oh0 + r) * brow, F4 * brow);
+            } else {
               for (int64_t h = 0; h < B; h += 8)
-                BlockedToRows8(run.other + n * K * P + (ob0 + b) * B * P + (oh0 + r) * OW * B + h, B, OW,
-                               Rp + ((b * B + h) * p + r) * OW, p * OW);
-          } else {
-            for (int64_t kl = 0; kl < KF; ++kl)
-              std::memcpy(Rp + (kl * p + r) * OW, run.other + ((n * K + k0 + kl) * OH + oh0 + r) * OW, F4 * OW);
+                RowToBlocked8(run.other + ((n * K + k0 + b * B + h) * OH + oh0 + r) * OW, P, OW, Rp + fat(b, r) + h, B);
+            }
           }
-        }
       }
-      std::fill(alive, alive + PW * KF, uint8_t{0});
+      std::fill(bits, bits + PW * nb, 0u);
       // a patch with no masked position in range is not predicted: computed in full
       for (int64_t j = 0; j < PW; ++j) {
         const int64_t cols = std::min<int64_t>(p, OW - j * p);
@@ -228,7 +252,7 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < cols; ++c) any |= mask[r * p + c] != 0;
         sc.hm[j] = any;
-        if (!any) std::fill(alive + j * KF, alive + (j + 1) * KF, uint8_t{1});
+        if (!any) std::fill(bits + j * nb, bits + (j + 1) * nb, all_lanes);
       }
       // phase 1: the masked positions, every channel of the set
       for (int64_t r = 0; r < rows; ++r)
@@ -236,17 +260,13 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
           if (!mask[r * p + cp]) continue;
           const int64_t J = (OW - cp + p - 1) / p;
           mlas(oh0 + r, cp, 0, J, 0, nb);
-          take(r, cp, 0, J, 0, nb, predicts);
-          count += KF * J;
+          count += take(r, cp, 0, J, 0, nb, true);
         }
-      // phase 2: which blocks of each patch are alive in all lanes (those run on MLAS)
+      // phase 2: which blocks of each patch have at least block_min alive lanes (those run on MLAS)
       for (int64_t j = 0; j < PW; ++j) {
         uint8_t fm = 0;
-        for (int64_t b = 0; b < nb; ++b) {
-          bool all = true;
-          for (int64_t i = 0; i < B && all; ++i) all = alive[j * KF + b * B + i] != 0;
-          fm |= static_cast<uint8_t>(all) << b;
-        }
+        for (int64_t b = 0; b < nb; ++b)
+          fm |= static_cast<uint8_t>(__builtin_popcount(bits[j * nb + b]) >= block_min) << b;
         sc.full[j] = fm;
       }
       for (int64_t r = 0; r < rows; ++r)
@@ -257,7 +277,7 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
             const uint8_t fm = sc.full[j];
             int64_t j1 = j + 1;
             while (j1 < J && sc.full[j1] == fm) ++j1;
-            for (int64_t b = 0; b < nb;) {  // each run of full blocks: one call over patches [j, j1)
+            for (int64_t b = 0; b < nb;) {  // each run of MLAS blocks: one call over patches [j, j1)
               if (!(fm >> b & 1)) {
                 ++b;
                 continue;
@@ -265,18 +285,20 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
               int64_t b1 = b + 1;
               while (b1 < nb && (fm >> b1 & 1)) ++b1;
               mlas(oh0 + r, cp, j, j1 - j, b, b1 - b);
-              take(r, cp, j, j1 - j, b, b1 - b, false);
-              count += (b1 - b) * B * (j1 - j);
+              count += take(r, cp, j, j1 - j, b, b1 - b, false);
               b = b1;
             }
             j = j1;
           }
         }
-      // phase 2 on the dot tiles: alive channels of the blocks not alive in all lanes, per patch
+      // phase 2 on the dot tiles: the alive lanes of the other blocks, per patch
       for (int64_t j = 0; j < PW; ++j) {
         sc.ks.clear();
-        for (int64_t kl = 0; kl < KF; ++kl)
-          if (alive[j * KF + kl] && !(sc.full[j] >> (kl / B) & 1)) sc.ks.push_back(static_cast<int32_t>(kl));
+        for (int64_t b = 0; b < nb; ++b) {
+          if (sc.full[j] >> b & 1) continue;
+          for (uint32_t m = bits[j * nb + b]; m; m &= m - 1)
+            sc.ks.push_back(static_cast<int32_t>(b * B + __builtin_ctz(m)));
+        }
         if (sc.ks.empty()) continue;
         sc.xs.clear();
         sc.cols.clear();
@@ -286,7 +308,7 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
             if (mask[r * p + c] && sc.hm[j]) continue;
             const int64_t oh = oh0 + r, ow = j * p + c;
             sc.xs.push_back(xn + (oh * g.SH * Wp + ow * g.SW) * B);
-            sc.cols.push_back(r * OW + ow);
+            sc.cols.push_back((r * OW + ow) * B);
           }
         DotJob job;
         job.k = sc.ks.data();
@@ -294,7 +316,8 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
         job.w0 = f.Row(k0);
         job.wrow = R;
         job.y0 = Fp;
-        job.ystride = p * OW;
+        job.ystride = p * brow;
+        job.kblock = B;
         job.bias = bias;
         job.o0 = Rp;
         job.x = sc.xs.data();
@@ -306,25 +329,13 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
       // the patch row to Y
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t oh = oh0 + r;
-        if (run.y_blocked) {
-          for (int64_t b = 0; b < nb; ++b) {
-            float* yb = run.Y + n * K * P + (ob0 + b) * B * P + oh * OW * B;
-            for (int64_t h = 0; h < B; h += 8) {
-              const float* src = Fp + ((b * B + h) * p + r) * OW;
-              int64_t w = 0;
-              for (; w + 8 <= OW; w += 8) {
-                __m256 v[8];
-                for (int c = 0; c < 8; ++c) v[c] = _mm256_loadu_ps(src + c * p * OW + w);
-                Transpose8(v);
-                for (int j = 0; j < 8; ++j) _mm256_storeu_ps(yb + (w + j) * B + h, v[j]);
-              }
-              for (; w < OW; ++w)
-                for (int c = 0; c < 8; ++c) yb[w * B + h + c] = src[c * p * OW + w];
-            }
+        for (int64_t b = 0; b < nb; ++b) {
+          if (run.y_blocked) {
+            std::memcpy(run.Y + n * K * P + (ob0 + b) * B * P + oh * brow, Fp + fat(b, r), F4 * brow);
+          } else {
+            for (int64_t h = 0; h < B; h += 8)
+              BlockedToRows8(Fp + fat(b, r) + h, B, OW, run.Y + ((n * K + k0 + b * B + h) * OH + oh) * OW, P);
           }
-        } else {
-          for (int64_t kl = 0; kl < KF; ++kl)
-            std::memcpy(run.Y + ((n * K + k0 + kl) * OH + oh) * OW, Fp + (kl * p + r) * OW, F4 * OW);
         }
       }
     }
