@@ -70,7 +70,7 @@ struct Run {
 
 struct TaskScratch {
   std::vector<Run> runs;
-  std::vector<float> F, R, T, D;
+  std::vector<float> F, R, T;
   std::vector<uint32_t> bits;
   std::vector<uint8_t> full, hm;
   std::vector<int32_t> ks;
@@ -187,7 +187,6 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
     auto fat = [&](int64_t b, int64_t r) { return (b * p + r) * brow; };
     sc.F.resize(static_cast<size_t>(tile));
     sc.T.resize(static_cast<size_t>(nb * PW * B));
-    sc.D.resize(static_cast<size_t>(tile));
     if (run.other) sc.R.resize(static_cast<size_t>(tile));
     sc.bits.resize(static_cast<size_t>(PW * nb));
     sc.full.resize(static_cast<size_t>(PW));
@@ -252,7 +251,7 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
     bool spec = true;
     for (int64_t pi = pi0; pi < pi1; ++pi) {
       const int64_t rows = std::min<int64_t>(p, OH - pi * p), oh0 = pi * p;
-      std::fill(Fp, Fp + tile, 0.f);
+      if (!spec) std::fill(Fp, Fp + tile, 0.f);  // speculative rows write every lane of F
       if (Rp) {  // the residual of this patch row, blocked like F
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t b = 0; b < nb; ++b) {
@@ -274,8 +273,8 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
         sc.hm[j] = any;
         if (!any) std::fill(bits + j * nb, bits + (j + 1) * nb, all_lanes);
       }
-      if (spec) {  // every row of the patch row, all columns -> D[b][r][OW][B]
-        float* D = sc.D.data();
+      if (spec) {  // every row of the patch row, all columns, straight into F (take works in place)
+        float* D = Fp;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t ib = 0; ib < Cb; ++ib) {
             const float* row = xn + ib * plane + (oh0 + r) * g.SH * Wp * B;
@@ -294,7 +293,7 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
           if (!mask[r * p + cp]) continue;
           const int64_t J = (OW - cp + p - 1) / p;
           if (spec)
-            src = sc.D.data() + r * brow + cp * B;
+            src = Fp + r * brow + cp * B;
           else
             mlas(oh0 + r, cp, 0, J, 0, nb);
           count += take(r, cp, 0, J, 0, nb, true);
@@ -318,7 +317,7 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
           for (int64_t cp = 0; cp < std::min<int64_t>(p, OW); ++cp) {
             if (mask[r * p + cp]) continue;
             const int64_t J = (OW - cp + p - 1) / p;
-            src = sc.D.data() + r * brow + cp * B;
+            src = Fp + r * brow + cp * B;
             count += take(r, cp, 0, J, 0, nb, false);
           }
         std::fill(sc.full.begin(), sc.full.begin() + PW, static_cast<uint8_t>((1u << nb) - 1));
