@@ -275,8 +275,8 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
       }
       if (spec) {  // every row of the patch row, all columns, straight into F (take works in place)
         float* D = Fp;
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t ib = 0; ib < Cb; ++ib) {
+        for (int64_t ib = 0; ib < Cb; ++ib)  // input blocks outside: the block's filters stay in cache
+          for (int64_t r = 0; r < rows; ++r) {
             const float* row = xn + ib * plane + (oh0 + r) * g.SH * Wp * B;
             kernel(row, fset + ib * B * B * KS, D + r * brow, stride_w1, dil_w, static_cast<size_t>(nb), in_stride,
                    filter_stride, static_cast<size_t>(p * brow) * F4, static_cast<size_t>(g.KH),
