@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -171,6 +172,7 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
   }();
   const int64_t block_min = block_min_env >= 0 ? block_min_env : (B * 45 + 99) / 100;
   std::vector<int64_t> done(static_cast<size_t>(units * bands), 0);
+  std::atomic<int> dense_hint{-1};  // -1: no patch row finished yet; 1: the last one would run dense
 
   parallel(static_cast<size_t>(units * bands), [&](size_t t) {
     const int64_t u = static_cast<int64_t>(t) / bands, bnd = static_cast<int64_t>(t) % bands;
@@ -247,8 +249,9 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
     // call per row over all OW columns: MLAS's full speed, no split calls) and the prediction is applied
     // in the epilogue (the dead lanes of phase-2 positions are left 0): same outputs, same count.
     // On resnet18-mnist 84-100 % of (patch, block) pairs qualify at every site. A task's first patch
-    // row is speculative.
-    bool spec = true;
+    // row follows the last patch row any task of this run finished (run-local hint; split when none
+    // has yet): outputs never depend on it, only the time.
+    bool spec = dense_hint.load(std::memory_order_relaxed) == 1;
     for (int64_t pi = pi0; pi < pi1; ++pi) {
       const int64_t rows = std::min<int64_t>(p, OH - pi * p), oh0 = pi * p;
       if (!spec) std::fill(Fp, Fp + tile, 0.f);  // speculative rows write every lane of F
@@ -312,6 +315,7 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
       }
       const bool was_spec = spec;
       spec = qualify * 100 >= kSpecPercent * PW * nb;
+      dense_hint.store(spec ? 1 : 0, std::memory_order_relaxed);
       if (was_spec) {  // every lane was computed: phase 2 keeps the alive ones
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t cp = 0; cp < std::min<int64_t>(p, OW); ++cp) {
