@@ -706,6 +706,12 @@ struct SpatialConvKernel {
       // residual write-back turns NaN into 0; onnxruntime's Conv+Add+Relu keeps it): RunNchwc with
       // p = 1, every position masked.
       static const uint8_t kOne = 1;
+      // OZ_SPATIAL=nchwc (read once): the NCHWc path never hands a layer-mask run to these kernels.
+      static const bool legacy_never = [] {
+        const char* e = std::getenv("OZ_SPATIAL");
+        return e != nullptr && std::string(e) == "nchwc";
+      }();
+      elems = -1;
       if (dense && filters.ok() && !(O && nchwc_path)) {
         nchwc::RunOptions opt;
         opt.residual = O;
@@ -716,7 +722,11 @@ struct SpatialConvKernel {
         r.g = &g, r.f = &filters, r.p = dense ? 1 : p, r.mask = dense ? &kOne : mdata;
         r.X = X, r.other = O, r.Y = Y, r.N = N;
         r.x_blocked = lay.x, r.other_blocked = lay.other, r.y_blocked = lay.y;
+        r.may_decline = !dense && !legacy_never;
         elems = spatial::RunNchwc(context, r);
+      }
+      if (elems >= 0) {
+        // done
       } else if (lay.Any()) {
         elems = nchwc::WithNchw(context, lay, X, xs, O, yshape, Y, [&](const float* xn, const float* on, float* yn) {
           return Run(context, g, N, xn, on, yn, form, mdata, dense);

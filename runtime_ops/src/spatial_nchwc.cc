@@ -26,6 +26,8 @@ constexpr int64_t kMinParallelFloats = 1 << 18;
 // A patch row runs speculatively dense when this share (%) of the previous one's (patch, block) pairs
 // qualified for MLAS in phase 2.
 constexpr int64_t kSpecPercent = 85;
+// RunNchwc declines a run (run.may_decline) when fewer of the probed pairs qualify (see the probe).
+constexpr int64_t kProbePercent = 50;
 
 // dst[w][B] (w < W, 8 channels at lane offset h) <- 8 NCHW rows src + c*plane.
 void RowToBlocked8(const float* src, int64_t plane, int64_t W, float* dst, int64_t B) {
@@ -131,6 +133,56 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
       parallel(static_cast<size_t>(units), pack);
   }
 
+  // A phase-2 block with at least block_min alive lanes runs on MLAS (all B lanes computed, the dead
+  // ones discarded), fewer on the dot tiles (alive lanes only). A dot-tile MAC costs ~2.2 MLAS MACs
+  // (perf, 64@28: 2 pixels per patch, one W row load per 2 FMAs), hence B * 0.45.
+  // OZ_SPATIAL_BLOCK_MIN (lanes, read once) overrides it for measurements.
+  static const int64_t block_min_env = [] {
+    const char* e = std::getenv("OZ_SPATIAL_BLOCK_MIN");
+    return e ? std::atoll(e) : int64_t{-1};
+  }();
+  const int64_t block_min = block_min_env >= 0 ? block_min_env : (B * 45 + 99) / 100;
+
+  // --- the probe (run.may_decline): phase 1 of image 0's first patch row, first filter set. When
+  // fewer than kProbePercent % of its (patch, block) pairs qualify for MLAS, phase 2 would run mostly
+  // on the dot tiles, which are faster on the channels-last kernels' long segments: decline.
+  if (run.may_decline) {
+    const int64_t nb = std::min(kFilterSet, Kb), rows = std::min<int64_t>(p, OH);
+    std::vector<float> T(static_cast<size_t>(nb * PW * B));
+    std::vector<uint32_t> bits(static_cast<size_t>(PW * nb), 0u);
+    std::vector<char> any(static_cast<size_t>(PW), 0);
+    const size_t F4 = sizeof(float);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t cp = 0; cp < std::min<int64_t>(p, OW); ++cp) {
+        if (!mask[r * p + cp]) continue;
+        const int64_t J = (OW - cp + p - 1) / p;
+        for (int64_t ib = 0; ib < Cb; ++ib) {
+          const float* row = xp + ib * plane + r * g.SH * Wp * B;
+          f.Kernel()(row + cp * g.SW * B, f.Data() + ib * B * B * KS, T.data(), static_cast<size_t>(p * g.SW * B) * F4,
+                     static_cast<size_t>(g.DW * B) * F4, static_cast<size_t>(nb),
+                     static_cast<size_t>(g.DH * Wp * B - g.KW * g.DW * B) * F4, static_cast<size_t>(B * R) * F4,
+                     static_cast<size_t>(PW * B) * F4, static_cast<size_t>(g.KH), static_cast<size_t>(g.KW), row,
+                     static_cast<size_t>(Wp * B) * F4, static_cast<size_t>(g.DH * Wp * B) * F4, 0,
+                     static_cast<size_t>(J), 0, f.Bias(), (ib > 0 ? kAccumulate : 0u) | (ib == Cb - 1 && f.HasBias() ? kAddBias : 0u));
+        }
+        for (int64_t b = 0; b < nb; ++b)
+          for (int64_t j = 0; j < J; ++j) {
+            any[j] = 1;
+            for (int64_t i = 0; i < B; ++i) {
+              const int64_t k = b * B + i, ow = j * p + cp;
+              float v = T[(b * PW + j) * B + i];
+              if (run.other)
+                v += run.other_blocked ? run.other[(b * P + r * OW + ow) * B + i] : run.other[(k * OH + r) * OW + ow];
+              if (v > 0.f) bits[j * nb + b] |= 1u << i;
+            }
+          }
+      }
+    int64_t qualify = 0;
+    for (int64_t j = 0; j < PW; ++j)
+      for (int64_t b = 0; b < nb; ++b) qualify += !any[j] || __builtin_popcount(bits[j * nb + b]) >= block_min;
+    if (qualify * 100 < kProbePercent * PW * nb) return -1;
+  }
+
   // --- phase 2's dot-tile layout on the padded NCHWc tensor: one segment per (input block, kernel
   // row) of KW*B floats (dilation_w 1), else per (input block, kernel row, kernel column) of B floats;
   // the order of nchwc::Filters::Row(k)
@@ -162,15 +214,6 @@ int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run) {
   const size_t stride_w1 = static_cast<size_t>(g.SW * B) * F4;  // speculative rows: every column
   const size_t filter_stride = static_cast<size_t>(B * R) * F4, out_stride = static_cast<size_t>(PW * B) * F4;
   const unsigned last = f.HasBias() ? kAddBias : 0u;
-  // A phase-2 block with at least block_min alive lanes runs on MLAS (all B lanes computed, the dead
-  // ones discarded), fewer on the dot tiles (alive lanes only). A dot-tile MAC costs ~2.2 MLAS MACs
-  // (perf, 64@28: 2 pixels per patch, one W row load per 2 FMAs), hence B * 0.45.
-  // OZ_SPATIAL_BLOCK_MIN (lanes, read once) overrides it for measurements.
-  static const int64_t block_min_env = [] {
-    const char* e = std::getenv("OZ_SPATIAL_BLOCK_MIN");
-    return e ? std::atoll(e) : int64_t{-1};
-  }();
-  const int64_t block_min = block_min_env >= 0 ? block_min_env : (B * 45 + 99) / 100;
   std::vector<int64_t> done(static_cast<size_t>(units * bands), 0);
   std::atomic<int> dense_hint{-1};  // -1: no patch row finished yet; 1: the last one would run dense
 

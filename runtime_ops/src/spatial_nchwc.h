@@ -40,9 +40,13 @@ struct NchwcRun {
   float* Y = nullptr;                 // (N, K, OH, OW), or blocked when y_blocked
   int64_t N = 0;
   bool x_blocked = false, other_blocked = false, y_blocked = false;
+  // The caller has another core for this run (the channels-last kernels): RunNchwc may decline a run
+  // whose probe finds phase 2 mostly on the dot tiles (returns -1, nothing written).
+  bool may_decline = false;
 };
 
-// Computes the run; returns the number of output elements computed (x CRS = the op's `macs`).
+// Computes the run; returns the number of output elements computed (x CRS = the op's `macs`), or -1
+// when it declined (run.may_decline).
 int64_t RunNchwc(OrtKernelContext* ctx, const NchwcRun& run);
 
 }  // namespace spatial
