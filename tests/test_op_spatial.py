@@ -647,3 +647,113 @@ def test_rule_passes_the_residual_as_the_last_input():
     assert list(rep.nodes[0].input) == ["X", "W", "B", "conv1__mask", "S"]
     rep = rule.rewrite(Site(**base), {"patch": 2}, "Y")
     assert list(rep.nodes[0].input) == ["X", "W", "B", "conv1__mask"]
+
+
+# ------------------------------------------------- the NCHWc path (layer-wide masks, spatial_nchwc.cc)
+
+
+@st.composite
+def nchwc_cases(draw):
+    """Shapes the NCHWc path serves (group 1, C and K whole blocks): any geometry, several filter sets."""
+    C, K = draw(st.sampled_from([16, 32, 48])), draw(st.sampled_from([16, 32, 80]))
+    KH, KW = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    H, W = draw(st.integers(2, 12)), draw(st.integers(2, 12))
+    strides = [draw(st.integers(1, 2)), draw(st.integers(1, 2))]
+    dilations = [draw(st.integers(1, 2)), draw(st.integers(1, 2))]
+    pads = [draw(st.integers(0, 2)) for _ in range(4)]
+    g = conv_geometry((1, C, H, W), (K, C, KH, KW), strides=strides, dilations=dilations, pads=pads)
+    assume(g.OH >= 1 and g.OW >= 1)
+    return dict(N=draw(st.integers(1, 2)), C=C, K=K, H=H, W=W, KH=KH, KW=KW, OH=g.OH, OW=g.OW,
+                attrs=dict(strides=strides, dilations=dilations, pads=pads))
+
+
+@settings(max_examples=max(10, EXAMPLES // 3), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(case=nchwc_cases(), patch=st.integers(2, 4), density=st.floats(0.1, 0.9), shift=st.floats(-1.5, 1.0),
+       residual=st.booleans(), runtime_mask=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_nchwc_layer_mask_matches_reference(case, patch, density, shift, residual, runtime_mask, seed):
+    """Layer-wide masks on whole-block channel counts (MLAS for the masked positions and for blocks
+    alive in every lane, dot tiles on the padded NCHWc input for the rest): the reference's values and
+    its exact MAC count. `shift` moves the biases so that patches range from all dead to all alive."""
+    c = case
+    rng = np.random.default_rng(seed)
+    x = np.maximum(rng.standard_normal((c["N"], c["C"], c["H"], c["W"])), 0).astype(np.float32)
+    w = (rng.standard_normal((c["K"], c["C"], c["KH"], c["KW"])) / np.sqrt(c["C"] * c["KH"] * c["KW"])).astype(
+        np.float32)
+    b = (shift + 0.5 * rng.standard_normal(c["K"])).astype(np.float32)
+    mask = _random_mask(rng, "layer", patch, c["K"], c["OH"], c["OW"], density)
+    other = rng.standard_normal((c["N"], c["K"], c["OH"], c["OW"])).astype(np.float32) if residual else None
+    _check_against_reference(x, w, b, mask, patch=patch, runtime_mask=runtime_mask, other=other, **c["attrs"])
+
+
+@settings(max_examples=max(10, EXAMPLES // 4), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(C=st.sampled_from([16, 32]), K=st.sampled_from([16, 48]), hw=st.integers(3, 11), k=st.sampled_from([1, 3]),
+       residual=st.booleans(), nan_in_other=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_nchwc_nan_inf_match_onnxruntime_and_reference(C, K, hw, k, residual, nan_in_other, seed):
+    """Inf/-Inf/NaN in X (and in `other`): with an all-ones mask exactly onnxruntime's Conv(+Add)+Relu
+    (NaN where it is NaN, the same finite values elsewhere: nothing leaks into a neighbour), and with
+    the 2x2 diagonal mask exactly the reference (NaN at a masked position does not make a patch alive)."""
+    rng = np.random.default_rng(seed)
+    x = _nan_inf_input(rng, (2, C, hw, hw))
+    w = rng.standard_normal((K, C, k, k)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    pads = [k // 2] * 4
+    other = None
+    if residual:
+        other = rng.standard_normal((2, K, hw, hw)).astype(np.float32)
+        if nan_in_other:
+            other.reshape(-1)[rng.choice(other.size, 3, replace=False)] = [np.nan, np.inf, -np.inf]
+    y, _ = _run(_session(w, b, patch=2, mask=np.ones((2, 2), np.uint8), x_shape=x.shape, pads=pads,
+                         other=residual), x, other=other)
+    _assert_same_nan_and_values(y, _ort_conv_relu(x, w, b, other=other, pads=pads))
+    y, macs = _run(_session(w, b, patch=2, mask=sp.diagonal_mask(2), x_shape=x.shape, pads=pads, other=residual),
+                   x, other=other)
+    with np.errstate(invalid="ignore"):
+        y_ref, macs_ref = sp.reference(x, w, b, sp.diagonal_mask(2), patch=2, pads=pads, other=other)
+    _assert_same_nan_and_values(y, y_ref)
+    assert macs == macs_ref
+
+
+@settings(max_examples=max(10, EXAMPLES // 4), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(C=st.sampled_from([3, 16, 32]), K=st.sampled_from([16, 32]), hw=st.integers(3, 10),
+       mask_kind=st.sampled_from(["diagonal", "ones", "filter"]), residual=st.booleans(),
+       flags=st.tuples(st.booleans(), st.booleans(), st.booleans()), seed=st.integers(0, 2**31 - 1))
+def test_blocked_layouts_equal_nchw(C, K, hw, mask_kind, residual, flags, seed):
+    """x_blocked / other_blocked / y_blocked as ConvRelu reads them: bit-identical to the NCHW op, on
+    the NCHWc paths (diagonal, all ones) and on the channels-last fallback (per-filter mask)."""
+    from onnxzero.ops import conv_relu as cr
+
+    xb, ob, yb = flags
+    allowed = cr.blocked_io((K, C, 3, 3))
+    xb, ob, yb = xb and allowed[0], ob and allowed[1] and residual, yb and allowed[2]
+    B = cr.block_size()
+    rng = np.random.default_rng(seed)
+    x = np.maximum(rng.standard_normal((2, C, hw, hw)), 0).astype(np.float32)
+    w = (rng.standard_normal((K, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
+    b = (0.3 * rng.standard_normal(K) - 0.2).astype(np.float32)
+    other = rng.standard_normal((2, K, hw, hw)).astype(np.float32) if residual else None
+    mask = {"diagonal": sp.diagonal_mask(2), "ones": np.ones((2, 2), np.uint8),
+            "filter": np.stack([sp.diagonal_mask(2)] * K)}[mask_kind]
+
+    def run(xb, ob, yb):
+        sess = _session(w, b, patch=2, mask=mask, x_shape=cr.to_blocked(x, B).shape if xb else x.shape,
+                        other=residual, pads=[1, 1, 1, 1], x_blocked=xb, other_blocked=ob, y_blocked=yb)
+        feeds = {"X": cr.to_blocked(x, B) if xb else x}
+        if residual:
+            feeds["O"] = cr.to_blocked(other, B) if ob else other
+        y, macs = sess.run(None, feeds)
+        return (cr.from_blocked(y) if yb else y), int(macs)
+
+    y0, m0 = run(False, False, False)
+    y1, m1 = run(xb, ob, yb)
+    np.testing.assert_array_equal(y1, y0)
+    assert m1 == m0
+
+
+def test_blocked_attribute_refused_where_the_rule_forbids_it():
+    w = np.zeros((24, 32, 3, 3), np.float32)
+    with pytest.raises(Exception, match=r"SpatialConv: attribute 'y_blocked' is 1, but weights of 24 filters x 32 "
+                                        r"input channels, group 1 cannot write a blocked Y"):
+        _session(w, None, patch=2, mask=sp.diagonal_mask(2), x_shape=(1, 32, 6, 6), y_blocked=True)

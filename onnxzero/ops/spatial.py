@@ -40,6 +40,7 @@ import onnx
 from onnx import helper
 
 from onnxzero import DOMAIN
+from onnxzero.ops.conv_relu import layout_attributes
 from onnxzero.ops.session import conv_geometry
 
 OP = "SpatialConv"
@@ -246,10 +247,14 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, patch: int,
               kernel_shape: Sequence[int] | None = None, strides: Sequence[int] | None = None,
               pads: Sequence[int] | None = None, dilations: Sequence[int] | None = None, group: int = 1,
               auto_pad: str = "NOTSET", name: str | None = None,
-              other: str | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+              other: str | None = None, x_blocked: bool = False, other_blocked: bool = False,
+              y_blocked: bool = False) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """A SpatialConv node replacing Conv(+B)(+Add other)+Relu, and the initializers it needs.
 
     other: name of the residual tensor (N, K, OH, OW) of a Conv -> Add -> Relu site, or None.
+    x_blocked / other_blocked / y_blocked: those tensors in the blocked layout (N, C/B, H, W, B) that
+    ConvRelu and LazyConv read and write (onnxzero.ops.conv_relu.blocked_io is the rule), so a
+    SpatialConv can sit inside a blocked chain of onnxzero ops.
 
     mask given: stored as a constant initializer (named mask_name, default f"{y}_spatial_mask").
     mask None:  mask_name is a runtime input (graph input or another node's output) fed per run.
@@ -281,6 +286,6 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, patch: int,
         attrs["dilations"] = [int(v) for v in dilations]
     outputs = [y] + ([macs_output] if macs_output else [])
     inputs = [x, w_name, b_name or "", mask_name] + ([other] if other else [])
-    node = helper.make_node(OP, inputs, outputs, domain=DOMAIN,
-                            name=name or f"{y}_spatial", **attrs)
+    node = helper.make_node(OP, inputs, outputs, domain=DOMAIN, name=name or f"{y}_spatial", **attrs,
+                            **layout_attributes(x_blocked, other_blocked, y_blocked))
     return node, inits

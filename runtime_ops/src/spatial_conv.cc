@@ -31,12 +31,14 @@
 #include <memory>
 #include <new>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "common.h"
 #include "op_def.h"
 #include "ops.h"
 #include "simd.h"
+#include "spatial_nchwc.h"
 
 namespace oz {
 namespace {
@@ -539,6 +541,11 @@ struct SpatialConvKernel {
   FloatBuf wpan;              // 16-channel panels per group: [G][npg][nseg*len][16]
   std::vector<float> bias16;  // [G][npg*16]
   int64_t npg = 0;
+  // The NCHWc path (spatial_nchwc.h): dense masks run exactly as ConvRelu (nchwc::RunConv), layer-wide
+  // masks on RunNchwc; the channels-last kernels above serve the rest (groups, per-filter and full
+  // masks, stems with fewer input channels than a block). OZ_SPATIAL=legacy (read once) forces them.
+  nchwc::Filters filters;
+  nchwc::Layouts lay;
 
   explicit SpatialConvKernel(const OrtKernelInfo* info) {
     attrs = ReadConvAttrs(info, kOp);
@@ -556,7 +563,9 @@ struct SpatialConvKernel {
     Ort::ConstKernelInfo ki(info);
     const size_t nin = ki.GetInputCount();
     bias.assign(K, 0.f);
+    bool has_bias = false;
     if (nin > 2 && !ki.GetInputName(2).empty()) {
+      has_bias = true;
       ConstTensor b = RequireConstInput(info, 2, kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
       if (b.shape.size() != 1 || b.shape[0] != K)
         Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
@@ -614,6 +623,12 @@ struct SpatialConvKernel {
       for (int64_t sg = 0; sg < nseg; ++sg)
         for (int64_t i = 0; i < len; ++i) wpan[(panel * crs + sg * len + i) * 16 + lane] = wpk[k * row + sg * lpad + i];
     }
+    static const bool legacy = [] {
+      const char* e = std::getenv("OZ_SPATIAL");
+      return e != nullptr && std::string(e) == "legacy";
+    }();
+    if (!legacy && G == 1) filters = nchwc::Filters(W, has_bias ? bias.data() : nullptr, K, Cg, KH, KW, 1, true);
+    lay = nchwc::ReadLayouts(info, kOp, K, Cg * G, G);
   }
 
   static void CheckValues(const uint8_t* m, int64_t n) {
@@ -628,7 +643,7 @@ struct SpatialConvKernel {
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     auto x = ctx.GetInput(0);
-    const auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
+    const auto xs = nchwc::NchwShapeOfX(x.GetTensorTypeAndShapeInfo().GetShape(), lay.x, kOp);
     const ConvGeom g = ResolveConv(attrs, w.shape, xs, kOp);
     const int64_t N = xs[0];
 
@@ -667,7 +682,10 @@ struct SpatialConvKernel {
 
     // ---- optional residual: ReLU(conv + B + other)
     const float* O = nullptr;
-    if (ctx.GetInputCount() > 4) {
+    const std::vector<int64_t> yshape{N, g.K, g.OH, g.OW};
+    if (lay.other) {
+      O = nchwc::OtherInputIn(ctx, 4, yshape, true, kOp);
+    } else if (ctx.GetInputCount() > 4) {
       Ort::ConstValue ov = ctx.GetInput(4);
       if (ov) {
         const auto os = ov.GetTensorTypeAndShapeInfo().GetShape();
@@ -678,10 +696,45 @@ struct SpatialConvKernel {
       }
     }
 
-    auto y = ctx.GetOutput(0, {N, g.K, g.OH, g.OW});
+    auto y = ctx.GetOutput(0, lay.y ? nchwc::BlockedShape(yshape) : yshape);
     float* Y = y.GetTensorMutableData<float>();
+    const float* X = x.GetTensorData<float>();
     int64_t elems = 0;
-    if (N > 0) elems = Run(context, g, N, x.GetTensorData<float>(), O, Y, form, mdata, dense);
+    if (N > 0) {
+      const bool nchwc_path = spatial::NchwcServes(filters, g);
+      // No prediction: ConvRelu's run, except with a residual where the NCHWc path serves (nchwc::RunConv's
+      // residual write-back turns NaN into 0; onnxruntime's Conv+Add+Relu keeps it): RunNchwc with
+      // p = 1, every position masked.
+      static const uint8_t kOne = 1;
+      // OZ_SPATIAL=nchwc (read once): the NCHWc path never hands a layer-mask run to these kernels.
+      static const bool legacy_never = [] {
+        const char* e = std::getenv("OZ_SPATIAL");
+        return e != nullptr && std::string(e) == "nchwc";
+      }();
+      elems = -1;
+      if (dense && filters.ok() && !(O && nchwc_path)) {
+        nchwc::RunOptions opt;
+        opt.residual = O;
+        opt.x_blocked = lay.x, opt.residual_blocked = lay.other, opt.y_blocked = lay.y;
+        elems = nchwc::RunConv(context, g, filters, X, N, Y, opt) / g.CRS();
+      } else if ((dense || form == MaskForm::kLayer) && nchwc_path) {
+        spatial::NchwcRun r;
+        r.g = &g, r.f = &filters, r.p = dense ? 1 : p, r.mask = dense ? &kOne : mdata;
+        r.X = X, r.other = O, r.Y = Y, r.N = N;
+        r.x_blocked = lay.x, r.other_blocked = lay.other, r.y_blocked = lay.y;
+        r.may_decline = !dense && !legacy_never;
+        elems = spatial::RunNchwc(context, r);
+      }
+      if (elems >= 0) {
+        // done
+      } else if (lay.Any()) {
+        elems = nchwc::WithNchw(context, lay, X, xs, O, yshape, Y, [&](const float* xn, const float* on, float* yn) {
+          return Run(context, g, N, xn, on, yn, form, mdata, dense);
+        });
+      } else {
+        elems = Run(context, g, N, X, O, Y, form, mdata, dense);
+      }
+    }
     if (ctx.GetOutputCount() > 1) {
       auto mo = ctx.GetOutput(1, std::vector<int64_t>{});
       *mo.GetTensorMutableData<int64_t>() = elems * g.CRS();

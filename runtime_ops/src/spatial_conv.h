@@ -52,6 +52,9 @@ struct DotJob {
   int64_t ystride = 0;
   const float* bias = nullptr;
   const float* o0 = nullptr;        // optional residual: channel k's row at o0 + k*ystride
+  // > 0: channels blocked by kblock lanes (the NCHWc path's tiles): channel k's row is at
+  // (k / kblock) * ystride + k % kblock, for y0 and o0 alike (ycol then counts in floats of a block row)
+  int64_t kblock = 0;
   const float* const* x = nullptr;  // np pixel bases in Xcl
   const int64_t* ycol = nullptr;    // np output column offsets
   int64_t np = 0;

@@ -95,8 +95,9 @@ void DotTile(const DotJob& job, const int32_t* ks, const float* const* x, const 
   // sum + bias (+ residual), then ReLU; NaN stays NaN (std::max keeps its first argument)
   for (int f = 0; f < MF; ++f) {
     const float b = job.bias[ks[f]];
-    const float* orow = job.o0 ? job.o0 + ks[f] * job.ystride : nullptr;
-    float* yr = job.y0 + ks[f] * job.ystride;
+    const int64_t ro = job.kblock ? (ks[f] / job.kblock) * job.ystride + ks[f] % job.kblock : ks[f] * job.ystride;
+    const float* orow = job.o0 ? job.o0 + ro : nullptr;
+    float* yr = job.y0 + ro;
     for (int j = 0; j < MP; ++j) {
       float v = sums[f * MP + j] + b;
       if (orow) v += orow[ycol[j]];
