@@ -23,6 +23,7 @@ from onnxscript import optimizer
 
 from onnxzero.errors import UserError
 from onnxzero.passes.fold_conv import FoldIntoConvPass
+from onnxzero.passes.naming import OpTypeNames  # noqa: F401 - re-exported: the name scheme sites.py shares
 
 PASS = "normalize"
 MIN_OPSET = 7  # the oldest opset onnx.version_converter converts from reliably
@@ -211,17 +212,6 @@ def _convert_opset(m: ir.Model, target: int, source: int) -> ir.Model:
                     g.inputs.remove(v)
                 g.register_initializer(v)
     return out
-
-
-class OpTypeNames(common.naming.SimpleNameGenerator):
-    """Unnamed nodes are named after their op type ('Conv', 'Conv_1', ...).
-
-    NameFixPass makes names unique in graph order, so the names are deterministic and a
-    site's name tells what it is.
-    """
-
-    def generate_node_name(self, node: ir.Node) -> str:
-        return node.name or node.op_type
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[str]:
