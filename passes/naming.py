@@ -45,3 +45,12 @@ def name_nodes(model: onnx.ModelProto) -> set[str]:
             proto.name = node.name
             given.add(node.name)
     return given
+
+
+def require_named(model: ir.Model) -> None:
+    """Site names are node names: raise unless every node has one and no two share one."""
+    names = [n.name for n in model.graph]
+    if not all(names) or len(set(names)) != len(names):
+        bad = next((f"node {i} ({n.op_type}) has no name" for i, n in enumerate(model.graph) if not n.name),
+                   "two nodes share a name")
+        raise RuntimeError(f"{bad}; expected every node named (normalize's NameNodesPass)")
