@@ -78,3 +78,14 @@ def test_profile_site_of_a_residual_add_counts_the_add_in_its_time_share(tmp_pat
     assert site.relu == "Relu_1"
     assert site.time_share == node["Conv_1"].time_share + node["Add"].time_share + node["Relu_1"].time_share
     assert site.macs == 8 * 8 * 4 * 4 * 3 * 3  # OH*OW*K*C*KH*KW at batch 1
+
+
+def test_effectual_macs_names_layers_as_profile_does(tmp_path):
+    from onnxzero.profile.effectual import effectual_macs
+
+    path, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    onnx.save(unnamed_model(), path)
+    np.savez(data, inputs=np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    layers = [x.node for x in effectual_macs(path, data=data).layers]
+    assert layers == ["Conv", "Conv_1", "Conv_1_1", "Conv_2"]
+    assert set(layers) <= {n.name for n in profile_model(path, runs=1).nodes}
