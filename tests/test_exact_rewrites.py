@@ -58,3 +58,18 @@ def test_no_skip_setting_equals_conv_relu_and_counts_what_ran(g, technique, seed
         assert 0 <= got.macs <= dense
     else:
         assert got.macs == dense
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(g=conv_geometries(), seed=st.integers(0, 2**16), data=st.data())
+def test_site_shapes_and_macs_are_onnxruntimes(g, seed, data, ort_run):
+    """The site finder's output shape and MACs per sample against the shape onnxruntime's Conv gives."""
+    from onnxzero.passes.sites import find_sites
+
+    model = relu_conv_relu(g, seed)
+    x = data.draw(activations((g["n"], g["c"], g["h"], g["w"])))
+    (want,) = ort_run(model, {"x": x})
+    (site,) = find_sites(model)
+    assert site.y_shape == want.shape[1:] and site.x_shape == (g["c"], g["h"], g["w"])
+    assert site.macs == want[0].size * (g["c"] // g["group"]) * g["kh"] * g["kw"]
+    assert site.input_nonneg  # behind the Relu
