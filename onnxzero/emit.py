@@ -1,4 +1,10 @@
-"""Emit: every file onnxzero writes goes through here, atomically.
+"""Emit: what makes a model deployable, and every file onnxzero writes, atomically.
+
+A deployable model carries its provenance (metadata 'onnxzero': version, domain, every rewritten
+site's technique and setting; a model rewritten again keeps the earlier sites) and, when its
+settings are frozen, holds them as constants the kernels prepare once at session creation instead
+of graph inputs a deployment may feed (set_provenance, freeze_settings; passes/rewrite.py calls
+both).
 
 A file is written to a temporary sibling and renamed over the target, so a
 crash, Ctrl-C or a full disk never leaves a half-written output, and an input
@@ -15,11 +21,49 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import onnx
 
 from onnxzero.errors import UserError
+
+
+METADATA_KEY = "onnxzero"
+
+
+def provenance(model: onnx.ModelProto) -> dict[str, Any] | None:
+    """The model's onnxzero provenance (see set_provenance), None for a model onnxzero did not write."""
+    for p in model.metadata_props:
+        if p.key == METADATA_KEY:
+            return json.loads(p.value)
+    return None
+
+
+def set_provenance(model: onnx.ModelProto, sites: dict[str, dict[str, Any]]) -> None:
+    """Record this onnxzero's version and domain and `sites` ({site: {"technique", "setting"}}, JSON-able)
+    in the model's metadata, on top of the sites an earlier rewrite recorded."""
+    from onnxzero import DOMAIN, __version__
+
+    earlier = (provenance(model) or {}).get("sites", {})
+    prov = {"version": __version__, "domain": DOMAIN, "sites": {**earlier, **sites}}
+    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(prov, sort_keys=True))
+
+
+def freeze_settings(model: onnx.ModelProto, names: list[str] | set[str]) -> None:
+    """Freeze run-time settings: the graph inputs `names`, each defaulted by an initializer of its
+    name, stop being inputs, so their defaults become constants (a deployment can no longer feed
+    them; the kernels may prepare them once). In place."""
+    names = set(names)
+    defaults = {t.name for t in model.graph.initializer}
+    missing = sorted(names - defaults)
+    if missing:
+        raise ValueError(f"freeze_settings: '{missing[0]}' has no default value (no initializer of that name)")
+    kept = [i for i in model.graph.input if i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
 
 
 def _umask() -> int:

@@ -1,7 +1,12 @@
 """Graph passes: normalize an exported CNN, find its Conv+ReLU sites, rewrite them.
 
-Each pass takes a model and returns (model, modified), onnx_ir / torch.fx style, and names
-itself in its errors. Import from the submodules, e.g. `from onnxzero.passes.normalize
-import normalize`; this package imports nothing itself so that `import onnxzero.passes.x`
-stays cheap.
+normalize is an onnx_ir PassManager of in-place passes (normalize.normalize_ir: each pass names
+itself in its errors and checks what it ensures); FindSitesPass (sites.py) is an analysis pass on
+the same IR model, which needs the names NameNodesPass gives (naming.py, shared with profile);
+rewrite.rewrite hands normalize's IR model to the site finder and serializes it once for the
+rules, which build ONNX nodes. The public functions keep their signatures: normalize(model) ->
+(model, modified), find_sites(model), rewrite(model, ...) -> (model, report).
+
+Import from the submodules, e.g. `from onnxzero.passes.normalize import normalize`; this package
+imports nothing itself so that `import onnxzero.passes.x` stays cheap.
 """

@@ -23,6 +23,7 @@ from onnxscript import optimizer
 
 from onnxzero.errors import UserError
 from onnxzero.passes.fold_conv import FoldIntoConvPass
+from onnxzero.passes.naming import OpTypeNames, name_nodes_ir, require_named  # noqa: F401 - OpTypeNames re-exported
 
 PASS = "normalize"
 MIN_OPSET = 7  # the oldest opset onnx.version_converter converts from reliably
@@ -93,6 +94,17 @@ def _step(name: str):
 def normalize_with_report(model: onnx.ModelProto, *, opset: int = 17,
                           base_dir: str | Path | None = None) -> tuple[onnx.ModelProto, NormalizeReport]:
     """normalize(), with a NormalizeReport of what it did instead of the bare flag."""
+    m, report = normalize_ir(model, opset=opset, base_dir=base_dir)
+    with _step("serialize"):
+        return ir.serde.serialize_model(m), report
+
+
+def normalize_ir(model: onnx.ModelProto, *, opset: int = 17,
+                 base_dir: str | Path | None = None) -> tuple[ir.Model, NormalizeReport]:
+    """normalize_with_report(), returning the in-memory IR model the later passes (find_sites) read.
+
+    The IR model shares `model`'s weight buffers (nothing is copied); `model` itself is not changed.
+    """
     model, ext_loaded = _load_external_data(model, base_dir)
     opset_from = default_opset(model)
     if opset_from < MIN_OPSET:
@@ -100,70 +112,159 @@ def normalize_with_report(model: onnx.ModelProto, *, opset: int = 17,
                         f"(older models cannot be converted: re-export the model)")
     opset_to = max(opset_from, opset)
 
-    input_names = [v.name for v in model.graph.input]
-    output_names = [v.name for v in model.graph.output]
     with _step("deserialize"):
         m = ir.serde.deserialize_model(model)  # tensors stay in `model`'s buffers, uncopied
     if opset_to != opset_from:
         m = _convert_opset(m, opset_to, opset_from)
 
-    removed = 0
-    if m.ir_version < 4:
-        # Before IR 4 every initializer had to be listed as a graph input too, so there the
-        # listing says nothing about the weight being fed at run time; from IR 4 on it does,
-        # and such an initializer stays an (overridable) input.
-        with _step("RemoveInitializersFromInputsPass"):
-            listed = {v.name for v in m.graph.inputs}
-            common.RemoveInitializersFromInputsPass()(m)
-            dropped = listed - {v.name for v in m.graph.inputs}
-            removed = len(dropped)
-            input_names = [n for n in input_names if n not in dropped]
-    # version_converter leaves ir_version alone; the opset needs at least this one.
-    m.ir_version = max(m.ir_version, onnx.helper.find_min_ir_version_for(
-        [onnx.helper.make_opsetid(d, v) for d, v in m.opset_imports.items()], ignore_unknown=True))
+    interface = KeepInterface(m)
+    legacy, fold, name = LegacyInputsPass(), FoldConstantsPass(), NameNodesPass()
+    # Convs inside model-local functions (some exporters emit them) must be visible to the folds
+    # and to the site finder.
+    inline = Step(common.InlinePass())
+    into_conv = CountFolds(FoldIntoConvPass(), _FOLDABLE)
+    run_passes([legacy, inline, Step(common.RemoveUnusedFunctionsPass()), fold, name, Step(common.ShapeInferencePass()),
+                into_conv, NameNodesPass(), Step(common.ShapeInferencePass()), interface], m)
+    return m, NormalizeReport(opset_from=opset_from, opset_to=opset_to, external_data_loaded=ext_loaded,
+                              initializer_inputs_removed=len(legacy.dropped),
+                              constants_folded=inline.modified or fold.folded,
+                              nodes_named=name.unnamed, folded_into_conv=into_conv.folded)
 
-    with _step("InlinePass"):
-        # Convs inside model-local functions (some exporters emit them) must be visible to
-        # the folds and to the site finder.
-        inlined = common.InlinePass()(m).modified
-        common.RemoveUnusedFunctionsPass()(m)
 
-    with _step("fold_constants"):
-        folded = inlined | optimizer.fold_constants(
-            m, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT,
+# --- the passes normalize runs (onnx_ir passes: requires / call / ensures) -----------------------
+
+
+def run_passes(passes: list[ir.passes.PassBase], m: ir.Model) -> ir.passes.PassResult:
+    """Run `passes` in an onnx_ir PassManager on `m`.
+
+    The manager wraps a failure in PassErrors; the caller gets the failure itself: a UserError as
+    it is, anything else as the pass's own one-line RuntimeError naming it (see _step)."""
+    try:
+        return ir.passes.PassManager(passes)(m)
+    except ir.passes.PassError as e:
+        cause: BaseException = e
+        while isinstance(cause, ir.passes.PassError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise cause from (None if isinstance(cause, UserError) else cause.__cause__)
+
+
+class _Step(ir.passes.InPlacePass):
+    """An in-place pass whose failures name it: normalize: <Pass> failed: ... (a UserError as it is)."""
+
+    def __call__(self, model_or_result):
+        with _step(type(self).__name__):
+            return super().__call__(model_or_result)
+
+
+class Step(_Step):
+    """onnx_ir's own in-place pass `inner`, its failures named; `modified` says whether it changed anything."""
+
+    def __init__(self, inner: ir.passes.PassBase):
+        super().__init__()
+        self.inner, self.modified = inner, False
+
+    def __call__(self, model_or_result):
+        with _step(type(self.inner).__name__):
+            return ir.passes.InPlacePass.__call__(self, model_or_result)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = self.inner(model)
+        self.modified = result.modified
+        return ir.passes.PassResult(model, result.modified)
+
+
+class LegacyInputsPass(_Step):
+    """IR < 4 lists every initializer as a graph input too, so there the listing says nothing about
+    the weight being fed at run time: drop it (from IR 4 on it does, and such an initializer stays
+    an overridable input). Then raise ir_version to what the opsets need (version_converter leaves
+    it alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropped: set[str] = set()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        if model.ir_version < 4:
+            listed = {v.name for v in model.graph.inputs}
+            modified = common.RemoveInitializersFromInputsPass()(model).modified
+            self.dropped = listed - {v.name for v in model.graph.inputs}
+        need = onnx.helper.find_min_ir_version_for(
+            [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()], ignore_unknown=True)
+        if model.ir_version < need:
+            model.ir_version, modified = need, True
+        return ir.passes.PassResult(model, modified)
+
+    def ensures(self, model: ir.Model) -> None:
+        if model.ir_version < 4 and any(v.const_value is not None for v in model.graph.inputs):
+            raise RuntimeError(f"{PASS}: an IR {model.ir_version} graph input still lists an initializer")
+
+
+class FoldConstantsPass(_Step):
+    """onnxscript's constant folder with limits that let weights through, ConstantOfShape always
+    folded; then every Constant node's tensor becomes an initializer (the folds into Conv and the
+    site finder read weights from initializers) and unused nodes go."""
+
+    folded = False
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        folded = optimizer.fold_constants(
+            model, input_size_limit=FOLD_SIZE_LIMIT, output_size_limit=FOLD_SIZE_LIMIT,
             should_fold=lambda node: True if node.op_type in _ALWAYS_FOLD and node.domain == "" else None,
         ).modified
-        # Weights held by Constant nodes become initializers: the fold rules and the site
-        # finder read weights from initializers.
-        folded |= common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(m).modified
-        folded |= common.RemoveUnusedNodesPass()(m).modified
+        folded |= common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
+        folded |= common.RemoveUnusedNodesPass()(model).modified
+        self.folded = folded
+        return ir.passes.PassResult(model, folded)
 
-    with _step("NameFixPass"):
-        unnamed = sum(1 for n in m.graph if not n.name)
-        common.NameFixPass(OpTypeNames())(m)
 
-    with _step("ShapeInferencePass"):
-        common.ShapeInferencePass()(m)
+class NameNodesPass(_Step):
+    """Every node named as onnxzero.passes.naming says (the scheme profile and find_sites share)."""
 
-    with _step("FoldIntoConvPass"):
-        before = collections.Counter(n.op_type for n in m.graph)
-        FoldIntoConvPass()(m)
-        common.RemoveUnusedNodesPass()(m)
-        after = collections.Counter(n.op_type for n in m.graph)
-        into_conv = {op: before[op] - after[op] for op in _FOLDABLE if before[op] != after[op]}
+    unnamed = 0
 
-    with _step("ShapeInferencePass"):
-        common.NameFixPass(OpTypeNames())(m)
-        common.ShapeInferencePass()(m)
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.unnamed = sum(1 for n in model.graph if not n.name)
+        return ir.passes.PassResult(model, name_nodes_ir(model) > 0)
 
-    if [v.name for v in m.graph.inputs] != input_names or [v.name for v in m.graph.outputs] != output_names:
-        raise RuntimeError(f"{PASS}: graph input/output names changed: {input_names} -> "
-                           f"{[v.name for v in m.graph.inputs]}, {output_names} -> {[v.name for v in m.graph.outputs]}")
-    with _step("serialize"):
-        out = ir.serde.serialize_model(m)
-    return out, NormalizeReport(opset_from=opset_from, opset_to=opset_to, external_data_loaded=ext_loaded,
-                                initializer_inputs_removed=removed, constants_folded=folded,
-                                nodes_named=unnamed, folded_into_conv=into_conv)
+    def ensures(self, model: ir.Model) -> None:
+        require_named(model)
+
+
+class CountFolds(_Step):
+    """Runs a folding pass and counts, per op type in `ops`, the nodes that went."""
+
+    def __init__(self, inner: ir.passes.PassBase, ops: tuple[str, ...]):
+        super().__init__()
+        self.inner, self.ops = inner, ops
+        self.folded: dict[str, int] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = collections.Counter(n.op_type for n in model.graph)
+        result = self.inner(model)
+        common.RemoveUnusedNodesPass()(model)
+        after = collections.Counter(n.op_type for n in model.graph)
+        self.folded = {op: before[op] - after[op] for op in self.ops if before[op] != after[op]}
+        return ir.passes.PassResult(model, result.modified)
+
+
+class KeepInterface(_Step):
+    """Changes nothing; ensures the graph's input and output names are those it was made with
+    (less the IR < 4 initializer listings)."""
+
+    def __init__(self, model: ir.Model):
+        super().__init__()
+        self.inputs = [v.name for v in model.graph.inputs if not (model.ir_version < 4 and v.const_value is not None)]
+        self.outputs = [v.name for v in model.graph.outputs]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, False)
+
+    def ensures(self, model: ir.Model) -> None:
+        ins, outs = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
+        if ins != self.inputs or outs != self.outputs:
+            raise RuntimeError(f"{PASS}: graph input/output names changed: {self.inputs} -> {ins}, "
+                               f"{self.outputs} -> {outs}")
 
 
 # Initializers above this size skip the trip through onnx.version_converter.
@@ -211,17 +312,6 @@ def _convert_opset(m: ir.Model, target: int, source: int) -> ir.Model:
                     g.inputs.remove(v)
                 g.register_initializer(v)
     return out
-
-
-class OpTypeNames(common.naming.SimpleNameGenerator):
-    """Unnamed nodes are named after their op type ('Conv', 'Conv_1', ...).
-
-    NameFixPass makes names unique in graph order, so the names are deterministic and a
-    site's name tells what it is.
-    """
-
-    def generate_node_name(self, node: ir.Node) -> str:
-        return node.name or node.op_type
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[str]:

@@ -20,15 +20,16 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from onnxzero import DOMAIN, OP_VERSION, UserError, __version__
-from onnxzero.passes.normalize import normalize
+from onnxzero import DOMAIN, OP_VERSION, UserError
+from onnxzero.emit import METADATA_KEY, freeze_settings, provenance, set_provenance  # noqa: F401 - re-exported
+from onnxzero.passes.normalize import normalize_ir, run_passes
 from onnxzero.passes.rules import RULES, TECHNIQUES, Calibration, SiteRule
-from onnxzero.passes.sites import ConvVerdict, Site, explain
+from onnxzero.passes.sites import ConvVerdict, FindSitesPass, Site, explain
 
 PASS = "rewrite"
-METADATA_KEY = "onnxzero"
 
 
 @dataclass
@@ -123,8 +124,15 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
     default, per_site = parse_config(config, technique)
     if default.get("technique") is None and not per_site:
         raise UserError(f"{PASS}: no technique given, expected --technique {'|'.join(TECHNIQUES)} or a config")
-    base = model if normalized else normalize(model)[0]
-    verdicts = explain(base)
+    if normalized:
+        base = model
+        verdicts = explain(base)
+    else:
+        # one IR model from normalize to the site finder; serialized once, for the rewrite below
+        m, _ = normalize_ir(model)
+        finder = FindSitesPass()
+        run_passes([finder], m)
+        base, verdicts = ir.serde.serialize_model(m), finder.verdicts
     sites = [v.site for v in verdicts if v.site is not None]
     unknown = set(per_site) - {s.name for s in sites}
     if unknown:
@@ -142,6 +150,7 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
     new_inits: dict[str, np.ndarray] = {}
     runtime: dict[str, np.ndarray] = {}
     drop: set[str] = set()
+    frozen: set[str] = set()
     results: list[SiteResult] = []
 
     for site in sites:
@@ -186,8 +195,9 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
             replaced[index[site.conv]] = nodes
             removed.add(index[site.activation])
         new_inits.update(rep.initializers)
-        for name, arr in rep.runtime_inputs.items():
-            (runtime if runtime_settings or tech == "lazy" else new_inits)[name] = arr
+        runtime.update(rep.runtime_inputs)
+        if not runtime_settings and tech != "lazy":  # the lazy ratio stays a run-time knob by design
+            frozen.update(rep.runtime_inputs)
         drop.update(rep.drop_initializers)
         results.append(SiteResult(site, tech, rep.setting, rep.stats))
 
@@ -212,6 +222,7 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
             arr = np.asarray(arr)
             g.input.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype),
                                                          [f"{name}_{i}" for i in range(arr.ndim)]))
+        freeze_settings(out, frozen)
         if not any(o.domain == DOMAIN for o in out.opset_import):
             out.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
         # value_info of the removed Conv outputs would dangle
@@ -233,21 +244,8 @@ def _outputs(model: onnx.ModelProto, node_name: str) -> list[str]:
 
 
 def _set_metadata(model: onnx.ModelProto, results: list[SiteResult]) -> None:
-    earlier = (provenance(model) or {}).get("sites", {})  # a rewritten model rewritten again keeps its history
-    prov = {"version": __version__, "domain": DOMAIN,
-            "sites": {**earlier, **{r.site.name: {"technique": r.technique, "setting": _jsonable(r.setting)}
-                                    for r in results if r.technique}}}
-    kept = [p for p in model.metadata_props if p.key != METADATA_KEY]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    model.metadata_props.add(key=METADATA_KEY, value=json.dumps(prov, sort_keys=True))
-
-
-def provenance(model: onnx.ModelProto) -> dict[str, Any] | None:
-    for p in model.metadata_props:
-        if p.key == METADATA_KEY:
-            return json.loads(p.value)
-    return None
+    set_provenance(model, {r.site.name: {"technique": r.technique, "setting": _jsonable(r.setting)}
+                           for r in results if r.technique})
 
 
 def _jsonable(v: Any) -> Any:

@@ -26,6 +26,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from onnxzero.errors import UserError
+from onnxzero.passes.naming import name_nodes_ir, require_named
 from onnxzero.ops.session import conv_geometry
 
 PASS = "find_sites"
@@ -109,6 +110,28 @@ class ConvVerdict:
         return (f"{s.conv}: {kind}{act} '{s.activation}'; x {dims(s.x_shape)} -> y {dims(s.y_shape)}, "
                 f"k {dims(s.kernel_shape)} s {dims(s.strides)} p {s.pads} d {dims(s.dilations)} g {s.group}; "
                 f"{macs}; input {sign} ({s.nonneg_reason})")
+
+
+class FindSitesPass(ir.passes.InPlacePass):
+    """explain() as an onnx_ir analysis pass: it changes nothing and leaves the verdicts in
+    `self.verdicts` (`self.sites`: the sites). Requires a named model (normalize's NameNodesPass),
+    because a site's name is its Conv's name."""
+
+    def __init__(self, *, nonneg_inputs: Collection[str] = ()):
+        super().__init__()
+        self.nonneg_inputs = tuple(nonneg_inputs)
+        self.verdicts: list[ConvVerdict] = []
+
+    @property
+    def sites(self) -> list[Site]:
+        return [v.site for v in self.verdicts if v.site is not None]
+
+    def requires(self, model: ir.Model) -> None:
+        require_named(model)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.verdicts = explain(model, nonneg_inputs=self.nonneg_inputs)
+        return ir.passes.PassResult(model, False)
 
 
 def find_sites(model: onnx.ModelProto | ir.Model, *, nonneg_inputs: Collection[str] = ()) -> list[Site]:
@@ -444,9 +467,7 @@ def _prepare(model: onnx.ModelProto | ir.Model) -> ir.Model:
         return model
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"{PASS}: expected an onnx.ModelProto or onnx_ir.Model, got {type(model).__name__}")
-    from onnxzero.passes.normalize import OpTypeNames  # the same names normalize gives
-
     m = ir.serde.deserialize_model(model)  # shares the tensors, so `model` stays unchanged
-    common.NameFixPass(OpTypeNames())(m)
+    name_nodes_ir(m)  # the same names normalize gives
     common.ShapeInferencePass()(m)
     return m

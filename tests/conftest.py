@@ -303,3 +303,50 @@ def light_name(request) -> str:
 def torch_export_name(request) -> str:
     """Parametrizes a test over the four TinyCNN exports."""
     return request.param
+
+
+# --- hypothesis strategies shared by the tests ---------------------------------------------
+# Import them with `from conftest import conv_geometries, activations, he_weights` (pytest puts
+# tests/ on sys.path). They draw what real CNNs have: convs of every stride / padding / dilation /
+# group, ReLU outputs with many exact zeros, He-normal weights.
+
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def conv_geometries(draw, *, max_channels: int = 8, max_hw: int = 12, max_kernel: int = 3,
+                    max_batch: int = 2) -> dict:
+    """A valid 2-D Conv: dict(n, c, h, w, k, kh, kw, strides, pads (top, left, bottom, right),
+    dilations, group), with an output of at least 1 x 1.
+
+    The output size is not returned on purpose: a test takes it from onnxruntime's result rather
+    than from the formula the code under test uses.
+    """
+    group = draw(st.sampled_from([1, 1, 2, 4]))
+    c = group * draw(st.integers(1, max(1, max_channels // group)))
+    k = group * draw(st.integers(1, max(1, max_channels // group)))
+    kh, kw = draw(st.integers(1, max_kernel)), draw(st.integers(1, max_kernel))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    # the input must hold the dilated kernel once the padding is added
+    h = draw(st.integers(max(1, (kh - 1) * dh + 1 - pads[0] - pads[2]), max_hw))
+    w = draw(st.integers(max(1, (kw - 1) * dw + 1 - pads[1] - pads[3]), max_hw))
+    strides = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    return dict(n=draw(st.integers(1, max_batch)), c=c, h=h, w=w, k=k, kh=kh, kw=kw, strides=strides,
+                pads=pads, dilations=(dh, dw), group=group)
+
+
+@st.composite
+def activations(draw, shape: tuple[int, ...], *, nonneg: bool = False) -> np.ndarray:
+    """float32 N(0, 1) values of `shape` of which a drawn fraction (0 to 90 %, or all) is exactly 0,
+    as ReLU outputs are; `nonneg` folds the rest to >= 0."""
+    zero = draw(st.sampled_from([0.0, 0.3, 0.6, 0.9, 1.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[rng.random(shape) < zero] = 0.0
+    return np.abs(x) if nonneg else x
+
+
+def he_weights(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """He-normal conv weights (K, C/group, KH, KW): std sqrt(2 / fan_in), as a trained ReLU CNN starts."""
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)

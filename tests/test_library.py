@@ -18,8 +18,17 @@ def test_library_path_and_domain_constant_shared_with_cpp():
 
 
 def test_library_registers_with_sessionoptions():
+    """Without the library onnxruntime refuses an ai.onnxzero node; registered, the same bytes load and run."""
+    node = helper.make_node("ConvRelu", ["X", "W"], ["Y", "macs"], domain=onnxzero.DOMAIN)
+    model = single_op_model(node, {"W": np.ones((2, 1, 1, 1), np.float32)}, (1, 1, 2, 2)).SerializeToString()
+    with pytest.raises(Exception, match="ConvRelu"):
+        ort.InferenceSession(model, ort.SessionOptions(), providers=["CPUExecutionProvider"])
     so = ort.SessionOptions()
     so.register_custom_ops_library(onnxzero.get_library_path())
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    y, macs = sess.run(None, {"X": np.array([[[[1.0, -2.0], [0.5, 0.0]]]], np.float32)})
+    np.testing.assert_array_equal(y, [[[[1.0, 0.0], [0.5, 0.0]], [[1.0, 0.0], [0.5, 0.0]]]])  # both filters: ReLU(x)
+    assert int(macs) == 2 * 2 * 2  # K * OH * OW, one input channel, 1x1 kernel
 
 
 def test_missing_library_is_a_user_error(monkeypatch, tmp_path):

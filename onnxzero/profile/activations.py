@@ -2,9 +2,9 @@
 
 An activation is the output of a ``Relu``, or of a ``Clip`` whose lower bound
 is exactly 0 (ReLU6 and friends): ``min`` is an attribute up to opset 6 and an
-optional constant input from opset 11 on. A *site* is a ``Conv`` whose only
-consumer is such an activation: the place where a zero-skipping convolution
-could avoid computing outputs that the activation throws away.
+optional constant input from opset 11 on. Sites (where a zero-skipping
+convolution could avoid computing outputs the activation throws away) are the
+rewrite's own: onnxzero.passes.sites finds them.
 
 Counts are accumulated batch by batch (no activation is kept): per output
 channel (axis 1) and, when labels are given, per class and channel. Rates are
@@ -39,26 +39,6 @@ def is_relu_like(node: onnx.NodeProto, prep: Prepared) -> bool:
 
 def activation_nodes(prep: Prepared) -> list[onnx.NodeProto]:
     return [n for n in prep.model.graph.node if is_relu_like(n, prep) and n.output and n.output[0]]
-
-
-def conv_relu_sites(prep: Prepared) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
-    """(conv, relu) pairs where the Conv's output feeds exactly one node, a ReLU-like one."""
-    g = prep.model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for x in dict.fromkeys(n.input):
-            if x:
-                consumers.setdefault(x, []).append(n)
-    outputs = {o.name for o in g.output}
-    sites = []
-    for n in g.node:
-        if n.op_type != "Conv" or n.domain not in ("", "ai.onnx") or not n.output:
-            continue
-        y = n.output[0]
-        cs = consumers.get(y, [])
-        if y not in outputs and len(cs) == 1 and cs[0].input[0] == y and is_relu_like(cs[0], prep):
-            sites.append((n, cs[0]))
-    return sites
 
 
 def bn_relu_chains(prep: Prepared) -> int:

@@ -15,7 +15,8 @@ from onnxzero.data import Dataset, _fmt, check_fits, image_input, load_dataset
 from onnxzero.errors import UserError
 from onnxzero.load import load_model
 from onnxzero.profile import runtime
-from onnxzero.profile.activations import activation_nodes, bn_relu_chains, conv_relu_sites
+from onnxzero.passes.sites import find_sites
+from onnxzero.profile.activations import activation_nodes, bn_relu_chains
 from onnxzero.profile.cost import model_params, node_macs, node_params
 from onnxzero.profile.prepare import Prepared, prepare
 from onnxzero.profile.progress import Steps
@@ -62,8 +63,8 @@ def profile_model(model: str | Path, *, data: str | Path | None = None, runs: in
         notes.append(f"folded {sum(prep.folded.values())} constant-only nodes ({kinds}) into initializers before "
                      "profiling: they compute weights and other constants, not inference work")
     if prep.renamed:
-        notes.append(f"{prep.renamed} nodes had an empty or repeated name and were named {{op_type}}_{{index}} "
-                     "(index in the model's node list)")
+        notes.append(f"{prep.renamed} nodes had an empty or repeated name and were named as normalize names them "
+                     "({op_type} or {name}, then _1, _2... in graph order): the names `rewrite --config` takes")
 
     batch = prep.analysis_batch
     feed = next(runtime.chunks(ds.inputs[:batch], batch, prep.static_batch))[1]
@@ -109,7 +110,7 @@ def profile_model(model: str | Path, *, data: str | Path | None = None, runs: in
     if from_runtime:
         notes.append(f"{from_runtime} output shapes unknown to ONNX shape inference were taken from the profiled run")
 
-    total_ms = sum(times.latency_ms.get(n.name, 0.0) for n in prep.nodes)
+    shares = time_shares({n.name: times.latency_ms.get(n.name, 0.0) for n in prep.nodes})
     nodes: list[NodeProfile] = []
     unknown_macs = []
     for n in prep.nodes:
@@ -120,7 +121,7 @@ def profile_model(model: str | Path, *, data: str | Path | None = None, runs: in
         lat = times.latency_ms.get(n.name, 0.0)
         out_shape = list(shapes.get(n.output[0], ())) if n.output and n.output[0] else []
         nodes.append(NodeProfile(name=n.name, op_type=n.op_type, output_shape=out_shape, params=node_params(n, prep),
-                                 macs=int(macs), latency_ms=lat, time_share=lat / total_ms if total_ms else 0.0,
+                                 macs=int(macs), latency_ms=lat, time_share=shares[n.name],
                                  latency_median_ms=times.median_ms.get(n.name, 0.0)))
     if unknown_macs:
         notes.append(f"MACs of {len(unknown_macs)} nodes are counted as 0 because their shapes are unknown: "
@@ -148,11 +149,12 @@ def profile_model(model: str | Path, *, data: str | Path | None = None, runs: in
     zr = {a.output: a.zero_rate for a in activations}
 
     sites: list[SiteProfile] = []
-    for conv, relu in conv_relu_sites(prep):
-        cp, rp = by_name[conv.name], by_name[relu.name]
-        z = zr.get(relu.output[0], math.nan)
-        share = (cp.latency_ms + rp.latency_ms) / total_ms if total_ms else 0.0
-        sites.append(SiteProfile(node=conv.name, relu=relu.name, macs=cp.macs, zero_rate=z, macs_zero=cp.macs * z,
+    for site in find_sites(prep.model):  # the rewrite's own site finder, on the same names
+        parts = [site.conv, site.add, site.activation] if site.add else [site.conv, site.activation]
+        macs = by_name[site.conv].macs
+        z = zr.get(site.y, math.nan)
+        share = sum(by_name[p].time_share for p in parts)
+        sites.append(SiteProfile(node=site.conv, relu=site.activation, macs=macs, zero_rate=z, macs_zero=macs * z,
                                  time_share=share, est_time_saved=share * z))
     if not sites and (chains := bn_relu_chains(prep)):
         notes.append(f"no Conv feeds a ReLU directly, but {chains} Conv -> BatchNormalization -> ReLU chains do: "
@@ -164,11 +166,23 @@ def profile_model(model: str | Path, *, data: str | Path | None = None, runs: in
         input_name=prep.input_name, input_shape=[batch, *prep.input_dims[1:]] if data_path is None
         else [batch, *ds.inputs.shape[1:]],
         data=data_label, samples=len(ds), params=model_params(prep), macs=sum(p.macs for p in nodes),
-        latency_median_ms=float(np.median(latencies)), latency_p90_ms=float(np.percentile(latencies, 90)),
+        **dict(zip(("latency_median_ms", "latency_p90_ms"), latency_stats(latencies), strict=True)),
         latency_batch_size=batch, latency_runs=runs,
         accuracy=None if correct is None or labels is None else correct / len(ds))
     return ProfileReport(model=summary, nodes=nodes, activations=activations, sites=sites, notes=notes,
                          classes=[int(c) for c in classes])
+
+
+def time_shares(latency_ms: dict[str, float]) -> dict[str, float]:
+    """Each node's share of the summed per-node time (0 for all when nothing was timed)."""
+    total = sum(latency_ms.values())
+    return {k: v / total if total else 0.0 for k, v in latency_ms.items()}
+
+
+def latency_stats(latencies_ms) -> tuple[float, float]:
+    """(median, 90th percentile, linearly interpolated) of the whole-model run times."""
+    a = np.asarray(latencies_ms, dtype=np.float64)
+    return float(np.median(a)), float(np.percentile(a, 90))
 
 
 def _random_dataset(model: onnx.ModelProto) -> Dataset:

@@ -37,6 +37,7 @@ from onnxzero.data import Dataset, check_fits, image_input, load_dataset
 from onnxzero.errors import UserError
 from onnxzero.load import load_model
 from onnxzero.ops import sparse_quant
+from onnxzero.passes.naming import name_nodes
 from onnxzero.profile.runtime import chunks
 
 _CONV_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "group", "auto_pad")
@@ -166,6 +167,8 @@ def _with_indicator_branches(model: onnx.ModelProto) -> tuple[onnx.ModelProto, l
     non-zero inputs and input elements, each summed over the batch (float64 / int64 scalars)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    name_nodes(m)  # layers are named as profile and `rewrite --config` name them
+    names = [n.name for n in m.graph.node]
     g = m.graph
     inits = {t.name: t for t in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")}
@@ -176,7 +179,7 @@ def _with_indicator_branches(model: onnx.ModelProto) -> tuple[onnx.ModelProto, l
     new_nodes: list[onnx.NodeProto] = []
     for idx, node in enumerate(model.graph.node):
         w_ind, attrs, op, per_out = None, {}, node.op_type, 0
-        name = node.name or f"{node.op_type}_{idx}"
+        name = names[idx]
         if node.domain == DOMAIN and node.op_type == sparse_quant.OP:
             a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
             c = {"values": _value(node.input[1], inits, consts), "index": _value(node.input[2], inits, consts),

@@ -3,9 +3,10 @@
 The analysis model is the user's graph with three semantics-preserving changes,
 made on our own in-memory copy (the file on disk is never touched):
 
-1. every node has a unique, stable name: its own, or ``{op_type}_{index}``
-   (index in the original node list) when empty, with ``_{index}`` appended to
-   repeats, so onnxruntime's profiler events map 1:1 onto our nodes;
+1. every node has a unique, stable name, given as normalize gives it
+   (onnxzero.passes.naming: its own, or its op type when empty, made unique in graph order
+   by ``_1``, ``_2``...), so onnxruntime's profiler events map 1:1 onto our nodes and
+   a site's name is the key ``rewrite --config`` takes;
 2. initializers are no longer listed as graph inputs (IR < 4 models list them
    there; we never feed them, and listing them stops them being constants);
 3. all-constant subgraphs (nodes whose inputs are all initializers or outputs
@@ -38,6 +39,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxzero.errors import UserError
+from onnxzero.passes.naming import name_nodes
 
 #: ops whose value changes from run to run: never folded.
 _NONDETERMINISTIC = frozenset(
@@ -86,8 +88,6 @@ class Prepared:
 def prepare(model: onnx.ModelProto) -> Prepared:
     """Name, unlist initializer inputs, fold constants, infer shapes. Mutates and keeps `model`."""
     g = model.graph
-    renamed = _name_nodes(g)
-
     init_names = {t.name for t in g.initializer}
     real_inputs = [i for i in g.input if i.name not in init_names]
     if len(real_inputs) != len(g.input):
@@ -104,7 +104,8 @@ def prepare(model: onnx.ModelProto) -> Prepared:
     prep = Prepared(model=model, input_name=inp.name, input_elem_type=tt.elem_type, input_dims=dims,
                     static_batch=dims[0])
     _fold_constants(prep)
-    prep.renamed = sum(1 for n in g.node if n.name in renamed)  # those folded away do not count
+    # named after the fold, as normalize names after its own: constant nodes take no names from the rest
+    prep.renamed = len(name_nodes(model))
     if model.ir_version < 4:  # initializers outside graph inputs need IR >= 4
         model.ir_version = 4
     _move_weights_out(prep)
@@ -113,26 +114,6 @@ def prepare(model: onnx.ModelProto) -> Prepared:
                          if math.prod(t.dims) <= _SMALL and t.data_location != onnx.TensorProto.EXTERNAL}
     prep.shapes, prep.elem_types = infer_shapes(prep)
     return prep
-
-
-def _name_nodes(g: onnx.GraphProto) -> set[str]:
-    """Give every node a unique name in place; return the names given."""
-    used = {n.name for n in g.node if n.name}
-    seen: set[str] = set()
-    given: set[str] = set()
-    for i, n in enumerate(g.node):
-        if n.name and n.name not in seen:
-            seen.add(n.name)
-            continue
-        base = f"{n.name}_{i}" if n.name else f"{n.op_type}_{i}"
-        name, k = base, 1
-        while name in used or name in seen:
-            name, k = f"{base}_{k}", k + 1
-        n.name = name
-        used.add(name)
-        seen.add(name)
-        given.add(name)
-    return given
 
 
 def _is_foldable(n: onnx.NodeProto, const: set[str]) -> bool:
