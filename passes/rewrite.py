@@ -23,6 +23,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxzero import DOMAIN, OP_VERSION, UserError, __version__
+from onnxzero.evaluate import macs_output_name
+from onnxzero.ops.spec import OPS
 from onnxzero.passes.normalize import normalize
 from onnxzero.passes.rules import RULES, TECHNIQUES, Calibration, SiteRule
 from onnxzero.passes.sites import ConvVerdict, Site, explain
@@ -38,6 +40,13 @@ class SiteResult:
     setting: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None  # why it was not rewritten
+    # where the site's op is in the rewritten model, so nobody has to find it by name: its node name,
+    # its output Y, its MAC counter's output (as evaluate.expose_macs names it) and its run-time
+    # settings (spec input name -> graph input name)
+    op: str | None = None
+    y: str | None = None
+    macs_output: str | None = None
+    settings: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"node": self.site.name, "technique": self.technique, "setting": self.setting,
@@ -189,7 +198,11 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
         for name, arr in rep.runtime_inputs.items():
             (runtime if runtime_settings or tech == "lazy" else new_inits)[name] = arr
         drop.update(rep.drop_initializers)
-        results.append(SiteResult(site, tech, rep.setting, rep.stats))
+        op_node = next(n for n in rep.nodes if n.domain == DOMAIN)
+        spec = OPS[op_node.op_type]
+        settings = {x.name: name for x, name in zip(spec.inputs, op_node.input) if name in rep.runtime_inputs}
+        results.append(SiteResult(site, tech, rep.setting, rep.stats, op=op_node.name, y=op_node.output[0],
+                                  macs_output=macs_output_name(op_node), settings=settings))
 
     if replaced:
         nodes = []

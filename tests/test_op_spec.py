@@ -88,3 +88,24 @@ def test_every_make_node_goes_through_the_spec():
             assert name or x.optional, (n.op_type, x.name)
     assert list(nodes[1].input) == ["x", "w", "b", "y__pred_W", "y__pred_b", "s__ratio"]
     assert list(nodes[2].input)[3:] == ["nt", "th"]
+
+
+def test_rewrite_reports_where_each_sites_op_is():
+    """The rewrite's typed map site -> (op node, Y, macs output, run-time settings): nobody parses names."""
+    from onnxzero.evaluate import MACS_SUFFIX
+    from onnxzero.load import load_model
+    from onnxzero.passes.rewrite import rewrite
+
+    model = load_model("zoo:resnet-mnist")
+    out, rep = rewrite(model, technique="lazy", config={"default": {"ratio": 0.5}},
+                       inputs=np.random.default_rng(0).random((8, 1, 28, 28), np.float32))
+    nodes = {n.name: n for n in out.graph.node}
+    graph_inputs = {i.name for i in out.graph.input}
+    assert len(rep.rewritten) == 7
+    for s in rep.rewritten:
+        n = nodes[s.op]
+        assert n.op_type == "LazyConv" and n.output[0] == s.y
+        assert s.macs_output == s.y + MACS_SUFFIX
+        assert list(s.settings) == ["ratio"] and s.settings["ratio"] in graph_inputs
+        assert n.input[OPS["LazyConv"].index("ratio")] == s.settings["ratio"]
+    assert all(s.op is None and s.settings == {} for s in rep.sites if not s.technique)
