@@ -61,7 +61,7 @@ def lazy_curve(model, ds, ratios=(1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3)):
                        labels=ds.labels[:500])
     ev = Evaluator(out)
     base_sess = Evaluator(normalize(model)[0]).session
-    ratio_inputs = [i.name for i in out.graph.input if i.name.endswith("__ratio")]
+    ratio_inputs = [s.settings["ratio"] for s in rep.rewritten]
     x1 = ds.inputs[:1]
     rows = []
     for r in ratios:

@@ -21,6 +21,11 @@ from onnxzero import DOMAIN
 MACS_SUFFIX = "__macs"
 
 
+def macs_output_name(node: onnx.NodeProto) -> str:
+    """The output through which an onnxzero op's MAC counter is read (expose_macs adds it if absent)."""
+    return node.output[1] if len(node.output) > 1 and node.output[1] else f"{node.output[0]}{MACS_SUFFIX}"
+
+
 def expose_macs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """A copy whose every onnxzero op writes its MAC counter to a graph output."""
     m = onnx.ModelProto()
@@ -30,7 +35,7 @@ def expose_macs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
         if node.domain != DOMAIN:
             continue
         if len(node.output) < 2 or not node.output[1]:
-            out = f"{node.output[0]}{MACS_SUFFIX}"
+            out = macs_output_name(node)
             if len(node.output) < 2:
                 node.output.append(out)
             else:

@@ -25,6 +25,8 @@ from onnx import helper, numpy_helper
 
 from onnxzero import DOMAIN, OP_VERSION, UserError
 from onnxzero.emit import METADATA_KEY, freeze_settings, provenance, set_provenance  # noqa: F401 - re-exported
+from onnxzero.evaluate import macs_output_name
+from onnxzero.ops.spec import OPS
 from onnxzero.passes.normalize import normalize_ir, run_passes
 from onnxzero.passes.rules import RULES, TECHNIQUES, Calibration, SiteRule
 from onnxzero.passes.sites import ConvVerdict, FindSitesPass, Site, explain
@@ -39,6 +41,13 @@ class SiteResult:
     setting: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     reason: str | None = None  # why it was not rewritten
+    # where the site's op is in the rewritten model, so nobody has to find it by name: its node name,
+    # its output Y, its MAC counter's output (as evaluate.expose_macs names it) and its run-time
+    # settings (spec input name -> graph input name)
+    op: str | None = None
+    y: str | None = None
+    macs_output: str | None = None
+    settings: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"node": self.site.name, "technique": self.technique, "setting": self.setting,
@@ -199,7 +208,11 @@ def rewrite(model: onnx.ModelProto, *, technique: str | None = None, config: Map
         if not runtime_settings and tech != "lazy":  # the lazy ratio stays a run-time knob by design
             frozen.update(rep.runtime_inputs)
         drop.update(rep.drop_initializers)
-        results.append(SiteResult(site, tech, rep.setting, rep.stats))
+        op_node = next(n for n in rep.nodes if n.domain == DOMAIN)
+        spec = OPS[op_node.op_type]
+        settings = {x.name: name for x, name in zip(spec.inputs, op_node.input) if name in rep.runtime_inputs}
+        results.append(SiteResult(site, tech, rep.setting, rep.stats, op=op_node.name, y=op_node.output[0],
+                                  macs_output=macs_output_name(op_node), settings=settings))
 
     if replaced:
         nodes = []

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxzero import DOMAIN
+from onnxzero.ops.spec import OPS
 from onnxzero.ops.session import ConvGeometry, conv_geometry
 
 OP = "ConvRelu"
@@ -131,11 +131,8 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
     other: the residual operand's tensor name (a residual site), the node's last input.
     x_blocked / other_blocked / y_blocked: those tensors in the blocked layout (see blocked_io).
     """
-    inputs = [x, w_name] + ([b_name] if b_name else [])
-    if other:
-        inputs = [x, w_name, b_name or "", other]
     outputs = [y] + ([macs_output] if macs_output else [])
-    node = helper.make_node(OP, inputs, outputs, name=name, domain=DOMAIN,
+    node = OPS[OP].node({"X": x, "W": w_name, "B": b_name, "other": other}, outputs, name=name,
                             **conv_attributes(kernel_shape=kernel_shape, strides=strides, pads=pads,
                                               dilations=dilations, group=group, auto_pad=auto_pad),
                             **layout_attributes(x_blocked, other_blocked, y_blocked))

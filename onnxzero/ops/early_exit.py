@@ -56,17 +56,17 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxzero import DOMAIN
+from onnxzero.ops.spec import CONSTANTS, OPS
 from onnxzero.ops.session import conv_geometry
 
 OP = "EarlyExitConv"
 MODES = ("exact", "predictive")
 # Negative terms, ranked by decreasing magnitude, are cut into bands at these fractions of their count;
 # each band is taken in increasing position (the kernel sweeps a band chunk by chunk over its im2col).
-NEG_BAND_EDGES = (0.0, 0.25, 0.5, 1.0)
+NEG_BAND_EDGES = CONSTANTS["early_exit_neg_band_edges"]
 # Exact mode's paths (attribute skip_zeros): -1 the kernel's cost model, 0 dense, 1 sparse (zero inputs
 # skipped), 2 stop (each 8-output vector stops once its sign-ordered partial sums prove ReLU = 0).
-SKIP_ZEROS = (-1, 0, 1, 2)
+SKIP_ZEROS = OPS[OP].attributes["skip_zeros"].values  # -1 cost model, 0 dense, 1 zero inputs skipped, 2 stop kernel
 # Predictive calibration defaults (calibrate_predictive, the early-exit rule): the check after this
 # fraction of each filter's terms, cutting at most about this quantile of the outputs that end positive.
 DEFAULT_FRACTION = 0.25
@@ -287,25 +287,19 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
     if mode not in MODES:
         raise ValueError(f"{OP}: mode is {mode!r}, expected one of {MODES}")
     inits: dict[str, np.ndarray] = {}
-    inputs = [x, w_name, b_name or ""]
+    inputs = {"X": x, "W": w_name, "B": b_name, "other": other}
     if mode == "predictive":
         if n_terms is None or threshold is None:
             raise ValueError(f"{OP}: predictive mode needs n_terms and threshold")
         for value, suffix, dtype in ((n_terms, "n_terms", np.int64), (threshold, "threshold", np.float32)):
             if isinstance(value, str):
-                inputs.append(value)
+                inputs[suffix] = value
             else:
                 nm = f"{w_name}_{suffix}"
                 inits[nm] = np.asarray(value, dtype)
-                inputs.append(nm)
+                inputs[suffix] = nm
     elif n_terms is not None or threshold is not None:
         raise ValueError(f"{OP}: n_terms / threshold are only used in predictive mode")
-    else:
-        inputs += ["", ""]
-    if other:
-        inputs.append(other)
-    while inputs and inputs[-1] == "":
-        inputs.pop()
     attrs: dict = {"strides": list(strides), "dilations": list(dilations), "group": int(group), "mode": mode}
     if kernel_shape is not None:
         attrs["kernel_shape"] = list(kernel_shape)
@@ -320,7 +314,7 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
             raise ValueError(f"{OP}: skip_zeros is {skip_zeros!r}, expected one of {SKIP_ZEROS}")
         attrs["skip_zeros"] = int(skip_zeros)
     outputs = [y] + ([macs_output] if macs_output else [])
-    node = helper.make_node(OP, inputs, outputs, domain=DOMAIN, name=name or f"{OP}_{y}", **attrs)
+    node = OPS[OP].node(inputs, outputs, name=name or f"{OP}_{y}", **attrs)
     return node, inits
 
 

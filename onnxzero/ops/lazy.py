@@ -35,9 +35,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from onnxzero import DOMAIN
+from onnxzero.ops.spec import CONSTANTS, OPS
 from onnxzero.ops.conv_relu import check_other, conv2d, conv_attributes, geometry, layout_attributes
 
 OP = "LazyConv"
@@ -48,7 +47,7 @@ def filters_computed(ratio: float, K: int) -> int:
     ratio = float(np.float32(ratio))  # the kernel sees a float32
     if not (0.0 < ratio <= 1.0):
         raise ValueError(f"ratio {ratio} outside (0, 1]")
-    return int(min(K, max(1, math.ceil(ratio * K - 1e-4))))
+    return int(min(K, max(1, math.ceil(ratio * K - CONSTANTS["lazy_ratio_tolerance"]))))
 
 
 def activation_strength(t: np.ndarray) -> np.ndarray:
@@ -199,11 +198,9 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, pred_w: np.nda
     pw_name, pb_name = f"{y}__pred_W", f"{y}__pred_b"
     if other and pred_w.shape[0] <= pred_w.shape[1]:
         raise ValueError(f"pred_w {pred_w.shape}: with other, expected (C + K, K) rows (input channels, then other's)")
-    inputs = [x, w_name, b_name or "", pw_name, pb_name] + ([ratio_input] if ratio_input or other else [])
-    if other:
-        inputs = inputs[:5] + [ratio_input or "", other]
     outputs = [y] + ([macs_output] if macs_output else [])
-    node = helper.make_node(OP, inputs, outputs, name=name, domain=DOMAIN, ratio=float(ratio),
+    node = OPS[OP].node({"X": x, "W": w_name, "B": b_name, "pred_W": pw_name, "pred_b": pb_name, "ratio": ratio_input,
+                         "other": other}, outputs, name=name, ratio=float(ratio),
                             **conv_attributes(kernel_shape=kernel_shape, strides=strides, pads=pads,
                                               dilations=dilations, group=group, auto_pad=auto_pad),
                             **layout_attributes(x_blocked, other_blocked, y_blocked))

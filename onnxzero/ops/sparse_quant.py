@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from onnxzero import DOMAIN
+from onnxzero.ops.spec import OPS
 from onnxzero.ops.early_exit import conv_relu_reference
 
 OP = "SparseQuantConv"
@@ -209,9 +208,7 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, compressed: di
         f"{w_name}_index": np.asarray(compressed["index"], np.uint8),
         f"{w_name}_row_ptr": np.asarray(compressed["row_ptr"], np.int64),
     }
-    inputs = [x, *inits.keys()] + [b_name or ""] + ([other] if other else [])
-    while inputs[-1] == "":
-        inputs.pop()
+    inputs = {"X": x, **dict(zip(("values", "index", "row_ptr"), inits)), "B": b_name, "other": other}
     attrs = {"kernel_shape": [KH, KW], "strides": list(strides), "dilations": list(dilations), "group": int(group),
              "weight_shape": [K, Cg, KH, KW], "channels": Cg, "frac_bits": int(compressed["frac_bits"])}
     if sparse_path is not None:
@@ -223,5 +220,5 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, compressed: di
     else:
         attrs["pads"] = list(pads) if pads is not None else [0, 0, 0, 0]
     outputs = [y] + ([macs_output] if macs_output else [])
-    node = helper.make_node(OP, inputs, outputs, domain=DOMAIN, name=name or f"{OP}_{y}", **attrs)
+    node = OPS[OP].node(inputs, outputs, name=name or f"{OP}_{y}", **attrs)
     return node, inits

@@ -37,9 +37,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from onnxzero import DOMAIN
+from onnxzero.ops.spec import OPS
 from onnxzero.ops.conv_relu import layout_attributes
 from onnxzero.ops.session import conv_geometry
 
@@ -285,7 +284,6 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, patch: int,
     if dilations is not None:
         attrs["dilations"] = [int(v) for v in dilations]
     outputs = [y] + ([macs_output] if macs_output else [])
-    inputs = [x, w_name, b_name or "", mask_name] + ([other] if other else [])
-    node = helper.make_node(OP, inputs, outputs, domain=DOMAIN, name=name or f"{y}_spatial", **attrs,
-                            **layout_attributes(x_blocked, other_blocked, y_blocked))
+    node = OPS[OP].node({"X": x, "W": w_name, "B": b_name, "mask": mask_name, "other": other}, outputs,
+                        name=name or f"{y}_spatial", **attrs, **layout_attributes(x_blocked, other_blocked, y_blocked))
     return node, inits

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxzero.ops.spec import setting_input
 from onnxzero.ops import early_exit as op
 from onnxzero.passes.rules.base import Replacement, SiteRule, conv_kwargs, weight
 from onnxzero.passes.sites import Site
@@ -74,7 +75,7 @@ class EarlyExitRule(SiteRule):
             n_terms, threshold = op.calibrate_predictive(x, weight(self.model, site.w), weight(self.model, site.b),
                                                          fraction=fraction, quantile=quantile, other=other, **cal_kw)
         # n_terms / threshold are runtime inputs with defaults so the optimizer can move them per run
-        nt_name, th_name = f"{site.name}__n_terms", f"{site.name}__threshold"
+        nt_name, th_name = setting_input(site.name, "n_terms"), setting_input(site.name, "threshold")
         node, inits = op.make_node(site.x, site.w, site.b, out_name, mode="predictive",
                                    nonneg_input=int(site.input_nonneg), n_terms=nt_name, threshold=th_name,
                                    other=site.residual, name=f"{site.name}__early_exit", **kw)

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxzero.ops.spec import setting_input
 from onnxzero.ops import lazy as op
 from onnxzero.passes.rules.base import Replacement, SiteRule, conv_kwargs
 from onnxzero.passes.sites import Site
@@ -39,7 +40,7 @@ class LazyRule(SiteRule):
         s = op.activation_strength(t[site.y])
         pred_w, pred_b = op.fit_predictor(s_prev, s, iters=10)  # IRLS converges to ~1e-3 MAE by then
         hit = op.top_n_hit_rate(s_prev @ pred_w.astype(np.float64) + pred_b, s, ratio)
-        ratio_name = f"{site.name}__ratio"
+        ratio_name = setting_input(site.name, "ratio")
         node, inits = op.make_node(site.x, site.w, site.b, out_name, pred_w=pred_w, pred_b=pred_b, ratio=ratio,
                                    ratio_input=ratio_name, name=f"{site.name}__lazy", other=site.residual,
                                    **conv_kwargs(site))

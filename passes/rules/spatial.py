@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxzero.ops.spec import setting_input
 from onnxzero.ops import spatial as op
 from onnxzero.passes.rules.base import Replacement, SiteRule, conv_kwargs
 from onnxzero.passes.sites import Site
@@ -44,7 +45,7 @@ class SpatialRule(SiteRule):
     def rewrite(self, site: Site, setting: dict[str, Any], out_name: str) -> Replacement:
         p = int(setting.get("patch", DEFAULT_PATCH))
         mask = self._mask(site, setting)
-        mask_name = f"{site.name}__mask"
+        mask_name = setting_input(site.name, "mask")
         node, inits = op.make_node(site.x, site.w, site.b, out_name, patch=p, mask_name=mask_name,
                                    name=f"{site.name}__spatial", other=site.residual, **conv_kwargs(site))
         return Replacement([node], inits, runtime_inputs={mask_name: mask},

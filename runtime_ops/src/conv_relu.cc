@@ -18,7 +18,8 @@
 namespace oz {
 namespace {
 
-constexpr const char* kOp = "ConvRelu";
+namespace S = spec::ConvRelu;
+constexpr const char* kOp = S::kName;
 
 struct ConvReluKernel {
   ConvAttrs attrs;
@@ -29,14 +30,14 @@ struct ConvReluKernel {
 
   explicit ConvReluKernel(const OrtKernelInfo* info) {
     attrs = ReadConvAttrs(info, kOp);
-    ConstTensor w = RequireConstInput(info, 1, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    ConstTensor w = RequireConstInput(info, S::kW, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     CheckWeightShape(attrs, w.shape, kOp);
     w_shape = w.shape;
     ConstTensor b;
-    const bool has_bias = TryGetConstInput(info, 2, &b);
-    if (!has_bias && Ort::ConstKernelInfo(info).GetInputCount() > 2) {
+    const bool has_bias = TryGetConstInput(info, S::kB, &b);
+    if (!has_bias && Ort::ConstKernelInfo(info).GetInputCount() > S::kB) {
       // An input 2 that is present but not a constant initializer.
-      if (!Ort::ConstKernelInfo(info).GetInputName(2).empty())
+      if (!Ort::ConstKernelInfo(info).GetInputName(S::kB).empty())
         Fail(kOp, "input 'B' (2) must be a constant initializer, got a runtime tensor");
     }
     if (has_bias) {
@@ -61,7 +62,7 @@ struct ConvReluKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard([&] {
       Ort::KernelContext ctx(context);
-      auto x = ctx.GetInput(0);
+      auto x = ctx.GetInput(S::kX);
       auto xinfo = x.GetTensorTypeAndShapeInfo();
       if (xinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
         Fail(kOp, Msg("input 'X' has element type ", xinfo.GetElementType(), ", expected float (1)"));
@@ -69,7 +70,7 @@ struct ConvReluKernel {
       ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
       const int64_t N = xs[0];
       const std::vector<int64_t> yshape{N, g.K, g.OH, g.OW};
-      const float* residual = nchwc::OtherInputIn(ctx, 3, yshape, lay.other, kOp);
+      const float* residual = nchwc::OtherInputIn(ctx, S::kOther, yshape, lay.other, kOp);
       auto y = ctx.GetOutput(0, lay.y ? nchwc::BlockedShape(yshape) : yshape);
       int64_t macs = 0;
       const float* X = x.GetTensorData<float>();
@@ -100,7 +101,7 @@ struct ConvReluKernel {
 }  // namespace
 
 const OrtCustomOp* ConvReluOp() {
-  static ConvOpDef<ConvReluKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, true}});
+  static ConvOpDef<ConvReluKernel> op(S::kName, S::kInputs);
   return &op;
 }
 

@@ -19,11 +19,12 @@
 namespace oz {
 namespace {
 
-constexpr const char* kOp = "EarlyExitConv";
+namespace S = spec::EarlyExitConv;
+constexpr const char* kOp = S::kName;
 // Negative terms by decreasing magnitude, cut into bands at these fractions of a
 // filter's negative terms; inside a band, row order (so the band can be swept
 // chunk by chunk over Col, which then stays in L1).
-constexpr double kBandEdges[] = {0.0, 0.25, 0.5, 1.0};  // = NEG_BAND_EDGES in early_exit.py
+constexpr const auto& kBandEdges = spec::constants::kEarlyExitNegBandEdges;
 
 struct RunParams {
   bool exits = false;         // X >= 0: exact stop enabled
@@ -213,24 +214,24 @@ struct EarlyExitKernel {
   EarlyExitKernel() = default;  // for the standalone benchmark harness
   explicit EarlyExitKernel(const OrtKernelInfo* info) {
     attrs = ReadConvAttrs(info, kOp);
-    const std::string mode = AttrString(info, "mode", "exact");
+    const std::string mode = AttrString(info, "mode", S::kModeDefault);
     if (mode != "exact" && mode != "predictive")
       Fail(kOp, Msg("attribute 'mode' is '", mode, "', expected 'exact' or 'predictive'"));
     predictive = mode == "predictive";
     const int64_t nn = AttrInt(info, "nonneg_input", predictive ? 0 : 1);
     if (nn != 0 && nn != 1) Fail(kOp, Msg("attribute 'nonneg_input' is ", nn, ", expected 0 or 1"));
     nonneg = static_cast<int>(nn);
-    const int64_t sz = AttrInt(info, "skip_zeros", -1);
+    const int64_t sz = AttrInt(info, "skip_zeros", S::kSkipZerosDefault);
     if (sz < -1 || sz > 2) Fail(kOp, Msg("attribute 'skip_zeros' is ", sz, ", expected -1 (auto), 0, 1 or 2"));
     skip_zeros = static_cast<int>(sz);
-    const bool has_n = sr::InputPresent(info, 3), has_t = sr::InputPresent(info, 4);
+    const bool has_n = sr::InputPresent(info, S::kNTerms), has_t = sr::InputPresent(info, S::kThreshold);
     if (predictive && !(has_n && has_t))
       Fail(kOp, Msg("mode 'predictive' needs inputs 'n_terms' (3) and 'threshold' (4), expected both, got ",
                     has_n ? "'n_terms' only" : has_t ? "'threshold' only" : "neither"));
     if (!predictive && (has_n || has_t))
       Fail(kOp, "inputs 'n_terms' / 'threshold' are only used in mode 'predictive', expected none in mode 'exact'");
 
-    ConstTensor w = RequireConstInput(info, 1, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    ConstTensor w = RequireConstInput(info, S::kW, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     CheckWeightShape(attrs, w.shape, kOp);
     w_shape = w.shape;
     K = w.shape[0];
@@ -238,13 +239,13 @@ struct EarlyExitKernel {
     if (CRS > 65536)
       Fail(kOp, Msg("input 'W' has a reduction length C/group*KH*KW = ", CRS, ", expected at most 65536"));
     bias.assign(K, 0.f);
-    if (sr::InputPresent(info, 2)) {
-      ConstTensor b = RequireConstInput(info, 2, kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (sr::InputPresent(info, S::kB)) {
+      ConstTensor b = RequireConstInput(info, S::kB, kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
       if (b.shape.size() != 1 || b.shape[0] != K) Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
       std::copy(b.as<float>(), b.as<float>() + K, bias.begin());
     }
 
-    has_other = sr::InputPresent(info, 5);
+    has_other = sr::InputPresent(info, S::kOther);
     static const bool no_compact_env = [] {
       const char* e = std::getenv("OZ_EE_NO_COMPACTION");
       return e && e[0] == '1';
@@ -314,7 +315,7 @@ struct EarlyExitKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
     return Guard([&] {
       Ort::KernelContext ctx(context);
-      auto x = ctx.GetInput(0);
+      auto x = ctx.GetInput(S::kX);
       auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
       ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
       const int64_t N = xs[0], P = g.P();
@@ -369,8 +370,8 @@ struct EarlyExitKernel {
         Fail(kOp, Msg("input 'X' has a negative value (", X[neg_at], " at flat index ", neg_at,
                       "), expected a non-negative input: attribute nonneg_input=1 declares this site's input non-negative"));
       if (predictive) {
-        auto nt = ctx.GetInput(3);
-        auto th = ctx.GetInput(4);
+        auto nt = ctx.GetInput(S::kNTerms);
+        auto th = ctx.GetInput(S::kThreshold);
         if (!nt || !th) Fail(kOp, "mode 'predictive' needs inputs 'n_terms' and 'threshold', expected both at run time");
         auto nti = nt.GetTensorTypeAndShapeInfo();
         auto thi = th.GetTensorTypeAndShapeInfo();
@@ -672,7 +673,7 @@ struct EarlyExitKernel {
 }  // namespace
 
 const OrtCustomOp* EarlyExitConvOp() {
-  static ConvOpDef<EarlyExitKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, true}, {kFloat, true}, {kFloat, true}});
+  static ConvOpDef<EarlyExitKernel> op(S::kName, S::kInputs);
   return &op;
 }
 

@@ -35,10 +35,11 @@
 namespace oz {
 namespace {
 
-constexpr const char* kOp = "LazyConv";
+namespace S = spec::LazyConv;
+constexpr const char* kOp = S::kName;
 
 int64_t FiltersComputed(double ratio, int64_t K) {
-  const double v = std::ceil(ratio * static_cast<double>(K) - 1e-4);
+  const double v = std::ceil(ratio * static_cast<double>(K) - spec::constants::kLazyRatioTolerance);
   return std::clamp<int64_t>(static_cast<int64_t>(v), 1, K);
 }
 
@@ -90,17 +91,17 @@ struct LazyConvKernel {
 
   explicit LazyConvKernel(const OrtKernelInfo* info) {
     attrs = ReadConvAttrs(info, kOp);
-    ratio_attr = AttrFloat(info, "ratio", 1.f);
+    ratio_attr = AttrFloat(info, "ratio", S::kRatioDefault);
     if (!(ratio_attr > 0.f && ratio_attr <= 1.f))
       Fail(kOp, Msg("attribute 'ratio' is ", ratio_attr, ", expected a value in (0, 1]"));
-    ConstTensor w = RequireConstInput(info, 1, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    ConstTensor w = RequireConstInput(info, S::kW, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     CheckWeightShape(attrs, w.shape, kOp);
     w_shape = w.shape;
     const int64_t K = w.shape[0], C = w.shape[1] * attrs.group;
     Ort::ConstKernelInfo ki(info);
     ConstTensor b;
-    const bool has_bias = TryGetConstInput(info, 2, &b);
-    if (!has_bias && ki.GetInputCount() > 2 && !ki.GetInputName(2).empty())
+    const bool has_bias = TryGetConstInput(info, S::kB, &b);
+    if (!has_bias && ki.GetInputCount() > S::kB && !ki.GetInputName(S::kB).empty())
       Fail(kOp, "input 'B' (2) must be a constant initializer, got a runtime tensor");
     if (has_bias) {
       if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
@@ -108,13 +109,13 @@ struct LazyConvKernel {
       if (b.shape.size() != 1 || b.shape[0] != K)
         Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
     }
-    has_other = ki.GetInputCount() > 6 && !ki.GetInputName(6).empty();
+    has_other = ki.GetInputCount() > S::kOther && !ki.GetInputName(S::kOther).empty();
     const int64_t rows = has_other ? C + K : C;
-    ConstTensor pw = RequireConstInput(info, 3, kOp, "pred_W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    ConstTensor pw = RequireConstInput(info, S::kPredW, kOp, "pred_W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     if (pw.shape.size() != 2 || pw.shape[0] != rows || pw.shape[1] != K)
       Fail(kOp, Msg("input 'pred_W' has shape ", ShapeStr(pw.shape), ", expected (", rows, ", ", K,
                     has_other ? ") (input channels + other's channels x filters)" : ") (input channels x filters)"));
-    ConstTensor pb = RequireConstInput(info, 4, kOp, "pred_b", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    ConstTensor pb = RequireConstInput(info, S::kPredB, kOp, "pred_b", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     if (pb.shape.size() != 1 || pb.shape[0] != K)
       Fail(kOp, Msg("input 'pred_b' has shape ", ShapeStr(pb.shape), ", expected (", K, ",)"));
     pred_w.assign(pw.as<float>(), pw.as<float>() + rows * K);
@@ -214,7 +215,7 @@ struct LazyConvKernel {
 
   float Ratio(Ort::KernelContext& ctx) const {
     if (ctx.GetInputCount() <= 5) return ratio_attr;
-    Ort::ConstValue r = ctx.GetInput(5);
+    Ort::ConstValue r = ctx.GetInput(S::kRatio);
     if (!r) return ratio_attr;
     auto info = r.GetTensorTypeAndShapeInfo();
     if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
@@ -229,7 +230,7 @@ struct LazyConvKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     return Guard([&] {
       Ort::KernelContext ctx(context);
-      auto x = ctx.GetInput(0);
+      auto x = ctx.GetInput(S::kX);
       auto xinfo = x.GetTensorTypeAndShapeInfo();
       if (xinfo.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
         Fail(kOp, Msg("input 'X' has element type ", xinfo.GetElementType(), ", expected float (1)"));
@@ -238,7 +239,7 @@ struct LazyConvKernel {
       const float ratio = Ratio(ctx);
       const int64_t N = xs[0], K = g.K, C = g.C, G = g.G, Kg = g.Kg(), HW = g.H * g.W, P = g.P();
       const std::vector<int64_t> yshape{N, K, g.OH, g.OW};
-      const float* residual = nchwc::OtherInputIn(ctx, 6, yshape, lay.other, kOp);
+      const float* residual = nchwc::OtherInputIn(ctx, S::kOther, yshape, lay.other, kOp);
       if (has_other && !residual)  // unreachable through onnxruntime (a named input is always fed)
         Fail(kOp, "input 'other' is absent, expected a tensor (the node names it and pred_W has its rows)");
       auto y = ctx.GetOutput(0, lay.y ? nchwc::BlockedShape(yshape) : yshape);
@@ -302,7 +303,7 @@ struct LazyConvKernel {
 }  // namespace
 
 const OrtCustomOp* LazyConvOp() {
-  static ConvOpDef<LazyConvKernel> op(kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, false}, {kFloat, false}, {kFloat, true}, {kFloat, true}});
+  static ConvOpDef<LazyConvKernel> op(S::kName, S::kInputs);
   return &op;
 }
 

@@ -1,19 +1,16 @@
 // The ONNX-facing half that every onnxzero op shares: its name, its inputs' types and which are
-// optional, and the two outputs (Y float, optional `macs` int64). Each kernel's .cc only says
-// what differs: ConvOpDef<Kernel>("Name", {{type, optional}, ...}).
+// optional, and the two outputs (Y float, optional `macs` int64). Name and inputs come from the op
+// spec (onnxzero/ops/spec.json, generated into op_spec.h), which Python's make_node reads too:
+// ConvOpDef<Kernel>(spec::Name::kName, spec::Name::kInputs).
 #pragma once
 
 #include <utility>
 #include <vector>
 
 #include "common.h"
+#include "op_spec.h"
 
 namespace oz {
-
-struct InputSpec {
-  ONNXTensorElementDataType type;
-  bool optional;
-};
 
 constexpr ONNXTensorElementDataType kFloat = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 
@@ -22,7 +19,8 @@ constexpr ONNXTensorElementDataType kFloat = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
 template <class Kernel>
 class ConvOpDef : public Ort::CustomOpBase<ConvOpDef<Kernel>, Kernel, true> {
  public:
-  ConvOpDef(const char* name, std::vector<InputSpec> inputs) : name_(name), inputs_(std::move(inputs)) {}
+  template <size_t N>
+  ConvOpDef(const char* name, const spec::InputDecl (&inputs)[N]) : name_(name), inputs_(inputs, inputs + N) {}
 
   OrtStatusPtr CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
     return Guard([&] { *kernel = new Kernel(info); });
@@ -43,7 +41,7 @@ class ConvOpDef : public Ort::CustomOpBase<ConvOpDef<Kernel>, Kernel, true> {
 
  private:
   const char* name_;
-  std::vector<InputSpec> inputs_;
+  std::vector<spec::InputDecl> inputs_;
 };
 
 }  // namespace oz

@@ -8,6 +8,7 @@
 #include <cpuid.h>
 
 #include <mutex>
+#include <string>
 
 #include "common.h"
 #include "ops.h"
@@ -58,3 +59,23 @@ extern "C" OZ_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions
 
 // Lets Python (ctypes) check it loaded the library it built, without a session.
 extern "C" OZ_EXPORT const char* OnnxzeroDomain() { return ONNXZERO_DOMAIN; }
+
+// What the library really registers, for the test that holds it to onnxzero/ops/spec.json: one line
+// per op, "Name:type,optional;type,optional;...". Empty on a CPU the kernels cannot run on.
+extern "C" OZ_EXPORT const char* OnnxzeroOpTable() {
+  static std::string table;
+  static std::once_flag once;
+  if (!CpuHasAvx2Fma()) return "";
+  std::call_once(once, [] {
+    for (const OrtCustomOp* op : oz::AllOps()) {
+      table += op->GetName(op);
+      table += ':';
+      for (size_t i = 0; i < op->GetInputTypeCount(op); ++i) {
+        table += std::to_string(static_cast<int>(op->GetInputType(op, i))) + ',' +
+                 (op->GetInputCharacteristic(op, i) == INPUT_OUTPUT_OPTIONAL ? '1' : '0') + ';';
+      }
+      table += '\n';
+    }
+  });
+  return table.c_str();
+}

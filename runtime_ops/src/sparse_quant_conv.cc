@@ -18,7 +18,8 @@
 namespace oz {
 namespace {
 
-constexpr const char* kOp = "SparseQuantConv";
+namespace S = spec::SparseQuantConv;
+constexpr const char* kOp = S::kName;
 
 // Rows of the reduction swept across all filters of a block at a time (<= 256: the
 // terms hold a row within its chunk in 8 bits). A chunk of 64 rows x 64 positions
@@ -68,9 +69,9 @@ struct SparseQuantKernel {
       Fail(kOp, "attribute 'kernel_shape' is required (the weights are compressed, so their shape cannot be read from a W tensor), expected 2 values");
     const int64_t KH = attrs.kernel_shape[0], KW = attrs.kernel_shape[1];
 
-    ConstTensor values = RequireConstInput(info, 1, kOp, "values", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8);
-    ConstTensor index = RequireConstInput(info, 2, kOp, "index", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
-    ConstTensor row_ptr = RequireConstInput(info, 3, kOp, "row_ptr", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
+    ConstTensor values = RequireConstInput(info, S::kValues, kOp, "values", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8);
+    ConstTensor index = RequireConstInput(info, S::kIndex, kOp, "index", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+    ConstTensor row_ptr = RequireConstInput(info, S::kRowPtr, kOp, "row_ptr", ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64);
     if (values.shape.size() != 1) Fail(kOp, Msg("input 'values' has shape ", ShapeStr(values.shape), ", expected rank 1 (L,)"));
     if (index.shape.size() != 1) Fail(kOp, Msg("input 'index' has shape ", ShapeStr(index.shape), ", expected rank 1 (L,)"));
     if (index.shape[0] != values.shape[0])
@@ -82,7 +83,7 @@ struct SparseQuantKernel {
 
     // Filter shape: weight_shape and/or channels.
     const std::vector<int64_t> ws = AttrInts(info, "weight_shape", {});
-    const int64_t channels = AttrInt(info, "channels", -1);
+    const int64_t channels = AttrInt(info, "channels", S::kChannelsDefault);
     int64_t Cg = -1;
     if (!ws.empty()) {
       if (ws.size() != 4) Fail(kOp, Msg("attribute 'weight_shape' ", ShapeStr(ws), " has ", ws.size(), " values, expected 4 (K, C/group, KH, KW)"));
@@ -111,14 +112,14 @@ struct SparseQuantKernel {
 
     // Bias.
     bias.assign(K, 0.f);
-    if (sr::InputPresent(info, 4)) {
-      ConstTensor b = RequireConstInput(info, 4, kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    if (sr::InputPresent(info, S::kB)) {
+      ConstTensor b = RequireConstInput(info, S::kB, kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
       if (b.shape.size() != 1 || b.shape[0] != K) Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
       std::copy(b.as<float>(), b.as<float>() + K, bias.begin());
     }
 
-    has_other = sr::InputPresent(info, 5);
-    const int64_t sp = AttrInt(info, "sparse_path", -1);
+    has_other = sr::InputPresent(info, S::kOther);
+    const int64_t sp = AttrInt(info, "sparse_path", S::kSparsePathDefault);
     if (sp < -1 || sp > 1) Fail(kOp, Msg("attribute 'sparse_path' is ", sp, ", expected -1 (auto), 0 or 1"));
 
     const int64_t* rp = row_ptr.as<int64_t>();
@@ -244,7 +245,7 @@ struct SparseQuantKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
     return Guard([&] {
       Ort::KernelContext ctx(context);
-      auto x = ctx.GetInput(0);
+      auto x = ctx.GetInput(S::kX);
       auto xs = x.GetTensorTypeAndShapeInfo().GetShape();
       ConvGeom g = ResolveConv(attrs, w_shape, xs, kOp);
       const int64_t N = xs[0], P = g.P();
@@ -354,7 +355,7 @@ struct SparseQuantKernel {
 }  // namespace
 
 const OrtCustomOp* SparseQuantConvOp() {
-  static ConvOpDef<SparseQuantKernel> op(kOp, {{kFloat, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, false}, {kFloat, true}, {kFloat, true}});
+  static ConvOpDef<SparseQuantKernel> op(S::kName, S::kInputs);
   return &op;
 }
 

@@ -49,7 +49,8 @@ using spatial::PanelBlock;
 using spatial::PanelJob;
 using spatial::SegLayout;
 
-constexpr const char* kOp = "SpatialConv";
+namespace S = spec::SpatialConv;
+constexpr const char* kOp = S::kName;
 constexpr int64_t kWBlockBytes = 192 * 1024;  // packed W rows of one task's channel block (L2-resident)
 constexpr int64_t kTargetTasks = 8;          // tasks per run: enough for the pool to balance skipped work
 constexpr int64_t kTaskBytes = 256 * 1024;    // a task's output region + input copy (L2-resident)
@@ -553,7 +554,7 @@ struct SpatialConvKernel {
     if (patch == -1) Fail(kOp, "attribute 'patch' is missing, expected 2, 3 or 4");
     if (patch < 2 || patch > 4) Fail(kOp, Msg("attribute 'patch' is ", patch, ", expected 2, 3 or 4"));
     p = static_cast<int>(patch);
-    w = RequireConstInput(info, 1, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+    w = RequireConstInput(info, S::kW, kOp, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     CheckWeightShape(attrs, w.shape, kOp);
     K = w.shape[0];
     Cg = w.shape[1];
@@ -564,16 +565,16 @@ struct SpatialConvKernel {
     const size_t nin = ki.GetInputCount();
     bias.assign(K, 0.f);
     bool has_bias = false;
-    if (nin > 2 && !ki.GetInputName(2).empty()) {
+    if (nin > S::kB && !ki.GetInputName(S::kB).empty()) {
       has_bias = true;
-      ConstTensor b = RequireConstInput(info, 2, kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+      ConstTensor b = RequireConstInput(info, S::kB, kOp, "B", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
       if (b.shape.size() != 1 || b.shape[0] != K)
         Fail(kOp, Msg("input 'B' has shape ", ShapeStr(b.shape), ", expected (", K, ",)"));
       std::copy(b.as<float>(), b.as<float>() + K, bias.begin());
     }
-    if (nin < 4 || ki.GetInputName(3).empty())
+    if (nin <= S::kMask || ki.GetInputName(S::kMask).empty())
       Fail(kOp, "input 'mask' (3) is missing, expected a uint8 mask of shape (p, p), (K, p, p) or (K, OH, OW)");
-    mask_const = TryGetConstInput(info, 3, &mask);
+    mask_const = TryGetConstInput(info, S::kMask, &mask);
     if (mask_const) {
       if (mask.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
         Fail(kOp, Msg("input 'mask' has element type ", mask.type, ", expected uint8 (", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ")"));
@@ -642,7 +643,7 @@ struct SpatialConvKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    auto x = ctx.GetInput(0);
+    auto x = ctx.GetInput(S::kX);
     const auto xs = nchwc::NchwShapeOfX(x.GetTensorTypeAndShapeInfo().GetShape(), lay.x, kOp);
     const ConvGeom g = ResolveConv(attrs, w.shape, xs, kOp);
     const int64_t N = xs[0];
@@ -656,7 +657,7 @@ struct SpatialConvKernel {
       mshape = mask.shape;
       mnum = mask.numel();
     } else {
-      auto mv = ctx.GetInput(3);
+      auto mv = ctx.GetInput(S::kMask);
       auto ti = mv.GetTensorTypeAndShapeInfo();
       if (ti.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
         Fail(kOp, Msg("input 'mask' has element type ", ti.GetElementType(), ", expected uint8"));
@@ -685,8 +686,8 @@ struct SpatialConvKernel {
     const std::vector<int64_t> yshape{N, g.K, g.OH, g.OW};
     if (lay.other) {
       O = nchwc::OtherInputIn(ctx, 4, yshape, true, kOp);
-    } else if (ctx.GetInputCount() > 4) {
-      Ort::ConstValue ov = ctx.GetInput(4);
+    } else if (ctx.GetInputCount() > S::kOther) {
+      Ort::ConstValue ov = ctx.GetInput(S::kOther);
       if (ov) {
         const auto os = ov.GetTensorTypeAndShapeInfo().GetShape();
         if (os != std::vector<int64_t>{N, g.K, g.OH, g.OW})
@@ -860,8 +861,7 @@ struct SpatialConvKernel {
 
 const OrtCustomOp* SpatialConvOp() {
   // X, W, B (optional), mask, other (optional residual, last)
-  static ConvOpDef<SpatialConvKernel> op(
-      kOp, {{kFloat, false}, {kFloat, false}, {kFloat, true}, {ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false}, {kFloat, true}});
+  static ConvOpDef<SpatialConvKernel> op(S::kName, S::kInputs);
   return &op;
 }
 
