@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 import onnx
 
 from onnxzero.errors import UserError
@@ -128,3 +129,19 @@ def _loads_in_onnxruntime(tmp: Path) -> None:
     except Exception as e:
         first = next((ln for ln in str(e).strip().splitlines() if ln.strip()), type(e).__name__)
         raise UserError(f"the model to write does not load in onnxruntime ({first}); nothing written") from None
+
+
+def jsonable(v: Any) -> Any:
+    """Plain JSON values for reports, caches and provenance: arrays to lists, numpy scalars to Python
+    ones, and a non-finite float to null (strict JSON has no inf or NaN)."""
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v

@@ -24,7 +24,7 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from onnxzero import DOMAIN, OP_VERSION, UserError
-from onnxzero.emit import METADATA_KEY, freeze_settings, provenance, set_provenance  # noqa: F401 - re-exported
+from onnxzero.emit import METADATA_KEY, freeze_settings, jsonable, provenance, set_provenance  # noqa: F401 - re-exported
 from onnxzero.evaluate import macs_output_name
 from onnxzero.ops.spec import OPS
 from onnxzero.passes.normalize import normalize_ir, run_passes
@@ -51,7 +51,7 @@ class SiteResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"node": self.site.name, "technique": self.technique, "setting": self.setting,
-                "macs": self.site.macs, "stats": _jsonable(self.stats), "reason": self.reason}
+                "macs": self.site.macs, "stats": jsonable(self.stats), "reason": self.reason}
 
 
 @dataclass
@@ -81,7 +81,7 @@ class RewriteReport:
             if s is None:
                 lines.append(v.line())
             elif s.technique:
-                lines.append(f"{v.line()}\n    -> rewritten: {s.technique} {json.dumps(_jsonable(s.setting))}")
+                lines.append(f"{v.line()}\n    -> rewritten: {s.technique} {json.dumps(jsonable(s.setting))}")
             else:
                 lines.append(f"{v.line()}\n    -> kept: {s.reason}")
         return lines
@@ -257,19 +257,5 @@ def _outputs(model: onnx.ModelProto, node_name: str) -> list[str]:
 
 
 def _set_metadata(model: onnx.ModelProto, results: list[SiteResult]) -> None:
-    set_provenance(model, {r.site.name: {"technique": r.technique, "setting": _jsonable(r.setting)}
+    set_provenance(model, {r.site.name: {"technique": r.technique, "setting": jsonable(r.setting)}
                            for r in results if r.technique})
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, float) and not np.isfinite(v):
-        return None
-    return v

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from onnxzero.evaluate import Evaluator, top1
-from onnxzero.passes.rewrite import _jsonable
+from onnxzero.emit import jsonable
 from onnxzero.passes.sites import Site
 from onnxzero.search.candidates import Candidate, site_config
 from onnxzero.search.engine import Engine, Measured
@@ -36,7 +36,7 @@ class Combined:
         return self.latency_ms / self.base_latency_ms if self.base_latency_ms else 1.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": _jsonable(self.config), "accuracy": self.accuracy, "loss": self.loss, "macs": self.macs,
+        return {"config": jsonable(self.config), "accuracy": self.accuracy, "loss": self.loss, "macs": self.macs,
                 "latency_ms": self.latency_ms, "base_latency_ms": self.base_latency_ms, "ratio": self.ratio}
 
 
@@ -89,7 +89,7 @@ def seeds(ranked: dict[str, list[Measured]], measured: dict[str, Measured], site
 
 
 def _key(cfg: dict[str, dict[str, Any]]) -> str:
-    return json.dumps(_jsonable(cfg), sort_keys=True)
+    return json.dumps(jsonable(cfg), sort_keys=True)
 
 
 def site_loss(measured: dict[str, Measured], cfg: dict[str, Any], site: str, cands: dict[str, Candidate]) -> float:

@@ -20,7 +20,8 @@ from onnx import helper, numpy_helper
 
 from onnxzero.evaluate import Evaluator, expose_macs, fixed_batch, session, top1
 from onnxzero.ops import early_exit
-from onnxzero.passes.rewrite import _jsonable, rewrite
+from onnxzero.emit import jsonable
+from onnxzero.passes.rewrite import RewriteReport, SiteResult, rewrite
 from onnxzero.passes.rules import Calibration
 from onnxzero.passes.rules.base import weight
 from onnxzero.passes.sites import Site
@@ -67,6 +68,7 @@ class Engine:
         self._suffix: dict[tuple, Suffix | None] = {}
         self._acts: dict[str, np.ndarray] = {}  # the float model's activations on the calibration split
         self._base_names = {self._input_name(base)} | {o for n in base.graph.node for o in n.output}
+        self._ops: dict[tuple, dict[str, SiteResult]] = {}  # technique model -> site -> its op
         self._lock = threading.Lock()
 
     @staticmethod
@@ -95,10 +97,11 @@ class Engine:
                     elif technique == "early-exit":
                         cfg["sites"][s.name] = {"technique": "early-exit", "mode": "predictive",
                                                 "n_terms": np.zeros(k, np.int64), "threshold": np.full(k, -np.inf, np.float32)}
-                model, _ = rewrite(self.base, config=cfg, inputs=self.x, labels=self.ref, normalized=True)
+                model, rep = rewrite(self.base, config=cfg, inputs=self.x, labels=self.ref, normalized=True)
                 defaults = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
                             if t.name in {i.name for i in model.graph.input}}
                 self._tech[key] = (model, Evaluator(model, threads=self.threads), defaults)
+                self._ops[key] = site_ops(rep)
             return self._tech[key]
 
     @staticmethod
@@ -107,17 +110,18 @@ class Engine:
             return ()
         return (int(c.setting["patch"]), np.ndim(c.setting["mask"]))
 
-    def _feeds(self, c: Candidate, defaults: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """All runtime settings at their no-skip defaults except candidate c's site."""
+    def _feeds(self, c: Candidate, defaults: dict[str, np.ndarray], op: SiteResult) -> dict[str, np.ndarray]:
+        """All runtime settings at their no-skip defaults except candidate c's site (op: its op in the
+        technique model, whose `settings` name the graph inputs that carry them)."""
         feeds = dict(defaults)
         s = self.sites[c.site]
         if c.technique == "spatial":
-            feeds[f"{s.name}__mask"] = np.asarray(c.setting["mask"], np.uint8)
+            feeds[op.settings["mask"]] = np.asarray(c.setting["mask"], np.uint8)
         elif c.technique == "lazy":
-            feeds[f"{s.name}__ratio"] = np.asarray(c.setting["ratio"], np.float32)
+            feeds[op.settings["ratio"]] = np.asarray(c.setting["ratio"], np.float32)
         elif c.technique == "early-exit":
             nt, th = self.predictive(s, c.setting)
-            feeds[f"{s.name}__n_terms"], feeds[f"{s.name}__threshold"] = nt, th
+            feeds[op.settings["n_terms"]], feeds[op.settings["threshold"]] = nt, th
         return feeds
 
     def predictive(self, s: Site, setting: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -140,23 +144,24 @@ class Engine:
         """Accuracy and MACs on the calibration split with only c's site changed (settings fed at run time)."""
         s = self.sites[c.site]
         if c.technique == "sparse-quant":
-            model, _ = rewrite(self.base, config={"sites": {c.site: {"technique": "sparse-quant", "prune": c.setting["prune"]}}},
-                               normalized=True)
+            model, rep = rewrite(self.base, config={"sites": {c.site: {"technique": "sparse-quant", "prune": c.setting["prune"]}}},
+                                 normalized=True)
+            op = site_ops(rep)[c.site]
             feeds, key, ev = {}, None, None
         else:
             model, ev, defaults = self.technique_model(c.technique, self.variant(c))
-            feeds, key = self._feeds(c, defaults), (c.technique, *self.variant(c), c.site)
-        node = _site_node(model, s)
+            op = self._ops[(c.technique, *self.variant(c))][c.site]
+            feeds, key = self._feeds(c, defaults, op), (c.technique, *self.variant(c), c.site)
+        node = next(n for n in model.graph.node if n.name == op.op)
         suffix = self.suffix(model, node, key)
         if suffix is not None:
             logits, site_macs = suffix.run(feeds)
         else:
             r = (ev or Evaluator(model, threads=self.threads)).run(self.x, feeds=feeds)
             logits, site_macs = r.logits, r.site_macs
-        macs = site_macs[node.output[1]] if len(node.output) > 1 and node.output[1] in site_macs else \
-            next(v for k, v in site_macs.items() if k.startswith(node.output[0]))
+        macs = site_macs[op.macs_output]
         acc = top1(logits, self.ref)
-        return Measured(c.key, c.site, c.technique, _jsonable(c.setting), acc, 100.0 * (self.base_accuracy - acc),
+        return Measured(c.key, c.site, c.technique, jsonable(c.setting), acc, 100.0 * (self.base_accuracy - acc),
                         int(macs), int(s.macs or 0))
 
     def suffix(self, model: onnx.ModelProto, node: onnx.NodeProto, key: tuple | None) -> "Suffix | None":
@@ -210,9 +215,9 @@ class Engine:
     def combination(self, config: dict[str, dict[str, Any]]) -> tuple[onnx.ModelProto, float, int]:
         """(deployed model, calibration accuracy, MACs per sample of the rewritten sites' ops) of a
         network-level combination, measured as it will be deployed."""
-        model, _ = self.deployed(config)
+        model, rep = self.deployed(config)
         r = Evaluator(model, threads=self.threads).run(self.x)
-        return model, top1(r.logits, self.ref), site_macs(model, r.site_macs, config)
+        return model, top1(r.logits, self.ref), site_macs(rep, r.site_macs)
 
 
 class Suffix:
@@ -246,23 +251,15 @@ class Suffix:
         return np.concatenate(logits), {k: v // max(1, self.n) for k, v in macs.items()}
 
 
-def macs_by_site(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> dict[str, int]:
+def site_ops(rep: RewriteReport) -> dict[str, SiteResult]:
+    """Site name -> where the rewrite put its op (node, MAC output, run-time settings)."""
+    return {r.site.name: r for r in rep.rewritten}
+
+
+def macs_by_site(rep: RewriteReport, site_macs: dict[str, int]) -> dict[str, int]:
     """Per-sample MACs each rewritten site's op reported (its counter output)."""
-    out = {}
-    for n in model.graph.node:
-        site = n.name.rsplit("__", 1)[0]
-        if n.domain and site in config:
-            out[site] = next((v for k, v in site_macs.items() if k.startswith(n.output[0])), 0)
-    return out
+    return {r.site.name: site_macs.get(r.macs_output, 0) for r in rep.rewritten}
 
 
-def site_macs(model: onnx.ModelProto, site_macs: dict[str, int], config: dict[str, Any]) -> int:
-    return sum(macs_by_site(model, site_macs, config).values())
-
-
-def _site_node(model: onnx.ModelProto, s: Site) -> onnx.NodeProto:
-    prefix = f"{s.name}__"
-    for n in model.graph.node:
-        if n.name.startswith(prefix) and n.domain:
-            return n
-    raise KeyError(f"no op for site {s.name}")
+def site_macs(rep: RewriteReport, site_macs: dict[str, int]) -> int:
+    return sum(macs_by_site(rep, site_macs).values())

@@ -93,7 +93,7 @@ def build(*, o, engine, measurements, combiner, sites, site_dense: dict[str, int
         else:
             out_model, rep = engine.deployed(target.config)
             r = Evaluator(out_model, threads=threads).run(x_val)
-        macs = base_macs - sum(site_dense[s] for s in target.config) + site_macs(out_model, r.site_macs, target.config)
+        macs = base_macs - sum(site_dense[s] for s in target.config) + site_macs(rep, r.site_macs)
         lat_opt, lat_base = measurements.compare(out_model, runs=o.final_runs)
         acc = top1(r.logits, ref_val)
         report["optimized"] = {"accuracy": acc, "macs": int(macs), "latency_ms": lat_opt}
@@ -102,7 +102,7 @@ def build(*, o, engine, measurements, combiner, sites, site_dense: dict[str, int
         report["mac_reduction"] = 1 - macs / base_macs
         report["validation_loss"] = 100.0 * (base_val_acc - acc)
         report["calibration_loss"] = target.loss
-        by_site = macs_by_site(out_model, r.site_macs, target.config)
+        by_site = macs_by_site(rep, r.site_macs)
         report["sites"] = [site_row(s, target.config.get(s.name), rep, by_site.get(s.name)) for s in sites]
         decision["final_ratio"] = lat_opt / lat_base
         faster = lat_opt <= (1 - o.margin) * lat_base
