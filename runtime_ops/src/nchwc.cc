@@ -565,6 +565,57 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     }
   };
 
+  // Lazy run with a blocked Y: output block ob, pixels [p0, p1), from the computed blocks. Lane c of
+  // an output group of 8 is computed lane pos[k] (k = its channel) or a channel left out (0, or
+  // act(residual)). The selection is ascending, so a group's computed lanes are a run of at most 8
+  // consecutive js: at most two aligned groups of 8 computed lanes, each one load and one permute per
+  // pixel (a per-lane gather measured 4-7 % of resnet-mnist's time: docs/design-kernels.md section 6).
+  auto lazy_blocked_out = [&](int64_t n, int64_t ob, int64_t p0, int64_t p1) {
+    const __m256 zero = _mm256_setzero_ps();
+    const float* src = yout + n * Kp * P;
+    float* dst = Y + n * K * P + ob * B * P;
+    for (int64_t h = 0; h < B; h += 8) {
+      int32_t jmin = -1;
+      for (int64_t c = 0; c < 8 && jmin < 0; ++c) jmin = pos[n * K + ob * B + h + c];
+      alignas(32) int32_t idx[8], m0[8], m1[8], ri[8];
+      const int32_t g0 = jmin >= 0 ? jmin / 8 : 0;
+      bool any1 = false;
+      for (int64_t c = 0; c < 8; ++c) {
+        const int32_t j = pos[n * K + ob * B + h + c];
+        idx[c] = j >= 0 ? j % 8 : 0;
+        m0[c] = j >= 0 && j / 8 == g0 ? -1 : 0;
+        m1[c] = j >= 0 && j / 8 == g0 + 1 ? -1 : 0;
+        any1 |= m1[c] != 0;
+        ri[c] = static_cast<int32_t>(c * P);
+      }
+      auto at = [&](int64_t grp) { return src + (grp * 8 / B) * B * P + (grp * 8) % B; };
+      const float* s0 = at(g0);
+      const float* s1 = any1 ? at(g0 + 1) : s0;
+      const __m256i vidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
+      const __m256 vm0 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(m0)));
+      const __m256 vm1 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(m1)));
+      const __m256i vri = _mm256_load_si256(reinterpret_cast<const __m256i*>(ri));
+      const float* rb = residual ? residual + n * K * P + ob * B * P + h : nullptr;  // blocked
+      const float* rn = residual ? residual + (n * K + ob * B + h) * P : nullptr;    // NCHW
+      for (int64_t p = p0; p < p1; ++p) {
+        __m256 v = zero;
+        if (jmin >= 0) {
+          v = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(s0 + p * B), vidx), vm0);
+          if (any1)
+            v = _mm256_or_ps(v, _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(s1 + p * B), vidx), vm1));
+        }
+        if (residual) {
+          v = _mm256_add_ps(v, rblk ? _mm256_loadu_ps(rb + p * B) : _mm256_i32gather_ps(rn + p, vri, 4));
+          if (relu) v = _mm256_max_ps(v, zero);
+        }
+        _mm256_storeu_ps(dst + p * B + h, v);
+      }
+    }
+  };
+  // With one filter set a task holds every computed block of its band: it writes its band of Y while
+  // the band is in cache, on the pool; with more sets a second pass does.
+  const bool lazy_blocked_in_task = lazy && opt.y_blocked && sets == 1;
+
   parallel(static_cast<size_t>(units * bands), [&](size_t t) {
     const int64_t u = static_cast<int64_t>(t) / bands, bnd = static_cast<int64_t>(t) % bands;
     const int64_t n = u / sets, fs = u % sets;
@@ -639,7 +690,8 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
         }
       }
     } else if (lazy && opt.y_blocked) {
-      // written in a second pass below: an output block takes its lanes from any filter set
+      if (lazy_blocked_in_task)
+        for (int64_t ob = 0; ob < K / B; ++ob) lazy_blocked_out(n, ob, p0, p1);
     } else {
       if (rblk) {  // add the blocked residual into the computed blocks first, then to NCHW as without
         const __m256 zero = _mm256_setzero_ps();
@@ -700,37 +752,10 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
       }
     }
   });
-  if (lazy && opt.y_blocked) {
-    // Lane c of output block ob is computed lane pos[k] (k = ob * B + c) or a channel left out: one
-    // gather per 8 lanes and pixel, the left-out lanes masked to 0, then + residual and the activation.
+  if (lazy && opt.y_blocked && !lazy_blocked_in_task) {
     const int64_t KB = K / B;
     stream(static_cast<size_t>(N * KB), N * K * P, [&](size_t t) {
-      const int64_t n = static_cast<int64_t>(t) / KB, ob = static_cast<int64_t>(t) % KB;
-      const __m256 zero = _mm256_setzero_ps();
-      const float* src = yout + n * Kp * P;
-      float* dst = Y + n * K * P + ob * B * P;
-      for (int64_t h = 0; h < B; h += 8) {
-        alignas(32) int32_t gi[8], mk[8], ri[8];
-        for (int64_t c = 0; c < 8; ++c) {
-          const int32_t j = pos[n * K + ob * B + h + c];
-          gi[c] = j >= 0 ? static_cast<int32_t>((j / B) * B * P + j % B) : 0;
-          mk[c] = j >= 0 ? -1 : 0;
-          ri[c] = static_cast<int32_t>(c * P);
-        }
-        const __m256i vgi = _mm256_load_si256(reinterpret_cast<const __m256i*>(gi));
-        const __m256 vmk = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(mk)));
-        const __m256i vri = _mm256_load_si256(reinterpret_cast<const __m256i*>(ri));
-        const float* rb = residual ? residual + n * K * P + ob * B * P + h : nullptr;      // blocked
-        const float* rn = residual ? residual + (n * K + ob * B + h) * P : nullptr;        // NCHW
-        for (int64_t p = 0; p < P; ++p) {
-          __m256 v = _mm256_mask_i32gather_ps(zero, src + p * B, vgi, vmk, 4);
-          if (residual) {
-            v = _mm256_add_ps(v, rblk ? _mm256_loadu_ps(rb + p * B) : _mm256_i32gather_ps(rn + p, vri, 4));
-            if (relu) v = _mm256_max_ps(v, zero);
-          }
-          _mm256_storeu_ps(dst + p * B + h, v);
-        }
-      }
+      lazy_blocked_out(static_cast<int64_t>(t) / KB, static_cast<int64_t>(t) % KB, 0, P);
     });
   }
   return N * nsel * P * R;
