@@ -577,7 +577,12 @@ def test_blocked_layouts_equal_nchw(case):
 
     plain, macs = blocked_run(make, inits, x, other, (False, False, False), attrs)
     y, macs_b = blocked_run(make, inits, x, other, flags, attrs)
-    np.testing.assert_array_equal(y, plain)  # the same kernels on the same values
+    if residual and flags[1] and flags[2]:
+        # blocked residual into blocked Y: the kernels accumulate onto the residual (onnxruntime's
+        # Conv+Add order), so the sum is rounded in another order than conv-then-add
+        np.testing.assert_allclose(y, plain, rtol=1e-6, atol=1e-6 * float(np.abs(plain).max(initial=1.0)))
+    else:
+        np.testing.assert_array_equal(y, plain)  # the same kernels on the same values
     assert macs_b == macs == n * g.macs
     ref, _ = cr.reference(x, wt, b, other=other, **attrs)
     _close(y, ref, float(np.abs(ref).max(initial=1.0)))
@@ -742,7 +747,10 @@ def test_relu0_blocked_layouts_equal_nchw():
     plain, _ = blocked_run(make, inits, x, other, (False, False, False), {})
     for flags in [(True, True, True), (True, False, True), (False, True, False)]:
         y, _ = blocked_run(make, inits, x, other, flags, {})
-        np.testing.assert_array_equal(y, plain)
+        if flags == (True, True, True):  # accumulated onto the residual: another rounding order
+            np.testing.assert_allclose(y, plain, rtol=1e-6, atol=1e-6 * float(np.abs(plain).max()))
+        else:
+            np.testing.assert_array_equal(y, plain)
     assert (plain < 0).any()
     np.testing.assert_allclose(plain, cr.reference(x, wt, None, other=other, relu=False)[0], rtol=1e-4, atol=1e-4)
 

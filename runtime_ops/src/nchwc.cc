@@ -524,7 +524,11 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
   const int64_t rstep = rblk ? B : 1;
   // The lane gathers below index one image's K * P floats with int32.
   if ((rblk || (lazy && opt.y_blocked)) && K * P > INT32_MAX) throw std::length_error("onnxzero: image too large");
-  const bool fuse_relu = relu && residual == nullptr;
+  // A dense run with blocked Y and blocked residual starts each band from the residual (copied into Y)
+  // and accumulates the conv onto it, as onnxruntime's fused NCHWc Conv+Add does: the activation is
+  // then fused in the kernel's last call and no pass over Y follows.
+  const bool acc_residual = direct && rblk;
+  const bool fuse_relu = relu && (residual == nullptr || acc_residual);
   const unsigned last_flags = (f.HasBias() ? kAddBias : 0u) | (fuse_relu ? kRelu : 0u);
   const size_t PT = static_cast<size_t>(g.PT);
   const ptrdiff_t PL = static_cast<ptrdiff_t>(g.PL);
@@ -626,6 +630,10 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     const float* bias = lazy ? gbias + n * Kp + ob0 * B : f.Bias() + ob0 * B;
     // A dense run with a blocked Y: the kernels write straight into Y (same layout, Kp == K).
     float* yset = (direct ? Y + n * K * P : yout + n * Kp * P) + ob0 * B * P;
+    if (acc_residual)
+      for (int64_t ob = ob0; ob < ob0 + nb; ++ob)
+        std::copy(residual + n * K * P + ob * B * P + r0 * OW * B, residual + n * K * P + ob * B * P + r1 * OW * B,
+                  Y + n * K * P + ob * B * P + r0 * OW * B);
     if (nchw) {
       const float* xn = X + n * C * HW;
       for (int64_t ph = r0; ph < r1; ++ph) {
@@ -634,12 +642,12 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
         effective(static_cast<size_t>(ph), static_cast<size_t>(B * g.KW), &filter, &ih, &kh_eff);
         float* out = yset + ph * B * OW;
         if (kh_eff == 0) {  // the whole window is padding (the kernels need >= 1 row)
-          padding_row(out, nb, bias, true, true);
+          padding_row(out, nb, bias, !acc_residual, true);
           continue;
         }
         for (int64_t c = 0; c < C; ++c) {
           const float* in = xn + c * HW;
-          const unsigned flags = (c > 0 ? kAccumulate : 0u) | (c == C - 1 ? last_flags : 0u);
+          const unsigned flags = (c > 0 || acc_residual ? kAccumulate : 0u) | (c == C - 1 ? last_flags : 0u);
           kernel(in + (static_cast<ptrdiff_t>(ih * Ws) - PL), filter + c * B * KS, out, stride_w, dil_w,
                  static_cast<size_t>(nb), in_stride, filter_stride, out_stride, kh_eff, static_cast<size_t>(g.KW),
                  in + ih * Ws, in_w, dil_in_w, sx.left, sx.mid, sx.right, bias, flags);
@@ -649,13 +657,13 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
       const int64_t Cb = C / B;
       for (int64_t ib = 0; ib < Cb; ++ib) {
         const float* in = (opt.x_blocked ? X : xin) + n * C * HW + ib * B * HW;
-        const unsigned flags = (ib > 0 ? kAccumulate : 0u) | (ib == Cb - 1 ? last_flags : 0u);
+        const unsigned flags = (ib > 0 || acc_residual ? kAccumulate : 0u) | (ib == Cb - 1 ? last_flags : 0u);
         for (int64_t ph = r0; ph < r1; ++ph) {
           const float* filter = fset + ib * B * B * KS;
           size_t ih = 0, kh_eff = 0;
           effective(static_cast<size_t>(ph), static_cast<size_t>(B * B * g.KW), &filter, &ih, &kh_eff);
           if (kh_eff == 0) {
-            padding_row(yset + ph * B * OW, nb, bias, ib == 0, ib == Cb - 1);
+            padding_row(yset + ph * B * OW, nb, bias, ib == 0 && !acc_residual, ib == Cb - 1);
             continue;
           }
           kernel(in + B * (static_cast<ptrdiff_t>(ih * Ws) - PL), filter, yset + ph * B * OW, stride_w, dil_w,
@@ -667,7 +675,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     // this band of the set's filter blocks to Y (+ residual, activation)
     const int64_t p0 = r0 * OW, p1 = r1 * OW;
     if (direct) {
-      if (residual) {  // the ReLU waited for the residual (not fused)
+      if (residual && !acc_residual) {  // the ReLU waited for the residual (not fused)
         const __m256 zero = _mm256_setzero_ps();
         for (int64_t ob = ob0; ob < ob0 + nb; ++ob) {
           float* yb = Y + n * K * P + ob * B * P;
