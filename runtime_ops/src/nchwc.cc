@@ -716,6 +716,15 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
             }
             const __m256i vri = _mm256_load_si256(reinterpret_cast<const __m256i*>(ri));
             const float* rn = residual + n * K * P;
+            if (!lazy) {  // the lanes are the block's own channels: contiguous, no gather
+              const float* rb = rn + ob * B * P + h;
+              for (int64_t p = p0; p < p1; ++p) {
+                __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + p * B), _mm256_loadu_ps(rb + p * B));
+                if (relu) v = _mm256_max_ps(v, zero);
+                _mm256_storeu_ps(src + p * B, v);
+              }
+              continue;
+            }
             for (int64_t p = p0; p < p1; ++p) {
               if (!live) break;
               __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + p * B), _mm256_i32gather_ps(rn + p * B, vri, 4));
