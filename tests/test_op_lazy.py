@@ -577,7 +577,11 @@ def test_blocked_layouts_equal_nchw(case, ratio):
     feeds = {"ratio": np.array(ratio, np.float32)}
     plain, macs = blocked_run(make, inits, x, other, (False, False, False), attrs, RATIO, feeds)
     y, macs_b = blocked_run(make, inits, x, other, flags, attrs, RATIO, feeds)
-    np.testing.assert_array_equal(y, plain)
+    if residual and flags[1] and flags[2] and ratio == 1.0:
+        # a dense run accumulates onto the blocked residual in Y: another rounding order (conv_relu's test)
+        np.testing.assert_allclose(y, plain, rtol=1e-5, atol=1e-6 * float(np.abs(plain).max(initial=1.0)))
+    else:
+        np.testing.assert_array_equal(y, plain)
     assert macs_b == macs == n * lazy.filters_computed(ratio, K) * g.macs // K
     ref, _ = lazy.reference(x, wt, b, pw, pb, ratio=ratio, other=other, **attrs)
     _close(y, ref, float(np.abs(ref).max(initial=1.0)))
