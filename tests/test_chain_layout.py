@@ -226,6 +226,8 @@ def test_apply_chains_converts_the_convs_next_to_our_ops():
     assert [n.name for n in out.graph.node] == ["a", "s__chain", "b", "r__chain", "d", "pool", "h"]
     assert [n.op_type for n in model.graph.node].count("Conv") == 3  # the input model is untouched
     _close_outputs(model, out, {"X": X})
+    again, report2 = apply_chains(out)  # idempotent
+    assert again == out and report2["converted"] == [] and report2["blocked"] == report["blocked"]
 
 
 def test_apply_chains_puts_back_a_conv_that_would_block_nothing():
