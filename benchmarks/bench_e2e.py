@@ -39,6 +39,7 @@ from onnxzero import zoo
 from onnxzero.data import load_dataset
 from onnxzero.errors import UserError
 from onnxzero.load import load_model
+from onnxzero.passes.chain_layout import apply_chains
 from onnxzero.passes.normalize import normalize
 from onnxzero.passes.rewrite import rewrite
 from onnxzero.search import SearchOptions, optimize
@@ -99,7 +100,7 @@ def zoo_rows(models, eps_list, batches, runs, measurer) -> list[dict]:
     return rows
 
 
-def light_rows(names, batches, runs, measurer) -> list[dict]:
+def light_rows(names, batches, runs, measurer, *, settings=("lazy", "spatial"), chains=False) -> list[dict]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import he_normal_light_model  # the tests' He-normal light models, one definition
 
@@ -115,13 +116,22 @@ def light_rows(names, batches, runs, measurer) -> list[dict]:
         for setting, cfg in (("every site lazy 0.5", {"technique": "lazy", "default": {"ratio": 0.5}}),
                              ("every site spatial, 2x2 layer mask", {"technique": "spatial",
                                                                      "default": {"patch": 2, "mask": SPATIAL_MASK}})):
+            if cfg["technique"] not in settings:
+                continue
             labels = np.argmax(ort_logits(original, x), axis=1)
             model, rep = rewrite(original, config=cfg, inputs=x, labels=labels, normalized=True, runtime_settings=False)
-            row = {"model": f"light {name} 224", "setting": setting, "written": True, "fixed": True,
-                   "sites_rewritten": len([s for s in rep.sites if s.technique]), "dense_macs": base_macs}
-            row["deployed"] = ratios(measurer, model, original, x, batches, runs)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            variants = [(setting, model, None)]
+            if chains:  # the same rewrite with passes/chain_layout.apply_chains
+                chained, crep = apply_chains(model)
+                variants.append((setting + " + chains", chained, crep))
+            for label, m, crep in variants:
+                row = {"model": f"light {name} 224", "setting": label, "written": True, "fixed": True,
+                       "sites_rewritten": len([s for s in rep.sites if s.technique]), "dense_macs": base_macs}
+                if crep is not None:
+                    row["chains"] = {"converted": len(crep["converted"]), "blocked": len(crep["blocked"])}
+                row["deployed"] = ratios(measurer, m, original, x, batches, runs)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     return rows
 
 
@@ -180,6 +190,8 @@ def main() -> None:
     ap.add_argument("--eps", default="0,3,5")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--runs", type=int, default=200, help="interleaved runs per model and batch (>= 200 for the record)")
+    ap.add_argument("--settings", default="lazy,spatial", help="light rows: lazy, spatial or both")
+    ap.add_argument("--chains", action="store_true", help="light rows: each rewrite also with apply_chains")
     ap.add_argument("--json", default="bench_e2e.json")
     ap.add_argument("--md", default="bench_e2e.md")
     a = ap.parse_args()
@@ -189,7 +201,8 @@ def main() -> None:
     if "zoo" in a.rows:
         rows += zoo_rows([m for m in a.models.split(",") if m], [float(e) for e in a.eps.split(",")], batches, a.runs, measurer)
     if "light" in a.rows:
-        rows += light_rows([m for m in a.light.split(",") if m], batches, a.runs, measurer)
+        rows += light_rows([m for m in a.light.split(",") if m], batches, a.runs, measurer,
+                           settings=tuple(a.settings.split(",")), chains=a.chains)
     Path(a.json).write_text(json.dumps({"machine": machine(), "runs": a.runs, "batches": batches, "rows": rows}, indent=2))
     md = markdown(rows, batches, a.runs)
     Path(a.md).write_text(md)

@@ -103,6 +103,11 @@ def test_records_table_and_json_have_chain_rows(tmp_path):
             assert {"chain_ratio", "chain_op_ms", "chain_ort_ms", "chain_skip", "chain_layers", "chain_ratio_p25",
                     "chain_ratio_min"} <= set(r)
             assert r["chain_ratio"] > 0 and r["chain_layers"] == ["3x3 512x4x4"] * 3
+            # ConvRelu takes blocked tensors (512 channels): the chain is also timed as deployed;
+            # SpatialConv takes no layout attributes: no blocked row
+            assert ("chain_blocked_ratio" in r) == (r["op"] == "ConvRelu")
+            if r["op"] == "ConvRelu":
+                assert r["chain_blocked_ratio"] > 0 and r["chain_blocked_ratio_p25"] > 0
         else:  # no chain for a channel-changing layer
             assert not any(k.startswith("chain") for k in r)
     assert by[("SpatialConv", "3x3 512x4x4", 0.0)]["chain_skip"] == 0.0
@@ -110,6 +115,7 @@ def test_records_table_and_json_have_chain_rows(tmp_path):
     out = io.StringIO()
     render_table(records, Console(file=out, width=200))
     assert "chain 0." in out.getvalue() or "chain 1." in out.getvalue() or "chain 2." in out.getvalue()
+    assert "blocked " in out.getvalue()
     # no chain: the op-alone numbers only
     solo = run_ops_bench(ops=["ConvRelu"], layers=["512x4x4"], skips=[0.0], runs=2, threads=1, chain=False)
     assert "chain_ratio" not in solo[0] and solo[0]["ratio"] > 0

@@ -577,7 +577,12 @@ def test_blocked_layouts_equal_nchw(case):
 
     plain, macs = blocked_run(make, inits, x, other, (False, False, False), attrs)
     y, macs_b = blocked_run(make, inits, x, other, flags, attrs)
-    np.testing.assert_array_equal(y, plain)  # the same kernels on the same values
+    if residual and flags[1] and flags[2]:
+        # blocked residual into blocked Y: the kernels accumulate onto the residual (onnxruntime's
+        # Conv+Add order), so the sum is rounded in another order than conv-then-add
+        np.testing.assert_allclose(y, plain, rtol=1e-5, atol=1e-6 * float(np.abs(plain).max(initial=1.0)))
+    else:
+        np.testing.assert_array_equal(y, plain)  # the same kernels on the same values
     assert macs_b == macs == n * g.macs
     ref, _ = cr.reference(x, wt, b, other=other, **attrs)
     _close(y, ref, float(np.abs(ref).max(initial=1.0)))
@@ -670,3 +675,90 @@ print("B", B)
     assert r.returncode == 0, r.stderr[-2000:]
     if dense == "fma3":
         assert r.stdout.strip() == "B 8"
+
+
+# --- relu=0: the dense op for Convs that are not sites (projection shortcuts inside a chain).
+
+def _onnx_conv_model(w, b, x_shape, *, residual=False, **attrs):
+    """onnxruntime's own Conv(+B)(+Add O), no activation."""
+    from onnx import numpy_helper as nh
+
+    inits = [nh.from_array(w, "W")] + ([nh.from_array(b, "B")] if b is not None else [])
+    nodes = [helper.make_node("Conv", ["X", "W"] + (["B"] if b is not None else []), ["C" if residual else "Y"],
+                              **cr.conv_attributes(**attrs))]
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x_shape))]
+    if residual:
+        nodes.append(helper.make_node("Add", ["C", "O"], ["Y"]))
+        inputs.append(helper.make_tensor_value_info("O", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "conv", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# (x, w, attrs): the NCHWc kernels (C % 16 == 0), the stem kernel (C < 8), the GEMM core (group 2, K % 8 != 0),
+# a strided 1x1 projection shortcut
+RELU0 = [
+    ((2, 32, 9, 9), (48, 32, 3, 3), dict(pads=(1, 1, 1, 1))),
+    ((1, 3, 11, 10), (16, 3, 3, 3), dict(pads=(1, 0, 1, 2))),
+    ((2, 12, 7, 7), (10, 6, 3, 3), dict(group=2, pads=(1, 1, 1, 1))),
+    ((1, 64, 14, 14), (128, 64, 1, 1), dict(strides=(2, 2))),
+]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("x_shape,w_shape,attrs", RELU0, ids=[f"{a[1]}-{a[0]}" for a in RELU0])
+def test_relu0_matches_onnxruntime_conv(x_shape, w_shape, attrs, residual):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal(w_shape) * np.sqrt(2.0 / np.prod(w_shape[1:]))).astype(np.float32)
+    b = (rng.standard_normal(w_shape[0]) * 0.1).astype(np.float32)
+    g = cr.geometry(x_shape, w_shape, **attrs)
+    o = rng.standard_normal((x_shape[0], g.K, g.OH, g.OW)).astype(np.float32) if residual else None
+    node, _ = cr.make_node("X", "W", "B", "Y", macs_output="macs", other="O" if residual else None, relu=False, **attrs)
+    assert [(a.name, a.i) for a in node.attribute if a.name == "relu"] == [("relu", 0)]
+    model = single_op_model(node, {"W": w, "B": b}, x_shape,
+                            runtime_inputs={"O": (TensorProto.FLOAT, None)} if residual else None)
+    feeds = {"X": x, **({"O": o} if residual else {})}
+    y, macs = make_session(model, threads=2).run(None, feeds)
+    ref = make_session(_onnx_conv_model(w, b, x_shape, residual=residual, **attrs), threads=2,
+                       library=False).run(None, feeds)[0]
+    assert (ref < 0).mean() > 0.2  # no ReLU: negative outputs stay negative
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(ref).max())))
+    np.testing.assert_allclose(y, cr.reference(x, w, b, other=o, relu=False, **attrs)[0], rtol=1e-4, atol=1e-4)
+    assert int(macs) == x_shape[0] * g.macs
+    # the default (relu=1) on the same inputs is the ReLU of it
+    relu_node, _ = cr.make_node("X", "W", "B", "Y", macs_output="macs", other="O" if residual else None, **attrs)
+    assert not [a for a in relu_node.attribute if a.name == "relu"]
+    y1 = make_session(single_op_model(relu_node, {"W": w, "B": b}, x_shape,
+                                      runtime_inputs={"O": (TensorProto.FLOAT, None)} if residual else None),
+                      threads=2).run(None, feeds)[0]
+    np.testing.assert_array_equal(y1, np.maximum(y, 0))
+
+
+def test_relu0_blocked_layouts_equal_nchw():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 32, 8, 9)).astype(np.float32)
+    wt = rng.standard_normal((64, 32, 1, 1)).astype(np.float32)
+    other = rng.standard_normal((2, 64, 8, 9)).astype(np.float32)
+    inits = {"W": wt}
+
+    def make(**layout):
+        return cr.make_node("X", "W", None, "Y", macs_output="macs", other="O", relu=False, **layout)[0]
+
+    plain, _ = blocked_run(make, inits, x, other, (False, False, False), {})
+    for flags in [(True, True, True), (True, False, True), (False, True, False)]:
+        y, _ = blocked_run(make, inits, x, other, flags, {})
+        if flags == (True, True, True):  # accumulated onto the residual: another rounding order
+            np.testing.assert_allclose(y, plain, rtol=1e-5, atol=1e-6 * float(np.abs(plain).max()))
+        else:
+            np.testing.assert_array_equal(y, plain)
+    assert (plain < 0).any()
+    np.testing.assert_allclose(plain, cr.reference(x, wt, None, other=other, relu=False)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_relu_attribute_refused():
+    node, _ = cr.make_node("X", "W", None, "Y")
+    node.attribute.append(helper.make_attribute("relu", 2))
+    model = single_op_model(node, {"W": np.zeros((16, 1, 1, 1), np.float32)}, (1, 1, 1, 1))
+    with pytest.raises(Exception) as e:
+        make_session(model)
+    assert "ConvRelu: attribute 'relu' is 2, expected 0 or 1" in str(e.value)

@@ -27,7 +27,9 @@ ops are built one after the other on the real input each one sees (modules whose
 Records: {"op", "layer", "skip_target", "skip", "ratio", "op_ms", "ort_ms", "setting", "macs",
 "dense_macs", "threads", "runs", "op_min_ms", "ort_min_ms", "ratio_min", "ratio_p25"} (+ "error" when a
 case could not run), and for chained layers {"chain_layers", "chain_skip", "chain_ratio", "chain_op_ms",
-"chain_ort_ms", "chain_ratio_min", "chain_ratio_p25"} (or "chain_error"). `render_table` prints ratio per op x layer x
+"chain_ort_ms", "chain_ratio_min", "chain_ratio_p25"} (or "chain_error"), and where the chain's ops take
+blocked tensors (passes/chain_layout.block_chains) {"chain_blocked_ratio", "chain_blocked_ms",
+"chain_blocked_ratio_p25"}: the same chain with blocked tensors between its ops, as deployed. `render_table` prints ratio per op x layer x
 skip (the chain ratio under it) and marks the issue's targets (TARGETS, op alone) met or missed.
 """
 
@@ -260,9 +262,23 @@ def run_chain(module: ModuleType, layers: list[Layer], skip: float, *, runs: int
     t_op, t_ref = time_interleaved(lambda: op_sess.run(None, op_feeds), lambda: ref_sess.run(None, ref_feeds),
                                    runs, warmup=max(3, runs // 10))
     op_ms, ort_ms = statistics.median(t_op) * 1e3, statistics.median(t_ref) * 1e3
-    return {"chain_layers": [layer.name for layer in layers], "chain_skip": 1.0 - macs / dense,
-            "chain_ratio": op_ms / ort_ms, "chain_op_ms": op_ms, "chain_ort_ms": ort_ms,
-            "chain_ratio_min": min(t_op) / min(t_ref), "chain_ratio_p25": _p25(t_op) / _p25(t_ref)}
+    rec = {"chain_layers": [layer.name for layer in layers], "chain_skip": 1.0 - macs / dense,
+           "chain_ratio": op_ms / ort_ms, "chain_op_ms": op_ms, "chain_ort_ms": ort_ms,
+           "chain_ratio_min": min(t_op) / min(t_ref), "chain_ratio_p25": _p25(t_op) / _p25(t_ref)}
+    # The same chain as apply_chains deploys it: blocked tensors between the ops (only where the
+    # ops' weights allow it; ops that take no layout attributes leave the chain as it was).
+    from onnxzero.passes.chain_layout import block_chains
+
+    blocked = block_chains(op_model)
+    if blocked != op_model:
+        del op_sess
+        bl_sess = _session(blocked, threads, library=True)
+        t_bl, t_ref = time_interleaved(lambda: bl_sess.run(None, op_feeds), lambda: ref_sess.run(None, ref_feeds),
+                                       runs, warmup=max(3, runs // 10))
+        bl_ms, ort_ms = statistics.median(t_bl) * 1e3, statistics.median(t_ref) * 1e3
+        rec.update(chain_blocked_ratio=bl_ms / ort_ms, chain_blocked_ms=bl_ms,
+                   chain_blocked_ratio_p25=_p25(t_bl) / _p25(t_ref))
+    return rec
 
 
 def run_case(op: str, module: ModuleType, layer: Layer, skip: float, *, runs: int, threads: int,
@@ -390,6 +406,8 @@ def render_table(records: list[dict], console=None) -> None:
                 text = f"[{'green' if ok else 'red'}]{text} {'<=' if ok else '>'} {t:g}[/]"
             if "chain_ratio" in r:
                 text += f"\nchain {r['chain_ratio']:.2f} ({r['chain_skip']:.0%})"
+                if "chain_blocked_ratio" in r:
+                    text += f"\nblocked {r['chain_blocked_ratio']:.2f}"
             elif "chain_error" in r:
                 text += "\n[red]chain error[/red]"
             out.append(text)

@@ -9,6 +9,10 @@ N * K * OH * OW * (C/group) * KH * KW.
 Residual sites (Conv -> Add(other) -> Relu): the optional last input `other` (N, K, OH, OW), a run-time
 tensor, makes Y = ReLU(conv + B + other); it adds no MACs.
 
+Attribute `relu` (int, default 1): 0 drops the activation, Y = conv + B [+ other]: the dense op for
+the Convs of a chain that are not sites (projection shortcuts), so passes/chain_layout.py can keep
+the whole chain in onnxzero ops with blocked tensors between them.
+
 `conv2d` here is the straightforward numpy (im2col, float64) convolution the other ops' references
 build on.
 """
@@ -90,14 +94,15 @@ def check_other(other: np.ndarray | None, y_shape, op: str = OP) -> np.ndarray |
 
 
 def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, other: np.ndarray | None = None,
-              **conv_attrs) -> tuple[np.ndarray, int]:
-    """ConvRelu's semantics: (ReLU(conv(x, w) + b [+ other]) as float32, MACs = N * dense MACs per image)."""
+              relu: bool = True, **conv_attrs) -> tuple[np.ndarray, int]:
+    """ConvRelu's semantics: (ReLU(conv(x, w) + b [+ other]) as float32, MACs = N * dense MACs per image);
+    relu=False: without the ReLU."""
     y = conv2d(x, w, b, **conv_attrs)
     o = check_other(other, y.shape)
     if o is not None:
         y = y + o
     g = geometry(np.shape(x), np.shape(w), **conv_attrs)
-    return np.maximum(y, 0).astype(np.float32), int(np.shape(x)[0]) * g.macs
+    return (np.maximum(y, 0) if relu else y).astype(np.float32), int(np.shape(x)[0]) * g.macs
 
 
 def conv_attributes(*, kernel_shape: Sequence[int] | None = None, strides: Sequence[int] | None = None,
@@ -125,17 +130,19 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, macs_output: s
               pads: Sequence[int] | None = None, dilations: Sequence[int] | None = None, group: int | None = None,
               auto_pad: str | None = None, name: str | None = None,
               other: str | None = None, x_blocked: bool = False, other_blocked: bool = False,
-              y_blocked: bool = False) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+              y_blocked: bool = False, relu: bool = True) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
     """A ConvRelu node in onnxzero's domain; ConvRelu needs no extra initializers (returns {}).
 
     other: the residual operand's tensor name (a residual site), the node's last input.
+    relu: False sets attribute relu=0 (no activation: a plain Conv(+B)(+other)).
     x_blocked / other_blocked / y_blocked: those tensors in the blocked layout (see blocked_io).
     """
     outputs = [y] + ([macs_output] if macs_output else [])
     node = OPS[OP].node({"X": x, "W": w_name, "B": b_name, "other": other}, outputs, name=name,
                             **conv_attributes(kernel_shape=kernel_shape, strides=strides, pads=pads,
                                               dilations=dilations, group=group, auto_pad=auto_pad),
-                            **layout_attributes(x_blocked, other_blocked, y_blocked))
+                            **layout_attributes(x_blocked, other_blocked, y_blocked),
+                            **({} if relu else {"relu": 0}))
     return node, {}
 
 

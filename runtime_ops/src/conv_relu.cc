@@ -6,6 +6,9 @@
 // (adds no MACs).
 // Attributes x_blocked / other_blocked / y_blocked (0 or 1): X, other, Y in the blocked layout
 // (N, C/B, H, W, B) of nchwc.h, for chains of onnxzero ops (passes/chain_layout.py sets them).
+// Attribute relu (0 or 1, default 1): 0 makes the op a plain Conv(+bias)(+other) with no activation, so
+// the convs of a chain that are not sites (projection shortcuts, a Conv without ReLU) can be onnxzero
+// ops too and pass blocked tensors instead of breaking the chain with onnxruntime's NCHWc reorders.
 #include <cstdlib>
 #include <string>
 
@@ -27,6 +30,7 @@ struct ConvReluKernel {
   gemm::ConvWeights weights;  // the GEMM core's copy (only when nchwc does not serve the shape)
   nchwc::Filters filters;
   nchwc::Layouts lay;
+  bool relu = true;
 
   explicit ConvReluKernel(const OrtKernelInfo* info) {
     attrs = ReadConvAttrs(info, kOp);
@@ -56,6 +60,9 @@ struct ConvReluKernel {
                                attrs.group);
     if (!filters.ok())
       weights = gemm::ConvWeights(w.as<float>(), bias, w.shape[0], w.shape[1], w.shape[2], w.shape[3], attrs.group);
+    const int64_t r = AttrInt(info, "relu", 1);
+    if (r != 0 && r != 1) Fail(kOp, Msg("attribute 'relu' is ", r, ", expected 0 or 1"));
+    relu = r == 1;
     lay = nchwc::ReadLayouts(info, kOp, w.shape[0], w.shape[1] * attrs.group, attrs.group);
   }
 
@@ -79,12 +86,14 @@ struct ConvReluKernel {
         if (filters.ok()) {
           nchwc::RunOptions opt;
           opt.residual = residual;
+          opt.relu = relu;
           opt.x_blocked = lay.x, opt.residual_blocked = lay.other, opt.y_blocked = lay.y;
           macs = nchwc::RunConv(context, g, filters, X, N, Y, opt);
         } else {
           macs = nchwc::WithNchw(context, lay, X, xs, residual, yshape, Y, [&](const float* xn, const float* rn, float* yn) {
             gemm::Epilogue ep;
             ep.residual = rn;
+            ep.relu = relu;
             gemm::ConvPlan plan(g, weights);
             return gemm::RunConv(context, plan, weights, xn, N, yn, ep);
           });

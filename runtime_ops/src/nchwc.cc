@@ -524,7 +524,11 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
   const int64_t rstep = rblk ? B : 1;
   // The lane gathers below index one image's K * P floats with int32.
   if ((rblk || (lazy && opt.y_blocked)) && K * P > INT32_MAX) throw std::length_error("onnxzero: image too large");
-  const bool fuse_relu = relu && residual == nullptr;
+  // A dense run with blocked Y and blocked residual starts each band from the residual (copied into Y)
+  // and accumulates the conv onto it, as onnxruntime's fused NCHWc Conv+Add does: the activation is
+  // then fused in the kernel's last call and no pass over Y follows.
+  const bool acc_residual = direct && rblk;
+  const bool fuse_relu = relu && (residual == nullptr || acc_residual);
   const unsigned last_flags = (f.HasBias() ? kAddBias : 0u) | (fuse_relu ? kRelu : 0u);
   const size_t PT = static_cast<size_t>(g.PT);
   const ptrdiff_t PL = static_cast<ptrdiff_t>(g.PL);
@@ -565,6 +569,57 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     }
   };
 
+  // Lazy run with a blocked Y: output block ob, pixels [p0, p1), from the computed blocks. Lane c of
+  // an output group of 8 is computed lane pos[k] (k = its channel) or a channel left out (0, or
+  // act(residual)). The selection is ascending, so a group's computed lanes are a run of at most 8
+  // consecutive js: at most two aligned groups of 8 computed lanes, each one load and one permute per
+  // pixel (a per-lane gather measured 4-7 % of resnet-mnist's time: docs/design-kernels.md section 6).
+  auto lazy_blocked_out = [&](int64_t n, int64_t ob, int64_t p0, int64_t p1) {
+    const __m256 zero = _mm256_setzero_ps();
+    const float* src = yout + n * Kp * P;
+    float* dst = Y + n * K * P + ob * B * P;
+    for (int64_t h = 0; h < B; h += 8) {
+      int32_t jmin = -1;
+      for (int64_t c = 0; c < 8 && jmin < 0; ++c) jmin = pos[n * K + ob * B + h + c];
+      alignas(32) int32_t idx[8], m0[8], m1[8], ri[8];
+      const int32_t g0 = jmin >= 0 ? jmin / 8 : 0;
+      bool any1 = false;
+      for (int64_t c = 0; c < 8; ++c) {
+        const int32_t j = pos[n * K + ob * B + h + c];
+        idx[c] = j >= 0 ? j % 8 : 0;
+        m0[c] = j >= 0 && j / 8 == g0 ? -1 : 0;
+        m1[c] = j >= 0 && j / 8 == g0 + 1 ? -1 : 0;
+        any1 |= m1[c] != 0;
+        ri[c] = static_cast<int32_t>(c * P);
+      }
+      auto at = [&](int64_t grp) { return src + (grp * 8 / B) * B * P + (grp * 8) % B; };
+      const float* s0 = at(g0);
+      const float* s1 = any1 ? at(g0 + 1) : s0;
+      const __m256i vidx = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx));
+      const __m256 vm0 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(m0)));
+      const __m256 vm1 = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(m1)));
+      const __m256i vri = _mm256_load_si256(reinterpret_cast<const __m256i*>(ri));
+      const float* rb = residual ? residual + n * K * P + ob * B * P + h : nullptr;  // blocked
+      const float* rn = residual ? residual + (n * K + ob * B + h) * P : nullptr;    // NCHW
+      for (int64_t p = p0; p < p1; ++p) {
+        __m256 v = zero;
+        if (jmin >= 0) {
+          v = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(s0 + p * B), vidx), vm0);
+          if (any1)
+            v = _mm256_or_ps(v, _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(s1 + p * B), vidx), vm1));
+        }
+        if (residual) {
+          v = _mm256_add_ps(v, rblk ? _mm256_loadu_ps(rb + p * B) : _mm256_i32gather_ps(rn + p, vri, 4));
+          if (relu) v = _mm256_max_ps(v, zero);
+        }
+        _mm256_storeu_ps(dst + p * B + h, v);
+      }
+    }
+  };
+  // With one filter set a task holds every computed block of its band: it writes its band of Y while
+  // the band is in cache, on the pool; with more sets a second pass does.
+  const bool lazy_blocked_in_task = lazy && opt.y_blocked && sets == 1;
+
   parallel(static_cast<size_t>(units * bands), [&](size_t t) {
     const int64_t u = static_cast<int64_t>(t) / bands, bnd = static_cast<int64_t>(t) % bands;
     const int64_t n = u / sets, fs = u % sets;
@@ -575,6 +630,10 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     const float* bias = lazy ? gbias + n * Kp + ob0 * B : f.Bias() + ob0 * B;
     // A dense run with a blocked Y: the kernels write straight into Y (same layout, Kp == K).
     float* yset = (direct ? Y + n * K * P : yout + n * Kp * P) + ob0 * B * P;
+    if (acc_residual)
+      for (int64_t ob = ob0; ob < ob0 + nb; ++ob)
+        std::copy(residual + n * K * P + ob * B * P + r0 * OW * B, residual + n * K * P + ob * B * P + r1 * OW * B,
+                  Y + n * K * P + ob * B * P + r0 * OW * B);
     if (nchw) {
       const float* xn = X + n * C * HW;
       for (int64_t ph = r0; ph < r1; ++ph) {
@@ -583,12 +642,12 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
         effective(static_cast<size_t>(ph), static_cast<size_t>(B * g.KW), &filter, &ih, &kh_eff);
         float* out = yset + ph * B * OW;
         if (kh_eff == 0) {  // the whole window is padding (the kernels need >= 1 row)
-          padding_row(out, nb, bias, true, true);
+          padding_row(out, nb, bias, !acc_residual, true);
           continue;
         }
         for (int64_t c = 0; c < C; ++c) {
           const float* in = xn + c * HW;
-          const unsigned flags = (c > 0 ? kAccumulate : 0u) | (c == C - 1 ? last_flags : 0u);
+          const unsigned flags = (c > 0 || acc_residual ? kAccumulate : 0u) | (c == C - 1 ? last_flags : 0u);
           kernel(in + (static_cast<ptrdiff_t>(ih * Ws) - PL), filter + c * B * KS, out, stride_w, dil_w,
                  static_cast<size_t>(nb), in_stride, filter_stride, out_stride, kh_eff, static_cast<size_t>(g.KW),
                  in + ih * Ws, in_w, dil_in_w, sx.left, sx.mid, sx.right, bias, flags);
@@ -598,13 +657,13 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
       const int64_t Cb = C / B;
       for (int64_t ib = 0; ib < Cb; ++ib) {
         const float* in = (opt.x_blocked ? X : xin) + n * C * HW + ib * B * HW;
-        const unsigned flags = (ib > 0 ? kAccumulate : 0u) | (ib == Cb - 1 ? last_flags : 0u);
+        const unsigned flags = (ib > 0 || acc_residual ? kAccumulate : 0u) | (ib == Cb - 1 ? last_flags : 0u);
         for (int64_t ph = r0; ph < r1; ++ph) {
           const float* filter = fset + ib * B * B * KS;
           size_t ih = 0, kh_eff = 0;
           effective(static_cast<size_t>(ph), static_cast<size_t>(B * B * g.KW), &filter, &ih, &kh_eff);
           if (kh_eff == 0) {
-            padding_row(yset + ph * B * OW, nb, bias, ib == 0, ib == Cb - 1);
+            padding_row(yset + ph * B * OW, nb, bias, ib == 0 && !acc_residual, ib == Cb - 1);
             continue;
           }
           kernel(in + B * (static_cast<ptrdiff_t>(ih * Ws) - PL), filter, yset + ph * B * OW, stride_w, dil_w,
@@ -616,7 +675,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     // this band of the set's filter blocks to Y (+ residual, activation)
     const int64_t p0 = r0 * OW, p1 = r1 * OW;
     if (direct) {
-      if (residual) {  // the ReLU waited for the residual (not fused)
+      if (residual && !acc_residual) {  // the ReLU waited for the residual (not fused)
         const __m256 zero = _mm256_setzero_ps();
         for (int64_t ob = ob0; ob < ob0 + nb; ++ob) {
           float* yb = Y + n * K * P + ob * B * P;
@@ -639,7 +698,8 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
         }
       }
     } else if (lazy && opt.y_blocked) {
-      // written in a second pass below: an output block takes its lanes from any filter set
+      if (lazy_blocked_in_task)
+        for (int64_t ob = 0; ob < K / B; ++ob) lazy_blocked_out(n, ob, p0, p1);
     } else {
       if (rblk) {  // add the blocked residual into the computed blocks first, then to NCHW as without
         const __m256 zero = _mm256_setzero_ps();
@@ -656,6 +716,15 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
             }
             const __m256i vri = _mm256_load_si256(reinterpret_cast<const __m256i*>(ri));
             const float* rn = residual + n * K * P;
+            if (!lazy) {  // the lanes are the block's own channels: contiguous, no gather
+              const float* rb = rn + ob * B * P + h;
+              for (int64_t p = p0; p < p1; ++p) {
+                __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + p * B), _mm256_loadu_ps(rb + p * B));
+                if (relu) v = _mm256_max_ps(v, zero);
+                _mm256_storeu_ps(src + p * B, v);
+              }
+              continue;
+            }
             for (int64_t p = p0; p < p1; ++p) {
               if (!live) break;
               __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + p * B), _mm256_i32gather_ps(rn + p * B, vri, 4));
@@ -700,37 +769,10 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
       }
     }
   });
-  if (lazy && opt.y_blocked) {
-    // Lane c of output block ob is computed lane pos[k] (k = ob * B + c) or a channel left out: one
-    // gather per 8 lanes and pixel, the left-out lanes masked to 0, then + residual and the activation.
+  if (lazy && opt.y_blocked && !lazy_blocked_in_task) {
     const int64_t KB = K / B;
     stream(static_cast<size_t>(N * KB), N * K * P, [&](size_t t) {
-      const int64_t n = static_cast<int64_t>(t) / KB, ob = static_cast<int64_t>(t) % KB;
-      const __m256 zero = _mm256_setzero_ps();
-      const float* src = yout + n * Kp * P;
-      float* dst = Y + n * K * P + ob * B * P;
-      for (int64_t h = 0; h < B; h += 8) {
-        alignas(32) int32_t gi[8], mk[8], ri[8];
-        for (int64_t c = 0; c < 8; ++c) {
-          const int32_t j = pos[n * K + ob * B + h + c];
-          gi[c] = j >= 0 ? static_cast<int32_t>((j / B) * B * P + j % B) : 0;
-          mk[c] = j >= 0 ? -1 : 0;
-          ri[c] = static_cast<int32_t>(c * P);
-        }
-        const __m256i vgi = _mm256_load_si256(reinterpret_cast<const __m256i*>(gi));
-        const __m256 vmk = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(mk)));
-        const __m256i vri = _mm256_load_si256(reinterpret_cast<const __m256i*>(ri));
-        const float* rb = residual ? residual + n * K * P + ob * B * P + h : nullptr;      // blocked
-        const float* rn = residual ? residual + (n * K + ob * B + h) * P : nullptr;        // NCHW
-        for (int64_t p = 0; p < P; ++p) {
-          __m256 v = _mm256_mask_i32gather_ps(zero, src + p * B, vgi, vmk, 4);
-          if (residual) {
-            v = _mm256_add_ps(v, rblk ? _mm256_loadu_ps(rb + p * B) : _mm256_i32gather_ps(rn + p, vri, 4));
-            if (relu) v = _mm256_max_ps(v, zero);
-          }
-          _mm256_storeu_ps(dst + p * B + h, v);
-        }
-      }
+      lazy_blocked_out(static_cast<int64_t>(t) / KB, static_cast<int64_t>(t) % KB, 0, P);
     });
   }
   return N * nsel * P * R;
