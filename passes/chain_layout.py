@@ -21,11 +21,13 @@ import onnx
 from onnx import helper
 
 from onnxzero import DOMAIN
+from onnxzero.ops.spec import OPS
 from onnxzero.ops.conv_relu import LAYOUT_ATTRIBUTES, blocked_io
 
 PASS = "chain_layout"
-# Ops that understand the layout attributes -> index of their residual input `other`.
-OTHER_INPUT = {"ConvRelu": 3, "LazyConv": 6}
+# Ops that understand the layout attributes (the spec declares x_blocked) -> index of their residual
+# input `other`.
+OTHER_INPUT = {name: op.index("other") for name, op in OPS.items() if "x_blocked" in op.attributes}
 
 
 def _ours(node: onnx.NodeProto) -> bool:

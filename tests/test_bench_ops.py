@@ -103,10 +103,10 @@ def test_records_table_and_json_have_chain_rows(tmp_path):
             assert {"chain_ratio", "chain_op_ms", "chain_ort_ms", "chain_skip", "chain_layers", "chain_ratio_p25",
                     "chain_ratio_min"} <= set(r)
             assert r["chain_ratio"] > 0 and r["chain_layers"] == ["3x3 512x4x4"] * 3
-            # ConvRelu takes blocked tensors (512 channels): the chain is also timed as deployed;
-            # SpatialConv takes no layout attributes: no blocked row
-            assert ("chain_blocked_ratio" in r) == (r["op"] == "ConvRelu")
-            if r["op"] == "ConvRelu":
+            # ConvRelu and SpatialConv take blocked tensors (512 channels; the op spec declares their
+            # layout attributes): the chain is also timed as deployed, blocked between the ops
+            assert "chain_blocked_ratio" in r
+            if r["op"] in ("ConvRelu", "SpatialConv"):
                 assert r["chain_blocked_ratio"] > 0 and r["chain_blocked_ratio_p25"] > 0
         else:  # no chain for a channel-changing layer
             assert not any(k.startswith("chain") for k in r)

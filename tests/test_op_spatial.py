@@ -721,7 +721,8 @@ def test_nchwc_nan_inf_match_onnxruntime_and_reference(C, K, hw, k, residual, na
        mask_kind=st.sampled_from(["diagonal", "ones", "filter"]), residual=st.booleans(),
        flags=st.tuples(st.booleans(), st.booleans(), st.booleans()), seed=st.integers(0, 2**31 - 1))
 def test_blocked_layouts_equal_nchw(C, K, hw, mask_kind, residual, flags, seed):
-    """x_blocked / other_blocked / y_blocked as ConvRelu reads them: bit-identical to the NCHW op, on
+    """x_blocked / other_blocked / y_blocked as ConvRelu reads them: bit-identical to the NCHW op (to
+    float rounding with a residual), on
     the NCHWc paths (diagonal, all ones) and on the channels-last fallback (per-filter mask)."""
     from onnxzero.ops import conv_relu as cr
 
@@ -748,7 +749,12 @@ def test_blocked_layouts_equal_nchw(C, K, hw, mask_kind, residual, flags, seed):
 
     y0, m0 = run(False, False, False)
     y1, m1 = run(xb, ob, yb)
-    np.testing.assert_array_equal(y1, y0)
+    if residual:
+        # a dense block adds onto a blocked residual in onnxruntime's Conv+Add order (nchwc.cc), which
+        # rounds the sum differently from adding it after the conv: equal to float rounding
+        np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(y1, y0)
     assert m1 == m0
 
 

@@ -119,7 +119,7 @@ def test_same_answer_as_the_local_search(local_ray, lenet, mnist, local_result):
     assert figures(r) == figures(local_result)
     assert r.report["optimized"]["macs"] < r.report["baseline"]["macs"]  # it did find something
     # 2 sites: early exit 4 predictive each + exact on the second (its input is >= 0), 7 prunings, 7 lazy ratios each
-    assert len(r.first_level) == 9 + 14 + 14 and len(r.combined) >= 1
+    assert len(r.first_level) == 9 + 14 + 10 and len(r.combined) >= 1  # early exit, lazy 7 x 2, prune 5 x 2
 
 
 def test_workers_are_other_processes_and_measure_what_the_engine_does(local_ray, lenet, mnist):
@@ -163,7 +163,8 @@ def test_same_answer_with_objective_latency(local_ray, lenet, mnist):
     b = search(lenet, mnist, Cluster(), objective="latency", techniques=("sparse-quant", "lazy"), measurer=StepMeasurer())
     assert figures(a) == figures(b)
     assert [c.ratio for c in a.combined] == [c.ratio for c in b.combined]
-    assert {s["technique"] for s in b.report["sites"]} == {"sparse-quant"} and b.report["decision"]["written"]
+    # StepMeasurer times only sparse-quant sites faster: that is what gets written, nothing else
+    assert {s["technique"] for s in b.report["sites"]} - {None} == {"sparse-quant"} and b.report["decision"]["written"]
 
 
 def test_a_killed_worker_is_restarted_and_its_task_retried(local_ray, lenet, mnist, local_result):

@@ -119,5 +119,8 @@ void ParallelFor(OrtKernelContext* ctx, size_t n, F&& fn) {
 // dynamic scheduling can balance uneven (skipped) work. The C API does not expose
 // the pool's size, so this only sizes work; the pool decides who runs it.
 size_t TaskCount(size_t work_items);
+// The one source of the thread count every kernel sizes its work by. The C API (1.21) does not
+// expose the session pool's size, so this is the hardware's, read once.
+size_t HardwareThreads();
 
 }  // namespace oz

@@ -60,7 +60,7 @@ struct ConvReluKernel {
                                attrs.group);
     if (!filters.ok())
       weights = gemm::ConvWeights(w.as<float>(), bias, w.shape[0], w.shape[1], w.shape[2], w.shape[3], attrs.group);
-    const int64_t r = AttrInt(info, "relu", 1);
+    const int64_t r = AttrInt(info, "relu", S::kReluDefault);
     if (r != 0 && r != 1) Fail(kOp, Msg("attribute 'relu' is ", r, ", expected 0 or 1"));
     relu = r == 1;
     lay = nchwc::ReadLayouts(info, kOp, w.shape[0], w.shape[1] * attrs.group, attrs.group);

@@ -531,7 +531,7 @@ struct EarlyExitKernel {
     const std::vector<int64_t> roff = RowOffsets(g, pi);
     const int64_t gw = (g.OW + 7) / 8, nvt = g.OH * gw, nvb = (nvt + kStopVecs - 1) / kStopVecs;
     const int64_t base = N * G * nvb;
-    const int64_t hw = static_cast<int64_t>(sr::HardwareThreads());
+    const int64_t hw = static_cast<int64_t>(HardwareThreads());
     int64_t nkb = std::max<int64_t>(1, std::min<int64_t>(Kg, (4 * hw + base - 1) / base));
     const int64_t kbs = (Kg + nkb - 1) / nkb;
     nkb = (Kg + kbs - 1) / kbs;

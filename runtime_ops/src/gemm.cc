@@ -972,7 +972,7 @@ Split ChooseSplit(const ConvPlan& plan, int64_t ng, int64_t M) {
   // Tasks may be wider than a packed block (nc): ComputePacked walks the task's blocks over one slab,
   // re-reading the rows' A slice per block from L2 (kAlphaL2), while the slab halo is paid once.
   const int64_t ppb_max = panels;
-  const double T = static_cast<double>(std::max(1u, std::thread::hardware_concurrency()));
+  const double T = static_cast<double>(HardwareThreads());
   // cycles per A float read from L3 / from L2, per slab float copied, per task
   // (measured on the bench layers: repacking B / refilling the slab per extra row block costs about
   // 0.5 cycle per packed float and 1 cycle per slab float plus ~20 per slab row)

@@ -75,7 +75,7 @@ void FromBlocked(const float* src, int64_t bs, int64_t p0, int64_t p1, float* co
       if (!dst[c]) continue;
       __m256 v = r[c];
       if constexpr (RES) v = _mm256_add_ps(v, _mm256_loadu_ps(res[c] + p));
-      if constexpr (RELU) v = _mm256_max_ps(v, zero);
+      if constexpr (RELU) v = _mm256_max_ps(zero, v);  // NaN stays NaN, as onnxruntime's Relu
       _mm256_storeu_ps(dst[c] + p, v);
     }
   }
@@ -316,7 +316,7 @@ Scratch& TlsScratch() {
 // own, so extra tasks only add balance; 1, 2 and 4 per thread measured alike (docs/design-kernels.md).
 int64_t PoolTasks(int64_t work) {
   constexpr int64_t kPerThread = 4;
-  const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t hw = static_cast<int64_t>(HardwareThreads());
   return std::max<int64_t>(1, std::min<int64_t>(work, hw * kPerThread));
 }
 
@@ -610,7 +610,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
         }
         if (residual) {
           v = _mm256_add_ps(v, rblk ? _mm256_loadu_ps(rb + p * B) : _mm256_i32gather_ps(rn + p, vri, 4));
-          if (relu) v = _mm256_max_ps(v, zero);
+          if (relu) v = _mm256_max_ps(zero, v);
         }
         _mm256_storeu_ps(dst + p * B + h, v);
       }
@@ -683,7 +683,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
             const float* rb = residual + n * K * P + ob * B * P;
             for (int64_t i = p0 * B; i < p1 * B; i += 8) {
               __m256 v = _mm256_add_ps(_mm256_loadu_ps(yb + i), _mm256_loadu_ps(rb + i));
-              if (relu) v = _mm256_max_ps(v, zero);
+              if (relu) v = _mm256_max_ps(zero, v);
               _mm256_storeu_ps(yb + i, v);
             }
           } else {
@@ -720,7 +720,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
               const float* rb = rn + ob * B * P + h;
               for (int64_t p = p0; p < p1; ++p) {
                 __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + p * B), _mm256_loadu_ps(rb + p * B));
-                if (relu) v = _mm256_max_ps(v, zero);
+                if (relu) v = _mm256_max_ps(zero, v);
                 _mm256_storeu_ps(src + p * B, v);
               }
               continue;
@@ -728,7 +728,7 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
             for (int64_t p = p0; p < p1; ++p) {
               if (!live) break;
               __m256 v = _mm256_add_ps(_mm256_loadu_ps(src + p * B), _mm256_i32gather_ps(rn + p * B, vri, 4));
-              if (relu) v = _mm256_max_ps(v, zero);
+              if (relu) v = _mm256_max_ps(zero, v);
               _mm256_storeu_ps(src + p * B, v);
             }
           }

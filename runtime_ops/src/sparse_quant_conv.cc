@@ -292,7 +292,7 @@ struct SparseQuantKernel {
     // Filter blocks: at most 128 filters (a 32 KiB accumulator tile), and enough
     // blocks for a few tasks per thread when there are few position blocks.
     const int64_t base = N * G * pb.count;
-    const int64_t hw = static_cast<int64_t>(sr::HardwareThreads());
+    const int64_t hw = static_cast<int64_t>(HardwareThreads());
     int64_t nkb = std::max<int64_t>((Kg + 127) / 128, std::min<int64_t>((Kg + 15) / 16, (4 * hw + base - 1) / base));
     nkb = std::max<int64_t>(1, std::min(nkb, Kg));
     const int64_t kbs = (Kg + nkb - 1) / nkb;

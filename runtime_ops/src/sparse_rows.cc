@@ -299,10 +299,7 @@ std::vector<int64_t> RowOffsets(const ConvGeom& g, const PaddedInput& pi) {
   return roff;
 }
 
-size_t HardwareThreads() {
-  static const size_t hw = std::max(1u, std::thread::hardware_concurrency());
-  return hw;
-}
+
 
 size_t PartitionTasks(size_t items, size_t min_tasks_hint) {
   size_t t = TaskCount(items);

@@ -224,10 +224,6 @@ std::vector<int64_t> RowOffsets(const ConvGeom& g, const PaddedInput& pi);
 
 // ---- task partition --------------------------------------------------------------
 
-// The hardware threads, read once (glibc's std::thread::hardware_concurrency opens and reads a sysfs
-// file on every call: microseconds of a layer's fixed cost).
-size_t HardwareThreads();
-
 // How many tasks to split `items` work items into (task t runs items
 // [t*items/T, (t+1)*items/T)): oz::TaskCount, at least min_tasks_hint if given.
 size_t PartitionTasks(size_t items, size_t min_tasks_hint = 0);
