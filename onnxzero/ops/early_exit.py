@@ -57,6 +57,8 @@ import onnx
 from onnx import helper
 
 from onnxzero.ops.spec import CONSTANTS, OPS
+from onnxzero.ops.conv_relu import conv2d
+from onnxzero.ops.conv_relu import im2col as _im2col
 from onnxzero.ops.session import conv_geometry
 
 OP = "EarlyExitConv"
@@ -79,34 +81,19 @@ __all__ = ["DEFAULT_FRACTION", "DEFAULT_QUANTILE", "NEG_BAND_EDGES", "OP", "MODE
 # ------------------------------------------------------------------------------------------ numpy conv
 def im2col(x: np.ndarray, w_shape, *, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
            auto_pad: str = "NOTSET") -> tuple[np.ndarray, object]:
-    """cols (N, group, C/group*KH*KW, OH*OW) float64 with rows in (c, kh, kw) order, and the geometry."""
+    """cols (N, group, C/group*KH*KW, OH*OW) float64 with rows in (c, kh, kw) order, and the geometry:
+    conv_relu.im2col (the one numpy convolution every op reference builds on), split by group."""
     x = np.asarray(x, dtype=np.float64)
     geo = conv_geometry(x.shape, w_shape, strides=strides, pads=pads, dilations=dilations, group=group,
                         auto_pad=auto_pad)
-    N, C, H, W = x.shape
-    pt, pl, pb, pr = geo.pads
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    sh, sw = geo.strides
-    dh, dw = geo.dilations
-    cols = np.empty((N, C, geo.KH, geo.KW, geo.OH, geo.OW))
-    for kh in range(geo.KH):
-        for kw in range(geo.KW):
-            h0, w0 = kh * dh, kw * dw
-            cols[:, :, kh, kw] = xp[:, :, h0:h0 + (geo.OH - 1) * sh + 1:sh, w0:w0 + (geo.OW - 1) * sw + 1:sw]
-    cg = C // group
-    return cols.reshape(N, group, cg * geo.KH * geo.KW, geo.OH * geo.OW), geo
+    return _im2col(x, geo).reshape(x.shape[0], group, -1, geo.OH * geo.OW), geo
 
 
 def conv_relu_reference(x, w, b=None, *, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
                         auto_pad: str = "NOTSET", other=None) -> np.ndarray:
     """ReLU(Conv(x, w) + b [+ other]) in float64 (im2col + matmul); other: a residual site's (N, K, OH, OW)."""
-    w = np.asarray(w, np.float64)
-    cols, geo = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
-    K = w.shape[0]
-    wg = w.reshape(group, K // group, -1)
-    y = np.einsum("gkr,ngrp->ngkp", wg, cols).reshape(x.shape[0], K, geo.OH, geo.OW)
-    if b is not None:
-        y = y + np.asarray(b, np.float64).reshape(1, K, 1, 1)
+    y = conv2d(np.asarray(x, np.float64), w, b, strides=strides, pads=pads, dilations=dilations, group=group,
+               auto_pad=auto_pad)
     if other is not None:
         other = np.asarray(other, np.float64)
         if other.shape != y.shape:

@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from onnxzero.ops.spec import OPS
-from onnxzero.ops.conv_relu import layout_attributes
+from onnxzero.ops.conv_relu import conv2d, layout_attributes
 from onnxzero.ops.session import conv_geometry
 
 OP = "SpatialConv"
@@ -167,24 +167,9 @@ def expand_mask(mask: np.ndarray, K: int, OH: int, OW: int, patch: int) -> np.nd
 
 # ------------------------------------------------------------------------------------------ reference
 def _conv_preact(x, w, b, g) -> np.ndarray:
-    """Plain im2col convolution in float64: (N, K, OH, OW) pre-activations incl. bias."""
-    N = x.shape[0]
-    (SH, SW), (DH, DW), (PT, PL, PB, PR) = g.strides, g.dilations, g.pads
-    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (PT, PB), (PL, PR)))
-    G, Cg, Kg = g.group, g.C // g.group, g.K // g.group
-    y = np.empty((N, g.K, g.OH, g.OW), np.float64)
-    for grp in range(G):
-        cols = np.empty((N, Cg, g.KH, g.KW, g.OH, g.OW), np.float64)
-        for r in range(g.KH):
-            for s in range(g.KW):
-                h0, w0 = r * DH, s * DW
-                cols[:, :, r, s] = xp[:, grp * Cg:(grp + 1) * Cg,
-                                      h0:h0 + (g.OH - 1) * SH + 1:SH, w0:w0 + (g.OW - 1) * SW + 1:SW]
-        wg = w[grp * Kg:(grp + 1) * Kg].reshape(Kg, -1).astype(np.float64)
-        y[:, grp * Kg:(grp + 1) * Kg] = np.einsum("kq,nqhw->nkhw", wg, cols.reshape(N, Cg * g.KH * g.KW, g.OH, g.OW))
-    if b is not None:
-        y += np.asarray(b, np.float64)[None, :, None, None]
-    return y
+    """(N, K, OH, OW) pre-activations incl. bias, float64: conv_relu.conv2d, the one numpy convolution."""
+    return conv2d(np.asarray(x, np.float64), w, b, strides=g.strides, pads=g.pads, dilations=g.dilations,
+                  group=g.group)
 
 
 def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, mask: np.ndarray, *, patch: int,
