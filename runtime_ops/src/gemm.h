@@ -63,6 +63,19 @@ struct AlignedFree {
 using AlignedFloats = std::unique_ptr<float[], AlignedFree>;
 AlignedFloats AllocFloats(size_t n);  // throws std::bad_alloc; contents uninitialised
 
+// An aligned float buffer that only grows: the per-thread scratch the kernels reuse across runs.
+struct GrowableFloats {
+  AlignedFloats buf;
+  size_t cap = 0;
+  float* Floats(size_t n) {
+    if (n > cap) {
+      buf = AllocFloats(n);
+      cap = n;
+    }
+    return buf.get();
+  }
+};
+
 // Conv weights prepared once at session creation (immutable afterwards: safe to share between runs).
 // Layout: one 64-byte aligned row of CRS floats per output channel (q = (c, r, s) order, stride ld()),
 // so any subset of rows is addressable without repacking (Slice). (A block-major layout -- every

@@ -295,17 +295,7 @@ void GatherLanes(const float* const* rows, int64_t R, float* dst, int64_t bs) {
 
 // Per calling thread, reused across runs: the blocked input and output of a run (tasks on the pool
 // get the pointers, so concurrent runs from different threads never share a buffer).
-struct Scratch {
-  gemm::AlignedFloats buf;
-  size_t cap = 0;
-  float* Floats(size_t n) {
-    if (n > cap) {
-      buf = gemm::AllocFloats(n);
-      cap = n;
-    }
-    return buf.get();
-  }
-};
+using Scratch = gemm::GrowableFloats;
 Scratch& TlsScratch() {
   static thread_local Scratch s;
   return s;

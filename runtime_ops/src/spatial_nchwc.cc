@@ -55,17 +55,7 @@ void BlockedToRows8(const float* src, int64_t B, int64_t n, float* dst, int64_t 
     for (int c = 0; c < 8; ++c) dst[c * ld + w] = src[w * B + c];
 }
 
-struct PadScratch {  // the run's padded NCHWc input, kept by the calling thread across runs
-  gemm::AlignedFloats buf;
-  size_t cap = 0;
-  float* Floats(size_t n) {
-    if (n > cap) {
-      buf = gemm::AllocFloats(n);
-      cap = n;
-    }
-    return buf.get();
-  }
-};
+using PadScratch = gemm::GrowableFloats;  // the run's padded NCHWc input, kept by the calling thread
 
 struct Run {
   int64_t j0, j1, b0, b1;  // patches [j0, j1), filter blocks [b0, b1) of the set
