@@ -356,3 +356,28 @@ def activations(draw, shape: tuple[int, ...], *, nonneg: bool = False) -> np.nda
 def he_weights(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """He-normal conv weights (K, C/group, KH, KW): std sqrt(2 / fan_in), as a trained ReLU CNN starts."""
     return (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
+
+
+def run_concurrently(items, check) -> None:
+    """check(item) for every item, each in its own thread, all at once (a Barrier lines them up): the
+    kernels must hold up when one session runs concurrently. Re-raises the first failure."""
+    import threading
+
+    items = list(items)
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(items))
+
+    def worker(item):
+        try:
+            start.wait()
+            check(item)
+        except BaseException as e:  # noqa: BLE001 - re-raised below on the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(item,)) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

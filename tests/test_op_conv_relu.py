@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
+from conftest import run_concurrently
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -159,22 +159,13 @@ def test_concurrent_runs_on_one_session():
     sess = make_session(_model((1, 8, "H", "W"), w, b, pads=(1, 1, 1, 1)), threads=2)
     xs = [rng.standard_normal((1 + i % 2, 8, 30 - i, 30 + i)).astype(np.float32) for i in range(6)]
     refs = [cr.reference(x, w, b, pads=(1, 1, 1, 1))[0] for x in xs]
-    errors = []
 
     def worker(i):
-        try:
-            for _ in range(5):
-                y, _ = sess.run(None, {"X": xs[i]})
-                _close(y, refs[i], 10)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        for _ in range(5):
+            y, _ = sess.run(None, {"X": xs[i]})
+            _close(y, refs[i], 10)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_concurrently(range(len(xs)), worker)
 
 
 # --- errors: refused at session creation (attribute / constant problems) or at run time (input shapes)
@@ -500,22 +491,13 @@ def test_nchwc_concurrent_runs_on_one_session():
     xs = [rng.standard_normal((1 + i % 3, 16, 20 - i, 18 + 2 * i)).astype(np.float32) for i in range(6)]
     os_ = [rng.standard_normal((x.shape[0], 32, x.shape[2], x.shape[3])).astype(np.float32) for x in xs]
     refs = [cr.reference(x, w, b, other=o, pads=(1, 1, 1, 1))[0] for x, o in zip(xs, os_)]
-    errors = []
 
-    def worker(i):
-        try:
-            for _ in range(5):
-                y, _ = sess.run(None, {"X": xs[i], "O": os_[i]})
-                _close(y, refs[i], 12)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+    def check(i):
+        for _ in range(5):
+            y, _ = sess.run(None, {"X": xs[i], "O": os_[i]})
+            _close(y, refs[i], 12)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_concurrently(range(len(xs)), check)
 
 
 # --- Blocked layout (x_blocked / other_blocked / y_blocked): same values as the NCHW op, any mix.

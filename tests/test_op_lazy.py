@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+from conftest import run_concurrently
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -516,22 +517,13 @@ def test_nchwc_concurrent_runs_with_different_ratios():
     sess = make_session(_model((1, C, "H", "W"), w, b, pw, pb, pads=(1, 1, 1, 1)), threads=2)
     cases = [(rng.standard_normal((1 + i % 2, C, 9 + i, 10)).astype(np.float32), (0.25, 0.5, 1.0)[i % 3]) for i in range(6)]
     refs = [lazy.reference(x, w, b, pw, pb, ratio=r, pads=(1, 1, 1, 1))[0] for x, r in cases]
-    errors = []
 
-    def worker(i):
-        try:
-            for _ in range(5):
-                y, _ = sess.run(None, _feed(*cases[i]))
-                _close(y, refs[i], 12)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+    def check(i):
+        for _ in range(5):
+            y, _ = sess.run(None, _feed(*cases[i]))
+            _close(y, refs[i], 12)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_concurrently(range(len(cases)), check)
 
 
 def test_residual_with_ratio_attribute_and_no_ratio_input():

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
+from conftest import run_concurrently
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -462,21 +462,15 @@ def test_concurrent_runs_on_one_session():
         x = rng.standard_normal((1, 8, 20, 20)).astype(np.float32)
         mask = (rng.random((24, 2, 2)) < 0.3 + 0.05 * i).astype(np.uint8)
         jobs.append((x, mask, sp.reference(x, w, b, mask, patch=2, pads=[1, 1, 1, 1])))
-    errors = []
 
-    def worker(job):
+    def check(job):
         x, mask, (y_ref, macs_ref) = job
         for _ in range(5):
             y, macs = _run(sess, x, mask)
-            if macs != macs_ref or not np.allclose(y, y_ref, rtol=1e-4, atol=1e-4):
-                errors.append("mismatch")
+            assert macs == macs_ref
+            np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
 
-    threads = [threading.Thread(target=worker, args=(j,)) for j in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_concurrently(jobs, check)
 
 
 def test_macs_output_is_optional():

@@ -11,9 +11,9 @@ which builds its own measurer and passes no --objective.
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
+from conftest import run_concurrently
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -150,24 +150,13 @@ def test_lazy_conv_under_concurrent_runs_of_one_session(mnist):
     chunks = [x[i:i + 4] for i in range(0, len(x), 4)]
     serial = [sess.run(None, {name: c}) for c in chunks]
     results: dict[tuple[int, int, int], list[np.ndarray]] = {}
-    errors: list[BaseException] = []
-    start = threading.Barrier(4)
 
     def worker(t: int) -> None:
-        try:
-            start.wait()
-            for rep in range(3):  # each thread runs every chunk, in its own order
-                for i in np.random.default_rng(t * 10 + rep).permutation(len(chunks)):
-                    results[t, rep, int(i)] = sess.run(None, {name: chunks[i]})
-        except BaseException as e:  # noqa: BLE001 - reported below with the thread's id
-            errors.append(e)
+        for rep in range(3):  # each thread runs every chunk, in its own order
+            for i in np.random.default_rng(t * 10 + rep).permutation(len(chunks)):
+                results[t, rep, int(i)] = sess.run(None, {name: chunks[i]})
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    run_concurrently(range(4), worker)
     assert len(results) == 4 * 3 * len(chunks)
     for (_, _, i), outs in results.items():
         for got, want in zip(outs, serial[i], strict=True):
