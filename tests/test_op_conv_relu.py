@@ -540,9 +540,8 @@ def blocked_run(make, inits, x, other, flags, attrs, extra_inputs=None, feeds=No
     return y, int(macs)
 
 
-@given(blocked_case())
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_blocked_layouts_equal_nchw(case):
+def blocked_tensors(case):
+    """(rng, X, W, B or None, conv attributes, geometry, other or None) of a blocked_case, from its seed."""
     n, C, K, h, w, kh, kw, s, pads, bias, residual, flags, seed = case
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, C, h, w)).astype(np.float32)
@@ -551,6 +550,14 @@ def test_blocked_layouts_equal_nchw(case):
     attrs = dict(strides=(s, s), pads=pads)
     g = cr.geometry(x.shape, wt.shape, **attrs)
     other = rng.standard_normal((n, K, g.OH, g.OW)).astype(np.float32) if residual else None
+    return rng, x, wt, b, attrs, g, other
+
+
+@given(blocked_case())
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_blocked_layouts_equal_nchw(case):
+    n, C, K, h, w, kh, kw, s, pads, bias, residual, flags, seed = case
+    rng, x, wt, b, attrs, g, other = blocked_tensors(case)
     inits = {"W": wt, **({"B": b} if b is not None else {})}
 
     def make(**layout):

@@ -545,20 +545,14 @@ def test_residual_with_ratio_attribute_and_no_ratio_input():
 # --- Blocked layout: LazyConv with blocked X / other / Y equals the NCHW op at every ratio (both the
 # NCHWc subset path, P >= 32, and the GEMM core's, which converts blocked tensors in and out).
 
-from test_op_conv_relu import blocked_case, blocked_run  # noqa: E402  (tests/ is on sys.path)
+from test_op_conv_relu import blocked_case, blocked_run, blocked_tensors  # noqa: E402  (tests/ is on sys.path)
 
 
 @given(blocked_case(), st.sampled_from([1.0, 0.5, 0.3, 0.25]))
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_blocked_layouts_equal_nchw(case, ratio):
     n, C, K, h, w, kh, kw, s, pads, bias, residual, flags, seed = case
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, C, h, w)).astype(np.float32)
-    wt = rng.standard_normal((K, C, kh, kw)).astype(np.float32)
-    b = rng.standard_normal(K).astype(np.float32) if bias else None
-    attrs = dict(strides=(s, s), pads=pads)
-    g = cr.geometry(x.shape, wt.shape, **attrs)
-    other = rng.standard_normal((n, K, g.OH, g.OW)).astype(np.float32) if residual else None
+    rng, x, wt, b, attrs, g, other = blocked_tensors(case)
     pw, pb = _predictor(rng, C + (K if residual else 0), K)
     inits = {"W": wt, **({"B": b} if b is not None else {}), "Y__pred_W": pw, "Y__pred_b": pb}
 
