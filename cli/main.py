@@ -138,7 +138,7 @@ def rewrite(model: str, output: Path | None, technique: str | None, config_path:
     from onnxzero.passes.rewrite import rewrite as rewrite_model
     from onnxzero.passes.sites import explain as explain_sites
 
-    src = resolve_model_path(model)
+    resolve_model_path(model)  # a missing model fails here, before the data is looked up
     data_path = data or z.default_data(model)
     protect = input_files(model) + ((Path(data_path),) if data_path else ())
     if output is not None:

@@ -22,7 +22,6 @@ weights, exact early exit, the techniques themselves) stays fixed: changing it m
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,19 +33,20 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxzero import UserError
 from onnxzero.evaluate import Evaluator, median_latency_ms, top1
-from onnxzero.ops import early_exit, lazy, spatial
+from onnxzero.ops.spec import OPS
 from onnxzero.passes.normalize import normalize
 from onnxzero.passes.rewrite import provenance, rewrite
 from onnxzero.passes.rules import RULES
-from onnxzero.passes.rules.base import Calibration, weight
+from onnxzero.passes.rules.base import Calibration
+from onnxzero.passes.rules.early_exit import EarlyExitRule
 from onnxzero.passes.sites import find_sites
 
 SPEED = "speed"
 ROUNDING = ("index = floor(clip(speed, 0, 1) * (P - 1) + 0.5): the nearest point, exactly half way goes to the "
             "faster one; speed outside [0, 1] is clamped, NaN selects the most accurate point")
-# The op contract's positions of the inputs a deployment may change per run.
-SETTING_INPUTS: dict[str, dict[int, str]] = {lazy.OP: {5: "ratio"}, spatial.OP: {3: "mask"},
-                                             early_exit.OP: {3: "n_terms", 4: "threshold"}}
+# The op spec's positions of the inputs a deployment may change per run.
+SETTING_INPUTS: dict[str, dict[int, str]] = {op: {spec.index(x.name): x.name for x in spec.settings}
+                                             for op, spec in OPS.items() if spec.settings}
 LAZY_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 # (fraction of terms before the check, quantile of the positive outputs that may be cut)
 PREDICTIVE = ((0.5, 0.02), (0.5, 0.1), (0.25, 0.05), (0.25, 0.15))
@@ -217,12 +217,10 @@ def build_knobs(base: onnx.ModelProto, model_rt: onnx.ModelProto, sites, calib_x
             opts = [{"n_terms": np.zeros(k, np.int64), "threshold": np.full(k, -np.inf, np.float32)}]
             labels = [{"fraction": 0.0, "quantile": 0.0, "prediction": "off"}]
             calibration = calibration or Calibration(base, calib_x)
-            x = calibration.tensors([s.x])[s.x][:64]
-            kw = {"strides": s.strides, "dilations": s.dilations, "group": s.group}
-            kw.update({"pads": s.pads} if s.pads is not None else {"auto_pad": s.auto_pad})
+            rule = EarlyExitRule(base, has_data=True)
             for f, q in PREDICTIVE:
-                nt, th = early_exit.calibrate_predictive(x, weight(base, s.w), weight(base, s.b), fraction=f,
-                                                         quantile=q, **kw)
+                fit = calibration.fit(rule, s, {"mode": "predictive", "fraction": f, "quantile": q})
+                nt, th = fit["n_terms"], fit["threshold"]
                 opts.append({"n_terms": np.asarray(nt, np.int64), "threshold": np.asarray(th, np.float32)})
                 labels.append({"fraction": f, "quantile": q})
             given = seed_config[name]

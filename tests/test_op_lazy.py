@@ -439,7 +439,8 @@ def test_rule_fits_residual_site_on_input_and_shortcut_strengths():
                 pads=tuple(pads), auto_pad="NOTSET", dilations=(1, 1), group=1, macs=K * H * H * C * 9,
                 input_nonneg=True, nonneg_reason="Relu", residual="sc", add="add1")
     cal = Calibration(model, data)
-    rep = LazyRule(model, cal).rewrite(site, {"ratio": 0.5}, "Y")
+    rule = LazyRule(model, has_data=True)
+    rep = rule.rewrite(site, {"ratio": 0.5}, cal.fit(rule, site, {"ratio": 0.5}), "Y")
     (node,) = rep.nodes
     assert node.op_type == "LazyConv" and node.input[-1] == "sc" and node.input[0] == "h"
     pw, pb = rep.initializers["Y__pred_W"], rep.initializers["Y__pred_b"]

@@ -636,10 +636,10 @@ def test_rule_passes_the_residual_as_the_last_input():
                 macs=4 * 8 * 9 * 36, input_nonneg=True, nonneg_reason="test")
     import onnx
 
-    rule = SpatialRule(onnx.ModelProto(), None)  # rewrite() reads neither the model nor calibration
-    rep = rule.rewrite(Site(**base, residual="S", add="add1"), {"patch": 2}, "Y")
+    rule = SpatialRule(onnx.ModelProto())  # rewrite() reads no weights, and spatial fits nothing
+    rep = rule.rewrite(Site(**base, residual="S", add="add1"), {"patch": 2}, {}, "Y")
     assert list(rep.nodes[0].input) == ["X", "W", "B", "conv1__mask", "S"]
-    rep = rule.rewrite(Site(**base), {"patch": 2}, "Y")
+    rep = rule.rewrite(Site(**base), {"patch": 2}, {}, "Y")
     assert list(rep.nodes[0].input) == ["X", "W", "B", "conv1__mask"]
 
 

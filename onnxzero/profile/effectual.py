@@ -178,7 +178,7 @@ def _with_indicator_branches(model: onnx.ModelProto) -> tuple[onnx.ModelProto, l
     skipped: list[str] = []
     new_nodes: list[onnx.NodeProto] = []
     for idx, node in enumerate(model.graph.node):
-        w_ind, attrs, op, per_out = None, {}, node.op_type, 0
+        attrs, op, per_out = {}, node.op_type, 0
         name = names[idx]
         if node.domain == DOMAIN and node.op_type == sparse_quant.OP:
             a = {x.name: helper.get_attribute_value(x) for x in node.attribute}

@@ -19,11 +19,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxzero.evaluate import Evaluator, expose_macs, fixed_batch, session, top1
-from onnxzero.ops import early_exit
 from onnxzero.emit import jsonable
 from onnxzero.passes.rewrite import RewriteReport, SiteResult, rewrite
 from onnxzero.passes.rules import Calibration
-from onnxzero.passes.rules.base import weight
+from onnxzero.passes.rules.early_exit import EarlyExitRule
 from onnxzero.passes.sites import Site
 from onnxzero.search.candidates import Candidate
 
@@ -64,7 +63,6 @@ class Engine:
         self.calibration = Calibration(base, calib_x, calib_ref)
         self.base_accuracy = top1(Evaluator(base, threads=threads).run(calib_x).logits, calib_ref)
         self._tech: dict[str, tuple[onnx.ModelProto, Evaluator, dict[str, np.ndarray]]] = {}
-        self._predictive: dict[tuple[str, float, float], tuple[np.ndarray, np.ndarray]] = {}
         self._suffix: dict[tuple, Suffix | None] = {}
         self._acts: dict[str, np.ndarray] = {}  # the float model's activations on the calibration split
         self._base_names = {self._input_name(base)} | {o for n in base.graph.node for o in n.output}
@@ -97,7 +95,7 @@ class Engine:
                     elif technique == "early-exit":
                         cfg["sites"][s.name] = {"technique": "early-exit", "mode": "predictive",
                                                 "n_terms": np.zeros(k, np.int64), "threshold": np.full(k, -np.inf, np.float32)}
-                model, rep = rewrite(self.base, config=cfg, inputs=self.x, labels=self.ref, normalized=True)
+                model, rep = rewrite(self.base, config=cfg, calibration=self.calibration, normalized=True)
                 defaults = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
                             if t.name in {i.name for i in model.graph.input}}
                 self._tech[key] = (model, Evaluator(model, threads=self.threads), defaults)
@@ -125,19 +123,15 @@ class Engine:
         return feeds
 
     def predictive(self, s: Site, setting: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """(n_terms, threshold) for an early-exit setting; exact = never predicted (Th = -inf)."""
+        """(n_terms, threshold) for an early-exit setting; exact = never predicted (Th = -inf).
+        Fitted by the early-exit rule's own calibration (once per site and setting)."""
         k = s.w_shape[0]
         if setting.get("mode", "exact") == "exact":
             return np.zeros(k, np.int64), np.full(k, -np.inf, np.float32)
-        key = (s.name, float(setting["fraction"]), float(setting["quantile"]))
-        with self._lock:
-            if key not in self._predictive:
-                x = self.calibration.tensors([s.x])[s.x][:32]
-                kw = {"strides": s.strides, "dilations": s.dilations, "group": s.group}
-                kw.update({"pads": s.pads} if s.pads is not None else {"auto_pad": s.auto_pad})
-                self._predictive[key] = early_exit.calibrate_predictive(
-                    x, weight(self.base, s.w), weight(self.base, s.b), fraction=key[1], quantile=key[2], **kw)
-            return self._predictive[key]
+        fit = self.calibration.fit(EarlyExitRule(self.base, has_data=True), s,
+                                   {"mode": "predictive", "fraction": float(setting["fraction"]),
+                                    "quantile": float(setting["quantile"])})
+        return fit["n_terms"], fit["threshold"]
 
     # -- one candidate ------------------------------------------------------------------------
     def measure(self, c: Candidate) -> Measured:
@@ -209,7 +203,9 @@ class Engine:
     def deployed(self, config: dict[str, dict[str, Any]]):
         """(model, rewrite report) as `optimize` would emit it for `config` (site -> setting): settings frozen."""
         cfg = {s: self.materialize(s, c) for s, c in config.items()}
-        return rewrite(self.base, config={"sites": cfg}, inputs=self.x, labels=self.ref, normalized=True,
+        # the calibration's fits (lazy predictors, sparse-quant thresholds) are made once per site
+        # and setting and reused by every combination
+        return rewrite(self.base, config={"sites": cfg}, calibration=self.calibration, normalized=True,
                        runtime_settings=False)
 
     def combination(self, config: dict[str, dict[str, Any]]) -> tuple[onnx.ModelProto, float, int]:

@@ -31,6 +31,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -114,13 +115,6 @@ class Progress:
     def start(self, total: int, what: str) -> None: ...
     def advance(self, n: int = 1) -> None: ...
     def note(self, text: str) -> None: ...
-
-
-def split(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (calibration, validation) index split."""
-    idx = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, int(round(n * val_fraction)))
-    return np.sort(idx[n_val:]), np.sort(idx[:n_val])
 
 
 def split(n: int, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,12 @@
-"""What every technique rule shares: the Replacement it returns, calibration data, conv attributes."""
+"""What every technique rule shares: the Replacement it returns, calibration data, conv attributes.
+
+A rule works in three steps, each with its own inputs, so the expensive one can be reused:
+check(site, setting) -> a reason it must not fire, or None (no data, no inference);
+calibrate(site, setting, calibration) -> the fitted part of the site's plan (predictor weights,
+thresholds: the only step that runs inference, memoized by Calibration per site and setting, so a
+search that rewrites the same site with the same setting in many combinations fits it once);
+rewrite(site, setting, fit, out_name) -> the Replacement (pure: the site, its weights, the fit).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +14,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import json
+import threading
+from collections.abc import Callable, Hashable
+
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 
 from onnxzero.passes.sites import Site
@@ -37,16 +50,32 @@ class Calibration:
         self.inputs = inputs[:max_samples]  # for activations: enough to fit and calibrate
         self._cache: dict[str, np.ndarray] = {}
         self._reference: np.ndarray | None = None
+        self._fits: dict[Hashable, Any] = {}
+        self._lock = threading.RLock()  # the search's threads share one Calibration
+
+    def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """compute() once per key for this model and data (fits depend on nothing else)."""
+        with self._lock:
+            if key not in self._fits:
+                self._fits[key] = compute()
+            return self._fits[key]
+
+    def fit(self, rule: "SiteRule", site: Site, setting: dict[str, Any]) -> dict[str, Any]:
+        """rule.calibrate(site, setting, self), once per (site, technique, setting)."""
+        from onnxzero.emit import jsonable
+
+        key = ("fit", site.name, rule.technique, json.dumps(jsonable(setting), sort_keys=True))
+        return self.memo(key, lambda: rule.calibrate(site, setting, self))
 
     def tensors(self, names: list[str]) -> dict[str, np.ndarray]:
-        missing = [n for n in names if n not in self._cache]
-        if missing:
-            from onnxzero.evaluate import Evaluator
+        with self._lock:
+            missing = [n for n in names if n not in self._cache]
+            if missing:
+                from onnxzero.evaluate import Evaluator
 
-            ev = Evaluator(self.model, extra_outputs=missing)
-            self._cache.update(ev.run(self.inputs).extras)
-        return {n: self._cache[n] for n in names}
-
+                ev = Evaluator(self.model, extra_outputs=missing)
+                self._cache.update(ev.run(self.inputs).extras)
+            return {n: self._cache[n] for n in names}
 
     def reference_labels(self) -> np.ndarray:
         """Labels if the data has them, else the float model's own top-1 (eps then bounds disagreement)."""
@@ -85,9 +114,14 @@ class Calibration:
         return out
 
 
-def weight(model: onnx.ModelProto, name: str | None) -> np.ndarray | None:
+def weight(model: onnx.ModelProto | ir.Model, name: str | None) -> np.ndarray | None:
     if not name:
         return None
+    if isinstance(model, ir.Model):
+        v = model.graph.initializers.get(name)
+        if v is None or v.const_value is None:
+            raise KeyError(name)
+        return v.const_value.numpy()
     for init in model.graph.initializer:
         if init.name == name:
             return numpy_helper.to_array(init)
@@ -106,7 +140,8 @@ def conv_kwargs(site: Site) -> dict[str, Any]:
 
 
 class SiteRule(ABC):
-    """A technique: `check` a site (and setting), then `rewrite` it. One instance per rewrite call."""
+    """A technique: `check` a site and setting, `calibrate` it (the data-dependent part of its plan),
+    `rewrite` it. One instance per rewrite call; `model` (proto or IR) is read for its weights only."""
 
     technique: ClassVar[str]
     keys: ClassVar[tuple[str, ...]] = ()  # the settings this technique understands
@@ -114,9 +149,12 @@ class SiteRule(ABC):
     # The rule passes a residual site's `other` tensor to its op (ReLU(conv + bias + other)).
     residual: ClassVar[bool] = False
 
-    def __init__(self, model: onnx.ModelProto, calibration: Calibration | None):
+    def __init__(self, model: onnx.ModelProto | ir.Model, *, has_data: bool = False):
         self.model = model
-        self.calibration = calibration
+        self.has_data = has_data
+
+    def weight(self, name: str | None) -> np.ndarray | None:
+        return weight(self.model, name)
 
     def default_setting(self, site: Site, given: dict[str, Any]) -> dict[str, Any]:
         """Settings to fill in where `given` (the config's) is silent."""
@@ -124,10 +162,15 @@ class SiteRule(ABC):
 
     def check(self, site: Site, setting: dict[str, Any]) -> str | None:
         """A one-line reason this rule must not rewrite `site` with `setting`, or None."""
-        if self.needs_data and self.calibration is None:
+        if self.needs_data and not self.has_data:
             return f"{self.technique} needs calibration data (--data FILE.npz)"
         return None
 
+    def calibrate(self, site: Site, setting: dict[str, Any], calibration: Calibration | None) -> dict[str, Any]:
+        """What rewrite needs beyond the site, its weights and its setting (check has passed;
+        `calibration` is None where the rewrite has no data)."""
+        return {}
+
     @abstractmethod
-    def rewrite(self, site: Site, setting: dict[str, Any], out_name: str) -> Replacement:
+    def rewrite(self, site: Site, setting: dict[str, Any], fit: dict[str, Any], out_name: str) -> Replacement:
         """Nodes computing `out_name` = the site's activation (before any Clip upper bound)."""

@@ -8,7 +8,7 @@ import numpy as np
 
 from onnxzero.ops.spec import setting_input
 from onnxzero.ops import early_exit as op
-from onnxzero.passes.rules.base import Replacement, SiteRule, conv_kwargs, weight
+from onnxzero.passes.rules.base import Replacement, SiteRule, conv_kwargs
 from onnxzero.passes.sites import Site
 
 
@@ -46,11 +46,26 @@ class EarlyExitRule(SiteRule):
             v = setting.get(name, op.DEFAULT_FRACTION if name == "fraction" else op.DEFAULT_QUANTILE)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
                 return f"predictive {name} is {v!r}, expected a number in [0, 1]"
-        if self.calibration is None:
+        if not self.has_data:
             return "predictive early exit needs calibration data (--data) or explicit n_terms/threshold"
         return None
 
-    def rewrite(self, site: Site, setting: dict[str, Any], out_name: str) -> Replacement:
+    def calibrate(self, site: Site, setting: dict[str, Any], calibration) -> dict[str, Any]:
+        if setting.get("mode", "exact") != "predictive" or "n_terms" in setting:
+            return {}
+        fraction = float(setting.get("fraction", op.DEFAULT_FRACTION))
+        quantile = float(setting.get("quantile", op.DEFAULT_QUANTILE))
+        # at a residual site the thresholds are fitted on conv + bias + shortcut, what the ReLU sees
+        names = [site.x] + ([site.residual] if site.residual else [])
+        t = calibration.tensors(names)
+        x = t[site.x][:64]
+        other = t[site.residual][:64] if site.residual else None
+        cal_kw = {k: v for k, v in conv_kwargs(site).items() if k != "kernel_shape"}
+        n_terms, threshold = op.calibrate_predictive(x, self.weight(site.w), self.weight(site.b),
+                                                     fraction=fraction, quantile=quantile, other=other, **cal_kw)
+        return {"n_terms": n_terms, "threshold": threshold}
+
+    def rewrite(self, site: Site, setting: dict[str, Any], fit: dict[str, Any], out_name: str) -> Replacement:
         mode = setting.get("mode", "exact")
         kw = conv_kwargs(site)
         if mode == "exact":
@@ -59,21 +74,13 @@ class EarlyExitRule(SiteRule):
             node, inits = op.make_node(site.x, site.w, site.b, out_name, mode="exact", other=site.residual,
                                        skip_zeros=sz, name=f"{site.name}__early_exit", **kw)
             return Replacement([node], inits, setting={"mode": "exact", **({"skip_zeros": sz} if sz is not None else {})})
-        fraction = float(setting.get("fraction", op.DEFAULT_FRACTION))
-        quantile = float(setting.get("quantile", op.DEFAULT_QUANTILE))
         if "n_terms" in setting:
             n_terms, threshold = setting["n_terms"], setting["threshold"]
             recorded = {"mode": "predictive", "n_terms": np.asarray(n_terms).tolist(), "threshold": np.asarray(threshold).tolist()}
         else:
-            recorded = {"mode": "predictive", "fraction": fraction, "quantile": quantile}
-            # at a residual site the thresholds are fitted on conv + bias + shortcut, what the ReLU sees
-            names = [site.x] + ([site.residual] if site.residual else [])
-            t = self.calibration.tensors(names)
-            x = t[site.x][:64]
-            other = t[site.residual][:64] if site.residual else None
-            cal_kw = {k: v for k, v in kw.items() if k != "kernel_shape"}
-            n_terms, threshold = op.calibrate_predictive(x, weight(self.model, site.w), weight(self.model, site.b),
-                                                         fraction=fraction, quantile=quantile, other=other, **cal_kw)
+            n_terms, threshold = fit["n_terms"], fit["threshold"]
+            recorded = {"mode": "predictive", "fraction": float(setting.get("fraction", op.DEFAULT_FRACTION)),
+                        "quantile": float(setting.get("quantile", op.DEFAULT_QUANTILE))}
         # n_terms / threshold are runtime inputs with defaults so the optimizer can move them per run
         nt_name, th_name = setting_input(site.name, "n_terms"), setting_input(site.name, "threshold")
         node, inits = op.make_node(site.x, site.w, site.b, out_name, mode="predictive",

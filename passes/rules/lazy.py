@@ -30,19 +30,27 @@ class LazyRule(SiteRule):
             return f"lazy ratio {r!r} is outside (0, 1]"
         return None
 
-    def rewrite(self, site: Site, setting: dict[str, Any], out_name: str) -> Replacement:
+    def calibrate(self, site: Site, setting: dict[str, Any], calibration) -> dict[str, Any]:
         ratio = float(setting.get("ratio", 0.75))
         # A residual site predicts the strengths of the sum from the input's and the shortcut's
         # strengths (the op's pred_W is then (C + K, K)).
         names = [site.x, site.y] + ([site.residual] if site.residual else [])
-        t = self.calibration.tensors(names)
-        s_prev = op.predictor_input(t[site.x], t[site.residual] if site.residual else None)
-        s = op.activation_strength(t[site.y])
-        pred_w, pred_b = op.fit_predictor(s_prev, s, iters=10)  # IRLS converges to ~1e-3 MAE by then
-        hit = op.top_n_hit_rate(s_prev @ pred_w.astype(np.float64) + pred_b, s, ratio)
+
+        def fit():  # independent of the ratio: one fit per site
+            t = calibration.tensors(names)
+            s_prev = op.predictor_input(t[site.x], t[site.residual] if site.residual else None)
+            s = op.activation_strength(t[site.y])
+            pred_w, pred_b = op.fit_predictor(s_prev, s, iters=10)  # IRLS converges to ~1e-3 MAE by then
+            return pred_w, pred_b, s_prev @ pred_w.astype(np.float64) + pred_b, s
+
+        pred_w, pred_b, predicted, s = calibration.memo(("lazy predictor", site.name), fit)
+        return {"pred_w": pred_w, "pred_b": pred_b, "top_n_hit_rate": op.top_n_hit_rate(predicted, s, ratio)}
+
+    def rewrite(self, site: Site, setting: dict[str, Any], fit: dict[str, Any], out_name: str) -> Replacement:
+        ratio = float(setting.get("ratio", 0.75))
         ratio_name = setting_input(site.name, "ratio")
-        node, inits = op.make_node(site.x, site.w, site.b, out_name, pred_w=pred_w, pred_b=pred_b, ratio=ratio,
-                                   ratio_input=ratio_name, name=f"{site.name}__lazy", other=site.residual,
+        node, inits = op.make_node(site.x, site.w, site.b, out_name, pred_w=fit["pred_w"], pred_b=fit["pred_b"],
+                                   ratio=ratio, ratio_input=ratio_name, name=f"{site.name}__lazy", other=site.residual,
                                    **conv_kwargs(site))
         return Replacement([node], inits, runtime_inputs={ratio_name: np.asarray(ratio, np.float32)},
-                           setting={"ratio": ratio}, stats={"top_n_hit_rate": hit})
+                           setting={"ratio": ratio}, stats={"top_n_hit_rate": fit["top_n_hit_rate"]})

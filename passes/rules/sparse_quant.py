@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from onnxzero.ops import sparse_quant as op
-from onnxzero.passes.rules.base import Replacement, SiteRule, conv_kwargs, weight
+from onnxzero.passes.rules.base import Replacement, SiteRule, conv_kwargs
 from onnxzero.passes.sites import Site
 
 # Candidate pruned fractions for the sensitivity analysis, most aggressive first.
@@ -32,30 +32,31 @@ class SparseQuantRule(SiteRule):
             v = setting.get(k)
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi):
                 return f"sparse-quant {k} is {v!r}, expected a number in [{lo}, {hi}]"
-        if "threshold" not in setting and "prune" not in setting and self.calibration is None:
+        if "threshold" not in setting and "prune" not in setting and not self.has_data:
             return "sparse-quant needs calibration data (--data) for its sensitivity analysis, or a threshold/prune setting"
         return None
 
-    def threshold_for(self, site: Site, setting: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-        w = weight(self.model, site.w)
-        mags = np.sort(np.abs(w).ravel())
+    def calibrate(self, site: Site, setting: dict[str, Any], calibration) -> dict[str, Any]:
+        """The pruning threshold: given, at a pruned fraction, or from the sensitivity analysis."""
         if "threshold" in setting:
-            return float(setting["threshold"]), {}
+            return {"threshold": float(setting["threshold"])}
+        w = self.weight(site.w)
+        mags = np.sort(np.abs(w).ravel())
         if "prune" in setting:
-            return _threshold_at(mags, float(setting["prune"])), {}
+            return {"threshold": _threshold_at(mags, float(setting["prune"]))}
         max_loss = float(setting.get("max_loss", 1.0))
         # Least aggressive first, stopping at the first fraction over the bound: loss grows with
         # the pruned fraction, so this finds the largest passing threshold in few forward passes.
         candidates = [(f, _threshold_at(mags, f)) for f in sorted(PRUNE_FRACTIONS)]
-        sens = self.calibration.sensitivity(site.w, candidates, lambda thr: op.decompress(op.compress(w, threshold=thr)),
-                                            stop_above=max_loss)
+        sens = calibration.sensitivity(site.w, candidates, lambda thr: op.decompress(op.compress(w, threshold=thr)),
+                                       stop_above=max_loss)
         passing = [(f, thr) for f, thr, loss in sens if loss <= max_loss]
-        thr = passing[-1][1] if passing else 0.0
-        return thr, {"sensitivity": [[f, lo] for f, _, lo in sens], "max_loss": max_loss}
+        return {"threshold": passing[-1][1] if passing else 0.0,
+                "stats": {"sensitivity": [[f, lo] for f, _, lo in sens], "max_loss": max_loss}}
 
-    def rewrite(self, site: Site, setting: dict[str, Any], out_name: str) -> Replacement:
-        w = weight(self.model, site.w)
-        thr, extra = self.threshold_for(site, setting)
+    def rewrite(self, site: Site, setting: dict[str, Any], fit: dict[str, Any], out_name: str) -> Replacement:
+        w = self.weight(site.w)
+        thr = fit["threshold"]
         comp = op.compress(w, threshold=thr)
         # initializers named after the site, not the weight: two sites may share one weight
         node, inits = op.make_node(site.x, f"{site.name}__w", site.b, out_name, compressed=comp, other=site.residual,
@@ -66,7 +67,7 @@ class SparseQuantRule(SiteRule):
         positions = oh * ow if isinstance(oh, int) and isinstance(ow, int) else None
         stats = {**op.compression_stats(w, comp), "macs_per_position": op.kernel_macs_per_position(comp, positions=positions)}
         return Replacement([node], inits, drop_initializers=[site.w],
-                           setting={"threshold": thr, "frac_bits": comp["frac_bits"]}, stats={**stats, **extra})
+                           setting={"threshold": thr, "frac_bits": comp["frac_bits"]}, stats={**stats, **fit.get("stats", {})})
 
 
 def _threshold_at(sorted_mags: np.ndarray, fraction: float) -> float:

@@ -42,7 +42,7 @@ class SpatialRule(SiteRule):
             return str(e)
         return None
 
-    def rewrite(self, site: Site, setting: dict[str, Any], out_name: str) -> Replacement:
+    def rewrite(self, site: Site, setting: dict[str, Any], fit: dict[str, Any], out_name: str) -> Replacement:
         p = int(setting.get("patch", DEFAULT_PATCH))
         mask = self._mask(site, setting)
         mask_name = setting_input(site.name, "mask")
