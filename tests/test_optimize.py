@@ -75,6 +75,24 @@ def test_first_level_exact_early_exit_loses_nothing(lenet_result):
     assert all(m.macs <= m.dense_macs for m in exact)  # lenet's conv2 input is post-ReLU/MaxPool
 
 
+def test_first_level_measures_the_boldest_settings_until_top_m_are_within_eps(lenet_result, mnist):
+    short = lambda ms: sorted((m.site[-7:], m.key.split("|", 1)[1]) for m in ms)  # noqa: E731
+    # eps 100: every setting is within eps, so per site only the 3 boldest of each technique are measured
+    r = optimize(load_model("zoo:lenet5"), mnist.inputs[:200], mnist.labels[:200],
+                 SearchOptions(eps=100.0, objective="macs", techniques=("sparse-quant", "lazy")))
+    expected = [(site, f"{t}|{k}={v}") for site in (".0/Conv", ".3/Conv")
+                for t, k, vs in (("lazy", "ratio", ("0.2", "0.3", "0.4")), ("sparse-quant", "prune", ("0.8", "0.9", "0.95")))
+                for v in vs]
+    assert short(r.first_level) == sorted(expected)
+    # eps 3 (lenet_result): lazy and sparse-quant have fewer than 3 settings within eps on a site, so
+    # every one is measured; early exit's 3 boldest predictive settings are within eps on both sites,
+    # so the gentlest (N 0.5, quantile 0.02) is not, while exact (conv2 only: its input is >= 0) always is
+    keys = [m.key for m in lenet_result.first_level]
+    assert sum("|lazy|" in k for k in keys) == 14 and sum("|sparse-quant|" in k for k in keys) == 10
+    assert not [k for k in keys if "quantile=0.02" in k]
+    assert sorted(k.split("|", 1)[1] for k in keys if "mode=exact" in k) == ["early-exit|mode=exact"]
+
+
 def test_eps_zero_only_takes_lossless_settings(mnist):
     m = load_model("zoo:lenet5")
     r = optimize(m, mnist.inputs[:200], mnist.labels[:200], SearchOptions(eps=0.0, objective="macs", techniques=("early-exit",)))
@@ -179,7 +197,9 @@ def test_resume_uses_a_matching_cache(tmp_path, small_data):
     cache = interrupted_cache(tmp_path, small_data)
     r = run("optimize", "zoo:lenet5", *MACS_ARGS, "--data", small_data, "-o", tmp_path / "o.onnx", "--resume")
     assert r.exit_code == 0, r.output
-    assert "resumed 9 measured candidates from" in r.stderr  # lenet5: 2 sites x 4 predictive + exact on conv2 (input >= 0)
+    # lenet5: 2 sites x the 3 boldest of 4 predictive settings (all 3 within eps: the gentlest is not
+    # needed) + exact on conv2 (input >= 0)
+    assert "resumed 7 measured candidates from" in r.stderr
     assert not cache.exists() and (tmp_path / "o.onnx").exists()
 
 

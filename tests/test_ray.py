@@ -118,8 +118,10 @@ def test_same_answer_as_the_local_search(local_ray, lenet, mnist, local_result):
     r = search(lenet, mnist, Cluster())
     assert figures(r) == figures(local_result)
     assert r.report["optimized"]["macs"] < r.report["baseline"]["macs"]  # it did find something
-    # 2 sites: early exit 4 predictive each + exact on the second (its input is >= 0), 7 prunings, 7 lazy ratios each
-    assert len(r.first_level) == 9 + 14 + 10 and len(r.combined) >= 1  # early exit, lazy 7 x 2, prune 5 x 2
+    # 2 sites: early exit's 3 boldest predictive settings each (all within eps 3, so the gentlest of the
+    # 4 is never measured) + exact on the second (its input is >= 0); 5 prunings and 7 lazy ratios each
+    # (too few of them within eps to stop early)
+    assert len(r.first_level) == 7 + 10 + 14 and len(r.combined) >= 1
 
 
 def test_workers_are_other_processes_and_measure_what_the_engine_does(local_ray, lenet, mnist):

@@ -170,35 +170,62 @@ class Measurements:
 
     # -- 1. first level: accuracy and MACs ----------------------------------------------------------
     def first_level(self, cands: list[Candidate]) -> dict[str, Measured]:
-        """Each candidate's accuracy and MACs on the calibration split (only its site changed)."""
-        cache, progress, engine = self.cache, self.progress, self.engine
-        todo = [c for c in cands if c.key not in cache.measured]
+        """Accuracy and MACs on the calibration split (only the candidate's site changed) of the
+        candidates the search can use, boldest first.
+
+        Per site and technique (and early-exit mode) the settings are measured from the boldest down, one aggressiveness
+        level at a time, until `top_m` of them are within eps: a gentler setting skips less work, so
+        the network level, which takes each site's top_m boldest options within eps (best saving
+        first), would never reach it. Each round measures the next level of every unfinished (site,
+        technique) at once (on Ray workers or --jobs threads; serially, in the same order)."""
+        cache, progress, o = self.cache, self.progress, self.o
+        groups: dict[tuple, list[list[Candidate]]] = {}
+        for c in cands:
+            # exact early exit loses nothing and predicts nothing: a group of its own, always measured
+            groups.setdefault((c.site, c.technique, c.setting.get("mode")), []).append(c)
+        for k, cs in groups.items():
+            levels: dict[float, list[Candidate]] = {}
+            for c in cs:
+                levels.setdefault(aggressiveness(c), []).append(c)
+            groups[k] = [levels[a] for a in sorted(levels, reverse=True)]
         progress.start(len(cands), "first-level candidates")
-        progress.advance(len(cands) - len(todo))
+        done: dict[str, Measured] = {}
+        within = dict.fromkeys(groups, 0)
         try:
-            if self.remote is not None:
-                for i, m in enumerate(self.remote.measure(todo)):
-                    m.loss = 100.0 * (engine.base_accuracy - m.accuracy)  # against the driver's own float model
+            while groups:
+                batch = [c for levels in groups.values() for c in levels[0]]
+                todo = [c for c in batch if c.key not in cache.measured]
+                progress.advance(len(batch) - len(todo))
+                for i, m in enumerate(self._measure(todo)):
                     cache.measured[m.key] = m.to_json()
                     progress.advance()
                     if i % 10 == 9:
                         cache.save()
-            elif self.o.jobs > 1:
-                with ThreadPoolExecutor(self.o.jobs) as pool:
-                    for m in pool.map(engine.measure, todo):
-                        cache.measured[m.key] = m.to_json()
-                        progress.advance()
-            else:
-                for i, c in enumerate(todo):
-                    cache.measured[c.key] = engine.measure(c).to_json()
-                    progress.advance()
-                    if i % 10 == 9:
-                        cache.save()
+                for k in list(groups):
+                    level = groups[k].pop(0)
+                    for c in level:
+                        done[c.key] = Measured(**cache.measured[c.key])
+                        within[k] += done[c.key].loss <= o.eps
+                    if within[k] >= o.top_m or not groups[k]:
+                        progress.advance(sum(len(lv) for lv in groups.pop(k)))
         except KeyboardInterrupt:
             cache.save()
             raise
         cache.save()
-        return {c.key: Measured(**cache.measured[c.key]) for c in cands}
+        return {c.key: done[c.key] for c in cands if c.key in done}
+
+    def _measure(self, todo: list[Candidate]):
+        """Each candidate's Measured, in order: on Ray workers, --jobs threads, or here."""
+        if self.remote is not None:
+            for m in self.remote.measure(todo):
+                m.loss = 100.0 * (self.engine.base_accuracy - m.accuracy)  # against the driver's own float model
+                yield m
+        elif self.o.jobs > 1:
+            with ThreadPoolExecutor(self.o.jobs) as pool:
+                yield from pool.map(self.engine.measure, todo)
+        else:
+            for c in todo:
+                yield self.engine.measure(c)
 
     # -- 1b. whole-model latency of the candidates that can still win -------------------------------
     def time_first_level(self, measured: dict[str, Measured], cand_by_key: dict[str, Candidate], base_macs: int) -> None:
