@@ -235,23 +235,37 @@ def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | Non
     kg = K // group
     n_terms = np.zeros(K, np.int64)
     threshold = np.full(K, np.inf, np.float32)
+    # Only S_N and the final sum matter: both are one matmul over all filters (the first N terms of
+    # each filter's order kept in `first`), not a cumulative sum over every term of every filter.
+    wf = w.reshape(K, -1).astype(np.float64)
+    first = np.zeros_like(wf)
     for k in range(K):
-        T = int(np.count_nonzero(w[k]))
-        nn = int(np.ceil(fraction * T))
+        order, _ = term_order(w[k])
+        nn = int(np.ceil(fraction * order.size))
         n_terms[k] = nn
-        partial, final = [], []
-        for n in range(x.shape[0]):
-            S, _ = _partial_sums(cols[n, k // kg], w[k], s0[n, k])
-            partial.append(S[nn])
-            final.append(S[-1])
-        partial, final = np.concatenate(partial), np.concatenate(final)
-        alive = partial[final > 0]
+        first[k, order[:nn]] = wf[k, order[:nn]]
+    partial, final = _sums(cols, first, s0, group), _sums(cols, wf, s0, group)
+    for k in range(K):
+        p, f = partial[:, k].ravel(), final[:, k].ravel()
+        alive = p[f > 0]
         if alive.size:
             v = np.quantile(alive, quantile, method="lower")
-            below = partial[partial < v]
+            below = p[p < v]
             # halfway to the next lower partial sum: no calibration output sits on the threshold
             threshold[k] = np.float32((v + below.max()) / 2 if below.size else v - max(1.0, abs(v)) * 1e-3)
     return n_terms, threshold
+
+
+def _sums(cols: np.ndarray, wmat: np.ndarray, s0: np.ndarray, group: int, chunk: int = 8) -> np.ndarray:
+    """(N, K, P) float64: s0 + wmat (K, CRS) applied to each image's group cols (N, G, CRS, P)."""
+    N, K = cols.shape[0], wmat.shape[0]
+    kg = K // group
+    out = np.array(s0, np.float64, copy=True)
+    for n0 in range(0, N, chunk):
+        c = cols[n0:n0 + chunk].astype(np.float64)
+        for g in range(group):
+            out[n0:n0 + chunk, g * kg:(g + 1) * kg] += np.matmul(wmat[g * kg:(g + 1) * kg], c[:, g])
+    return out
 
 
 # ------------------------------------------------------------------------------------------ node
