@@ -112,6 +112,19 @@ def test_technique_that_pays_only_as_a_chain_is_found(mnist):
     assert r2.report["search"]["chains"] == [] and not r2.first_level
 
 
+def test_chain_that_saves_more_than_its_sites_alone_is_found_even_where_sites_pay_alone(mnist):
+    # each EarlyExitConv alone saves 3 %, both together 30 %: the chain seeds the network level
+    def cost(ops):
+        return -0.3 if ops == {(A, "EarlyExitConv"), (B, "EarlyExitConv")} else -0.03 * len(ops)
+
+    r, _ = search(mnist, cost, techniques=("early-exit",))
+    assert r.report["search"]["chains"] == ["early-exit"] and r.report["search"]["hopeless"] == []
+    assert set(emitted_sites(r)) == {A, B} and r.report["latency_ratio"] == pytest.approx(0.7)
+    # must not fire: both together save 6 %, what the sites alone add up to
+    r2, _ = search(mnist, lambda ops: -0.03 * len(ops), techniques=("early-exit",))
+    assert r2.report["search"]["chains"] == []
+
+
 def test_ties_go_to_the_smaller_accuracy_loss(mnist):
     # every rewrite of B buys the same 20 %, whatever its technique or setting
     r, _ = search(mnist, lambda ops: -0.2 if B in sites_of(ops) else 0.0)
@@ -132,8 +145,9 @@ def test_margin_is_honoured(mnist):
 
 
 def test_final_check_outweighs_the_search_figure(mnist):
-    # noise: B's rewrite looks 5 % faster in its first two short measurements, then as fast as the
-    # original (a tie: the original wins the search); the final 300-run check sees it 10 % faster
+    # noise: B's rewrite looks 5 % faster in its first three short measurements (its probe, the
+    # probe of both sites at once, its first-level timing), then as fast as the original (a tie: the
+    # original wins the search); the final 300-run check sees it 10 % faster
     class Noisy(FakeMeasurer):
         seen = 0
 
@@ -143,7 +157,7 @@ def test_final_check_outweighs_the_search_figure(mnist):
             if B not in sites_of(ops):
                 return 1.0, 1.0
             self.seen += 1
-            return (0.9 if runs == 300 else 0.95 if self.seen <= 2 else 1.0), 1.0
+            return (0.9 if runs == 300 else 0.95 if self.seen <= 3 else 1.0), 1.0
 
     meas = Noisy(None)
     r = optimize(load_model("zoo:lenet5"), *mnist, SearchOptions(eps=5.0, techniques=("early-exit",)), measurer=meas)
@@ -187,3 +201,46 @@ def test_cli_decision_matches_its_measured_figures(tmp_path):
         assert report["note"].startswith("no faster model within eps 3: the original is the fastest on this machine (")
     for m in [s for s in report["sites"] if s["technique"]]:
         assert m["macs_after"] < m["macs_before"]  # a site is rewritten only where it skips work
+
+
+def _walk(losses_by_site, combined_losses, eps=1.0):
+    """The combinations one seed's back-off walk yields, sent the given combined losses in turn."""
+    from onnxzero.search.candidates import Candidate
+    from onnxzero.search.combine import Combiner
+    from onnxzero.search.engine import Measured
+    from onnxzero.search.greedy import Progress
+
+    cands, seed = {}, {}
+    for site, losses in losses_by_site.items():
+        seed[site] = []
+        for i, loss in enumerate(losses):
+            c = Candidate.make(site, "lazy", {"ratio": 0.2 + 0.1 * i})
+            cands[c.key] = c
+            seed[site].append(Measured(c.key, site, "lazy", c.setting, 0.9, loss, 10 + i, 100))
+    o = SearchOptions(eps=eps, objective="macs")
+    walk = Combiner(None, None, o, [], Progress())._walk(seed, cands)
+    out = [next(walk)]
+    for loss in combined_losses:
+        try:
+            out.append(walk.send(Combined(out[-1], 0.9, loss, 0, 1.0, 1.0)))
+        except StopIteration:
+            break
+    return [{s: c["ratio"] for s, c in cfg.items()} for cfg in out]
+
+
+def test_back_off_gives_back_the_overshoot_in_one_step():
+    # overshoot 4.5 - 1 = 3.5: a (2 points alone) and b (1.5) go back to dense together; c and d stay
+    steps = _walk({"a": [2.0], "b": [1.5], "c": [1.0], "d": [0.0]}, [4.5, 0.8])
+    assert steps == [{"a": 0.2, "b": 0.2, "c": 0.2, "d": 0.2}, {"c": 0.2, "d": 0.2}]
+    # a site with a gentler option gives back only the difference: a 2 -> 0.5 (1.5), then b too
+    steps = _walk({"a": [2.0, 0.5], "b": [1.5], "c": [0.2]}, [3.0, 0.9])
+    assert steps == [{"a": 0.2, "b": 0.2, "c": 0.2}, {"a": 0.30000000000000004, "c": 0.2}]
+
+
+def test_back_off_stays_one_site_a_step_where_that_covers_the_overshoot():
+    # overshoot 0.5 <= a's 2 points: only a backs off (must not take b and c with it)
+    assert _walk({"a": [2.0], "b": [1.5], "c": [1.0]}, [1.5, 0.5]) == [
+        {"a": 0.2, "b": 0.2, "c": 0.2}, {"b": 0.2, "c": 0.2}]
+    # no first-level loss to go by (each site lossless alone, not together): one site a step
+    assert _walk({"a": [0.0], "b": [0.0], "c": [0.0]}, [3.0, 2.0, 0.0]) == [
+        {"a": 0.2, "b": 0.2, "c": 0.2}, {"b": 0.2, "c": 0.2}, {"c": 0.2}]

@@ -136,17 +136,30 @@ class Combiner:
             c = yield {s: site_config(cand_by_key[options_by_site[s][i].key]) for s, i in choice.items()}
             if c.loss <= o.eps:
                 return
-            # back off the site whose current option costs the most accuracy on its own
-            worst = max(choice, key=lambda s: (options_by_site[s][choice[s]].loss,
-                                               -options_by_site[s][choice[s]].saved(o.objective)))
-            choice[worst] += 1
-            if choice[worst] >= len(options_by_site[worst]):
-                del choice[worst]
+            # back off the site whose current option costs the most accuracy on its own; while the
+            # first-level losses given back so far cover less than the overshoot, the next worst too
+            # (losses roughly add up: a seed over all sites then needs a few steps, not one per site)
+            over, given, first = c.loss - o.eps, 0.0, True
+            for worst in sorted(choice, key=lambda s: (-options_by_site[s][choice[s]].loss,
+                                                       options_by_site[s][choice[s]].saved(o.objective))):
+                now = options_by_site[worst][choice[worst]].loss
+                if not first and (given >= over or now <= 0):
+                    break
+                first = False
+                choice[worst] += 1
+                if choice[worst] >= len(options_by_site[worst]):
+                    del choice[worst]
+                    given += max(now, 0.0)
+                else:
+                    given += max(now - options_by_site[worst][choice[worst]].loss, 0.0)
+                if given <= 0:
+                    break  # no first-level loss to go by: one site a step, as the paper does
 
     def network_level(self, seeds: list[dict[str, list[Measured]]], cand_by_key: dict[str, Candidate],
                       measure_many: Callable[[list[dict[str, dict[str, Any]]]], list[Combined]] | None = None) -> None:
         """From each seed, every site takes its best option; while the combination loses more than eps,
-        the site whose option costs the most accuracy backs off to its next option, or to dense.
+        the site whose option costs the most accuracy backs off to its next option, or to dense (and
+        the next worst too, while the first-level losses given back cover less than the overshoot).
 
         With `measure_many` (Ray workers) the seeds' walks advance side by side: a walk's next step
         depends only on its own last combination, so each round's new combinations are measured at

@@ -16,7 +16,8 @@ emitted model is faster than the original where it is deployed, or nothing is wr
 2. Per site, the top M options within eps that buy time (latency) or MACs, best first.
 3. Network level (LayerQuantizier): every site takes its best option; while the combination loses
    more than eps on the calibration split, the site whose option costs the most accuracy backs off
-   to its next option (Appendix 1's iterative scheme), or to dense when none is left.
+   to its next option (Appendix 1's iterative scheme), or to dense when none is left; where the
+   overshoot is larger than that site's first-level loss, the next worst backs off in the same step.
 4. Decision: the original model is a candidate; among combinations within eps the fastest wins
    (ratios within `tie` of the fastest are ties, and ties go to the smaller accuracy loss); then each
    rewritten site is reverted once if the model without it is no slower (accuracy is not spent for

@@ -121,15 +121,16 @@ class Measurements:
 
     # -- 0. latency probes ------------------------------------------------------------------------
     def probe(self, cands: list[Candidate], base_macs: int) -> tuple[set[tuple[str, str]], set[str]]:
-        """((site, technique) pairs that cannot speed the whole model up, techniques that pay only as a
-        chain), found before any accuracy run.
+        """((site, technique) pairs that cannot speed the whole model up, techniques that pay as a chain),
+        found before any accuracy run.
 
         A latency run at batch 1 costs far less than an accuracy run over the calibration split, so each
         pair's most aggressive setting is timed in the whole model first: when even it is no faster than
         the original, its gentler settings (which skip less) are never measured. A site whose share of
         the model's MACs is below min_share is not even timed: it cannot make a difference. Each technique
-        is also timed with every site at its boldest setting: where that is faster although no site alone
-        is (onnxruntime reorders only at a chain's edges), the technique's sites stay in the search."""
+        is also timed with every site at its boldest setting: where that saves more than its sites alone
+        add up to (onnxruntime reorders only at a chain's edges), the technique pays as a chain: its
+        sites stay in the search and it seeds the network level on every site."""
         o, cache, progress = self.o, self.cache, self.progress
         groups: dict[tuple[str, str], list[Candidate]] = {}
         for c in cands:
@@ -157,8 +158,14 @@ class Measurements:
             chains = set()
             for t in techniques:
                 ps = [p for (_, pt), p in boldest.items() if pt == t]
-                if len(ps) > 1 and all((p.site, t) in hopeless for p in ps) and \
-                        probe(f"chain|{t}", {p.site: site_config(p) for p in ps}) <= 1 - o.tie:
+                if len(ps) < 2:
+                    progress.advance()
+                    continue
+                # a chain pays when every site at once saves more than the sites alone add up to: its
+                # ops then pass blocked tensors to each other, the reorders fall away
+                chain = probe(f"chain|{t}", {p.site: site_config(p) for p in ps})
+                alone = sum(max(0.0, 1.0 - cache.probes[p.key]) for p in ps)
+                if 1.0 - chain > alone + o.tie:
                     chains.add(t)
                     hopeless -= {(p.site, t) for p in ps}
                 progress.advance()
