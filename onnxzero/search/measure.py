@@ -197,16 +197,17 @@ class Measurements:
             groups[k] = [levels[a] for a in sorted(levels, reverse=True)]
         progress.start(len(cands), "first-level candidates")
         done: dict[str, Measured] = {}
-        within = dict.fromkeys(groups, 0)
+        within, fresh = dict.fromkeys(groups, 0), 0
         try:
             while groups:
                 batch = [c for levels in groups.values() for c in levels[0]]
                 todo = [c for c in batch if c.key not in cache.measured]
                 progress.advance(len(batch) - len(todo))
-                for i, m in enumerate(self._measure(todo)):
+                for m in self._measure(todo):
                     cache.measured[m.key] = m.to_json()
                     progress.advance()
-                    if i % 10 == 9:
+                    fresh += 1
+                    if fresh % 10 == 0:  # what an interrupted search keeps
                         cache.save()
                 for k in list(groups):
                     level = groups[k].pop(0)
