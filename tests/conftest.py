@@ -381,3 +381,12 @@ def run_concurrently(items, check) -> None:
         t.join()
     if errors:
         raise errors[0]
+
+
+def default_sigint() -> None:
+    """Popen(preexec_fn=...): the child takes Ctrl-C as a terminal user's process does. A shell runs a
+    background job with SIGINT ignored, and a child inherits that, so without this a CI runner started
+    in the background would see the Ctrl-C tests' SIGINT do nothing."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import default_sigint
 
 from onnxzero import zoo
 from onnxzero.cli.main import cli
@@ -271,7 +272,7 @@ def test_cli_sigint_keeps_the_cache_and_resume_continues(local_ray, small_data, 
             "--data", small_data, "-o", out, "--ray", local_ray]
     code = "import sys\nfrom onnxzero.cli.main import cli\ncli(sys.argv[1:], prog_name='onnxzero')\n"
     p = subprocess.Popen([sys.executable, "-P", "-c", code, *map(str, args)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.time() + 120
     while not cache.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)

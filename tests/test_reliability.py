@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import default_sigint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto as T
@@ -410,7 +411,7 @@ def test_ctrl_c_keeps_the_cache_and_resume_gives_the_same_model(tmp_path):
     out = tmp_path / "l.onnx"
     cache = tmp_path / "l.onnx.search.json"
     p = subprocess.Popen([sys.executable, "-m", "onnxzero.cli.main", *args, "-o", str(out)], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while not cache.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
