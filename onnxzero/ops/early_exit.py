@@ -232,7 +232,6 @@ def calibrate_predictive(x_calib: np.ndarray, w: np.ndarray, b: np.ndarray | Non
     cols, geo = im2col(x, w.shape, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
     bias = np.zeros(K) if b is None else np.asarray(b, np.float32).astype(np.float64)
     s0 = _start(bias, other, (x.shape[0], K, geo.OH * geo.OW))
-    kg = K // group
     n_terms = np.zeros(K, np.int64)
     threshold = np.full(K, np.inf, np.float32)
     # Only S_N and the final sum matter: both are one matmul over all filters (the first N terms of
