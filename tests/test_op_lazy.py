@@ -610,3 +610,71 @@ def test_blocked_y_subsets_over_several_filter_sets(K, ratio, hw):
         assert macs_b == macs
     ref, _ = lazy.reference(x, wt, b, pw, pb, ratio=ratio, other=other, **attrs)
     _close(plain, ref, float(np.abs(ref).max()))
+
+
+# --- Rank-r predictors (input 7 pred_V): s = (s_prev @ pred_W) @ pred_V + pred_b.
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("hw", [6, 9])  # 36 output pixels: the NCHWc subset path; 81: with bigger maps too
+def test_rank_r_predictor_equals_reference(residual, hw):
+    rng = np.random.default_rng(31)
+    N, C, K, r = 2, 16, 32, 3
+    x = np.abs(rng.standard_normal((N, C, hw, hw))).astype(np.float32)
+    w = rng.standard_normal((K, C, 3, 3)).astype(np.float32)
+    o = rng.standard_normal((N, K, hw, hw)).astype(np.float32) if residual else None
+    R = C + (K if residual else 0)
+    pu = rng.standard_normal((R, r)).astype(np.float32)
+    pv = rng.standard_normal((r, K)).astype(np.float32)
+    pb = (rng.permutation(K) * 0.01).astype(np.float32)
+    node, extra = lazy.make_node("X", "W", None, "Y", pred_w=pu, pred_b=pb, pred_v=pv, ratio_input="ratio",
+                                 macs_output="macs", other="O" if residual else None, pads=(1, 1, 1, 1))
+    assert list(node.input)[3:5] == ["Y__pred_W", "Y__pred_b"] and node.input[7] == "Y__pred_V"
+    assert extra["Y__pred_V"].shape == (r, K)
+    model = single_op_model(node, {"W": w, **extra}, x.shape,
+                            runtime_inputs={**RATIO, **({"O": (TensorProto.FLOAT, None)} if residual else {})})
+    sess = make_session(model, threads=2)
+    for ratio in (1.0, 0.5, 0.25):
+        y, macs = sess.run(None, {**_feed(x, ratio), **({"O": o} if residual else {})})
+        ref, ref_macs = lazy.reference(x, w, None, pu, pb, ratio=ratio, other=o, pred_v=pv, pads=(1, 1, 1, 1))
+        _close(y, ref, 12)
+        assert int(macs) == ref_macs
+    # the rank-r predictor is the full predictor pu @ pv (same selection where no near-ties)
+    full = lazy.predicted_strengths(x, pu.astype(np.float64) @ pv, pb, o)
+    np.testing.assert_allclose(lazy.predicted_strengths(x, pu, pb, o, pred_v=pv), full, rtol=1e-9, atol=1e-9)
+
+
+def test_rank_r_predictor_errors():
+    x, w, pw, pb = _lazy_inputs()  # C = 4, K = 6
+    pu = np.zeros((4, 2), np.float32)
+    with pytest.raises(ValueError, match=r"do not match \(C, r\) / \(r, K\) / \(K,\)"):
+        lazy.make_node("X", "W", None, "Y", pred_w=pu, pred_b=pb, pred_v=np.zeros((3, 6), np.float32))
+    bad_v = single_op_model(_raw_node(["X", "W", "", "pw", "pb", "", "", "pv"]),
+                            {"W": w, "pw": pu, "pb": pb, "pv": np.zeros((2, 5), np.float32)}, x.shape)
+    with pytest.raises(Exception, match=r"LazyConv: input 'pred_V' has shape \(2, 5\), expected \(rank, 6\)"):
+        make_session(bad_v, threads=1)
+    bad_w = single_op_model(_raw_node(["X", "W", "", "pw", "pb", "", "", "pv"]),
+                            {"W": w, "pw": pw, "pb": pb, "pv": np.zeros((2, 6), np.float32)}, x.shape)
+    with pytest.raises(Exception, match=r"LazyConv: input 'pred_W' has shape \(4, 6\), expected \(4, 2\) "
+                                        r"\(input channels x rank, with pred_V\)"):
+        make_session(bad_w, threads=1)
+
+
+def test_factor_predictor_finds_the_rank_of_a_low_rank_fit_and_keeps_full_rank_ones():
+    rng = np.random.default_rng(5)
+    S, C, K = 400, 96, 64
+    s_prev = np.abs(rng.standard_normal((S, C))) * rng.uniform(0.5, 50, C)  # features on different scales
+    # true strengths of rank 6 in the features, plus a little noise
+    s = s_prev @ (rng.standard_normal((C, 6)) @ rng.standard_normal((6, K))) / 100 + rng.standard_normal((S, K)) * 0.01
+    pw, pb = lazy.fit_predictor(s_prev, s, iters=3)
+    u, v = lazy.factor_predictor(pw, pb, s_prev, s)
+    assert u.shape == (C, 8) and v.shape == (8, K)  # the smallest power of two >= 6 that ranks as well
+    full = lazy.predict(s_prev, pw, pb)
+    low = lazy.predict(s_prev, u, pb, v)
+    for q in (0.25, 0.5, 0.75):
+        assert lazy.top_n_hit_rate(low, s, q) >= lazy.top_n_hit_rate(full, s, q) - 0.005
+    # must not fire: strengths of full rank (no rank up to the break-even ranks as well) ...
+    s_full = s_prev @ rng.standard_normal((C, K)) + rng.standard_normal((S, K))
+    pw2, pb2 = lazy.fit_predictor(s_prev, s_full, iters=3)
+    assert lazy.factor_predictor(pw2, pb2, s_prev, s_full) is None
+    # ... and a predictor too small for any rank to halve its weights ((C + K) * 4 > C * K / 2)
+    assert lazy.factor_predictor(pw[:6, :5], pb[:5], s_prev[:, :6], s[:, :5]) is None

@@ -30,7 +30,7 @@ def test_library_registers_exactly_the_spec():
     for name, op in OPS.items():
         assert reg[name] == [(_ONNX_ELEM[x.dtype], x.optional) for x in op.inputs], name
     # hand-checked anchors, so a spec edit that breaks the op contract shows up here too
-    assert [x.name for x in OPS["LazyConv"].inputs] == ["X", "W", "B", "pred_W", "pred_b", "ratio", "other"]
+    assert [x.name for x in OPS["LazyConv"].inputs] == ["X", "W", "B", "pred_W", "pred_b", "ratio", "other", "pred_V"]
     assert reg["SparseQuantConv"][:4] == [(1, False), (3, False), (2, False), (7, False)]
     assert OPS["EarlyExitConv"].index("other") == 5
 

@@ -22,6 +22,11 @@ time without editing the model) or, when that input is absent, the node's `ratio
 and depthwise convs pick the top n over all K. The MAC counter is N * n * OH*OW * (C/group)*KH*KW.
 n = max(1, ceil(ratio * K - 1e-4)): the tolerance forgives float32 rounding (0.3 of 10 filters is 3).
 
+A rank-r predictor (the optional input pred_V, (r, K)): pred_W is then (C [+ K], r) and
+s = (s_prev @ pred_W) @ pred_V + pred_b. A full predictor reads (C + K) * K weights per image, more
+than a 1x1 conv's own weights on ResNet50's last stage (2560 x 2048 against 512 x 2048), where it
+cost 10x the conv; `factor_predictor` finds the smallest rank that ranks the filters as well.
+
 Preparing the predictor: collect (s_prev, s) pairs by running the float model on data
 (`activation_strength` of the layer's input and of its ReLU output), fit with `fit_predictor`
 (mean absolute error, the paper's criterion) and check it with `top_n_hit_rate` (the paper reports
@@ -61,10 +66,18 @@ def predictor_input(x: np.ndarray, other: np.ndarray | None = None) -> np.ndarra
     return s if other is None else np.concatenate([s, activation_strength(other)], axis=1)
 
 
+def predict(s_prev: np.ndarray, pred_w: np.ndarray, pred_b: np.ndarray, pred_v: np.ndarray | None = None) -> np.ndarray:
+    """(N, K) predicted strengths from the predictor's features (N, C [+ K]), in float64 as the kernel."""
+    t = np.asarray(s_prev, np.float64) @ np.asarray(pred_w, np.float64)
+    if pred_v is not None:
+        t = t @ np.asarray(pred_v, np.float64)
+    return t + np.asarray(pred_b, np.float64)
+
+
 def predicted_strengths(x: np.ndarray, pred_w: np.ndarray, pred_b: np.ndarray,
-                        other: np.ndarray | None = None) -> np.ndarray:
+                        other: np.ndarray | None = None, pred_v: np.ndarray | None = None) -> np.ndarray:
     """(N, K) predicted activation strengths of the op's filters for input x (and residual other)."""
-    return predictor_input(x, other) @ np.asarray(pred_w, np.float64) + np.asarray(pred_b, np.float64)
+    return predict(predictor_input(x, other), pred_w, pred_b, pred_v)
 
 
 def top_n(scores: np.ndarray, n: int) -> np.ndarray:
@@ -78,7 +91,7 @@ def top_n(scores: np.ndarray, n: int) -> np.ndarray:
 
 
 def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pred_w: np.ndarray, pred_b: np.ndarray, *,
-              ratio: float = 1.0, other: np.ndarray | None = None, **conv_attrs) -> tuple[np.ndarray, int]:
+              ratio: float = 1.0, other: np.ndarray | None = None, pred_v: np.ndarray | None = None, **conv_attrs) -> tuple[np.ndarray, int]:
     """LazyConv's semantics in numpy: (y float32, macs). Skipped channels: 0, or ReLU(other)."""
     x = np.asarray(x, np.float32)
     g = geometry(x.shape, np.shape(w), **conv_attrs)
@@ -88,7 +101,7 @@ def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pred_w: np.nda
     base = np.zeros_like(conv) if o is None else o
     y = np.maximum(conv + base, 0)
     if n < g.K:
-        chosen = top_n(predicted_strengths(x, pred_w, pred_b, other), n)
+        chosen = top_n(predicted_strengths(x, pred_w, pred_b, other, pred_v), n)
         keep = np.zeros((x.shape[0], g.K), bool)
         np.put_along_axis(keep, chosen, True, axis=1)
         y = np.where(keep[:, :, None, None], y, np.maximum(base, 0))
@@ -174,14 +187,46 @@ def fit_predictor(s_prev_samples: np.ndarray, s_samples: np.ndarray, *, iters: i
     return w.astype(np.float32), b.astype(np.float32)
 
 
+def factor_predictor(pred_w: np.ndarray, pred_b: np.ndarray, s_prev: np.ndarray, s: np.ndarray, *,
+                     ratios: Sequence[float] = (0.25, 0.5, 0.75), tolerance: float = 0.005
+                     ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pred_W (C, r), pred_V (r, K)) of the smallest rank r in 4, 8, 16, ... whose predictions rank the
+    filters as well as the full pred_w on the calibration samples (s_prev, s): top-n hit rate at each
+    of `ratios` within `tolerance` of the full predictor's. None where no such rank halves the
+    predictor's weights ((C + K) * r <= C * K / 2).
+
+    Why: the kernel reads its whole predictor for every image, and a full one can outweigh the conv
+    it serves (a residual 1x1 site of ResNet50's last stage: 2560 x 2048 predictor weights against
+    512 x 2048 conv weights, 6 ms of 6.1 ms). A fit on S samples has rank at most S + 1 anyway. The
+    SVD is taken with each feature scaled by its mean strength, so large-valued features do not
+    decide the basis alone."""
+    pred_w = np.asarray(pred_w, np.float64)
+    R, K = pred_w.shape
+    ranks = [r for r in (2 ** i for i in range(2, 32)) if (R + K) * r <= R * K // 2]
+    if not ranks:
+        return None
+    xs = np.abs(np.asarray(s_prev, np.float64)).mean(axis=0)
+    xs[xs == 0] = 1.0
+    U, S, Vt = np.linalg.svd(xs[:, None] * pred_w, full_matrices=False)
+    base = [top_n_hit_rate(predict(s_prev, pred_w, pred_b), s, q) for q in ratios]
+    for r in ranks:
+        u = (U[:, :r] * S[:r] / xs[:, None]).astype(np.float32)
+        v = np.ascontiguousarray(Vt[:r], np.float32)
+        p = predict(s_prev, u, pred_b, v)
+        if all(top_n_hit_rate(p, s, q) >= b - tolerance for q, b in zip(ratios, base)):
+            return u, v
+    return None
+
+
 def make_node(x: str, w_name: str, b_name: str | None, y: str, *, pred_w: np.ndarray, pred_b: np.ndarray,
               ratio: float = 1.0, ratio_input: str | None = None, macs_output: str | None = None,
               kernel_shape: Sequence[int] | None = None, strides: Sequence[int] | None = None,
               pads: Sequence[int] | None = None, dilations: Sequence[int] | None = None, group: int | None = None,
               auto_pad: str | None = None, name: str | None = None,
               other: str | None = None, x_blocked: bool = False, other_blocked: bool = False,
-              y_blocked: bool = False) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
-    """A LazyConv node plus its predictor initializers {'<y>__pred_W': (C, K), '<y>__pred_b': (K,)}.
+              y_blocked: bool = False, pred_v: np.ndarray | None = None) -> tuple[onnx.NodeProto, dict[str, np.ndarray]]:
+    """A LazyConv node plus its predictor initializers {'<y>__pred_W': (C, K), '<y>__pred_b': (K,)}
+    (and '<y>__pred_V' (r, K) for a rank-r predictor, pred_w then (C, r)).
 
     x_blocked / other_blocked / y_blocked: those tensors in the blocked layout (conv_relu.blocked_io).
 
@@ -192,16 +237,25 @@ def make_node(x: str, w_name: str, b_name: str | None, y: str, *, pred_w: np.nda
     """
     pred_w = np.ascontiguousarray(pred_w, np.float32)
     pred_b = np.ascontiguousarray(pred_b, np.float32).reshape(-1)
-    if pred_w.ndim != 2 or pred_w.shape[1] != pred_b.shape[0]:
+    K = pred_b.shape[0]
+    inits = {}
+    pw_name, pb_name, pv_name = f"{y}__pred_W", f"{y}__pred_b", None
+    if pred_v is not None:
+        pred_v = np.ascontiguousarray(pred_v, np.float32)
+        if pred_v.ndim != 2 or pred_v.shape[1] != K or pred_w.ndim != 2 or pred_w.shape[1] != pred_v.shape[0]:
+            raise ValueError(f"pred_w {pred_w.shape}, pred_v {np.shape(pred_v)} and pred_b {pred_b.shape} "
+                             "do not match (C, r) / (r, K) / (K,)")
+        pv_name = f"{y}__pred_V"
+        inits[pv_name] = pred_v
+    elif pred_w.ndim != 2 or pred_w.shape[1] != K:
         raise ValueError(f"pred_w {pred_w.shape} and pred_b {pred_b.shape} do not match (C, K) / (K,)")
-    filters_computed(ratio, pred_b.shape[0])  # validates ratio
-    pw_name, pb_name = f"{y}__pred_W", f"{y}__pred_b"
-    if other and pred_w.shape[0] <= pred_w.shape[1]:
+    filters_computed(ratio, K)  # validates ratio
+    if other and pred_w.shape[0] <= K:
         raise ValueError(f"pred_w {pred_w.shape}: with other, expected (C + K, K) rows (input channels, then other's)")
     outputs = [y] + ([macs_output] if macs_output else [])
     node = OPS[OP].node({"X": x, "W": w_name, "B": b_name, "pred_W": pw_name, "pred_b": pb_name, "ratio": ratio_input,
-                         "other": other}, outputs, name=name, ratio=float(ratio),
+                         "other": other, "pred_V": pv_name}, outputs, name=name, ratio=float(ratio),
                             **conv_attributes(kernel_shape=kernel_shape, strides=strides, pads=pads,
                                               dilations=dilations, group=group, auto_pad=auto_pad),
                             **layout_attributes(x_blocked, other_blocked, y_blocked))
-    return node, {pw_name: pred_w, pb_name: pred_b}
+    return node, {pw_name: pred_w, pb_name: pred_b, **inits}

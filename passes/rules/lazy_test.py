@@ -3,7 +3,10 @@
 import numpy as np
 
 from onnxzero.ops import lazy as op
+from onnxzero.passes.rules.base import Calibration
+from onnxzero.passes.rules.conftest import conv_relu_model
 from onnxzero.passes.rules.lazy import LazyRule
+from onnxzero.passes.sites import find_sites
 
 
 def test_check_reasons(plain):
@@ -22,6 +25,7 @@ def test_calibrate_fits_once_per_site_and_reuses_it_for_every_ratio(plain):
     b = cal.fit(rule, site, {"ratio": 0.25})
     assert a["pred_w"] is b["pred_w"]  # one predictor fit for both ratios
     assert a["pred_w"].shape == (3, 8) and a["pred_b"].shape == (8,)
+    assert a["pred_v"] is None  # 3 x 8 weights: no rank halves them, the predictor stays full
     # the hit rate is the ratio's own: computing all 8 filters always finds the top-n
     assert cal.fit(rule, site, {"ratio": 1.0})["top_n_hit_rate"] == 1.0
     assert 0 <= a["top_n_hit_rate"] <= 1
@@ -47,3 +51,17 @@ def test_residual_site_predicts_from_input_and_shortcut(residual):
     assert fit["pred_w"].shape == (3 + 8, 8)  # (C + K, K): the input's and the shortcut's strengths
     (node,) = rule.rewrite(site, {"ratio": 0.5}, fit, "Y").nodes
     assert node.input[-1] == "sc"
+
+
+def test_calibrate_factors_a_predictor_its_samples_cannot_fill():
+    """8 samples fit a predictor of rank <= 9: on a 64 -> 64 site it becomes (64, r) @ (r, 64), r <= 16,
+    ranking the filters as well on those samples, and the rewrite places pred_V."""
+    model = conv_relu_model(c=64, k=64)
+    (site,) = find_sites(model)
+    x = np.random.default_rng(2).standard_normal((8, 64, 8, 8)).astype(np.float32)
+    rule = LazyRule(model, has_data=True)
+    fit = Calibration(model, x).fit(rule, site, {"ratio": 0.5})
+    r = fit["pred_v"].shape[0]
+    assert fit["pred_w"].shape == (64, r) and fit["pred_v"].shape == (r, 64) and r <= 16
+    rep = rule.rewrite(site, {"ratio": 0.5}, fit, "Y")
+    assert rep.nodes[0].input[7] == "Y__pred_V" and rep.stats["predictor_rank"] == r

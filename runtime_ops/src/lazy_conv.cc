@@ -14,6 +14,9 @@
 // 6 other (optional runtime (N, K, OH, OW)): a residual site. Then the strengths of the SUM are
 // predicted from the input's and other's per-channel strengths, pred_W is (C + K, K) (rows C.. weigh
 // other's strengths), computed channels are ReLU(conv + B + other) and skipped ones ReLU(other).
+// 7 pred_V (optional (r, K) float const): a rank-r predictor, pred_W is then (C [+ K], r) and
+// s = (s_prev . pred_W) . pred_V + pred_b (a full predictor is read per image and can cost more than
+// the conv it serves: onnxzero/ops/lazy.py factor_predictor).
 // Outputs: 0 Y, 1 macs (optional int64 scalar) = N * n_sel * OH*OW * (C/group)*KH*KW.
 // n_sel = max(1, ceil(ratio * K - 1e-4)) (the tolerance forgives float32 rounding: 0.3 of 10 is 3).
 // Attributes x_blocked / other_blocked / y_blocked (0 or 1): X, other, Y in the blocked layout
@@ -84,7 +87,9 @@ struct LazyConvKernel {
   std::vector<int64_t> w_shape;
   gemm::ConvWeights weights;  // the GEMM core's copy
   nchwc::Filters filters;     // MLAS's direct convolution, selected filters gathered per image
-  std::vector<float> pred_w, pred_b;  // (C [+ K], K), (K,)
+  std::vector<float> pred_w, pred_b;  // (C [+ K], K) or (C [+ K], rank), (K,)
+  std::vector<float> pred_v;          // (rank, K) of a rank-r predictor, else empty
+  int64_t rank = 0;                   // 0: a full predictor
   float ratio_attr = 1.f;
   bool has_other = false;  // the node has input 6 `other`: pred_W has C + K rows
   nchwc::Layouts lay;
@@ -111,14 +116,29 @@ struct LazyConvKernel {
     }
     has_other = ki.GetInputCount() > S::kOther && !ki.GetInputName(S::kOther).empty();
     const int64_t rows = has_other ? C + K : C;
+    ConstTensor pv;
+    if (TryGetConstInput(info, S::kPredV, &pv)) {
+      if (pv.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        Fail(kOp, Msg("input 'pred_V' has element type ", pv.type, ", expected float (1)"));
+      if (pv.shape.size() != 2 || pv.shape[0] < 1 || pv.shape[1] != K)
+        Fail(kOp, Msg("input 'pred_V' has shape ", ShapeStr(pv.shape), ", expected (rank, ", K, ") (rank x filters)"));
+      rank = pv.shape[0];
+      pred_v.assign(pv.as<float>(), pv.as<float>() + rank * K);
+      for (float v : pred_v)
+        if (!std::isfinite(v)) Fail(kOp, "input 'pred_V' has a non-finite value, expected finite floats");
+    } else if (ki.GetInputCount() > S::kPredV && !ki.GetInputName(S::kPredV).empty()) {
+      Fail(kOp, "input 'pred_V' (7) must be a constant initializer, got a runtime tensor");
+    }
+    const int64_t cols = rank > 0 ? rank : K;
     ConstTensor pw = RequireConstInput(info, S::kPredW, kOp, "pred_W", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
-    if (pw.shape.size() != 2 || pw.shape[0] != rows || pw.shape[1] != K)
-      Fail(kOp, Msg("input 'pred_W' has shape ", ShapeStr(pw.shape), ", expected (", rows, ", ", K,
-                    has_other ? ") (input channels + other's channels x filters)" : ") (input channels x filters)"));
+    if (pw.shape.size() != 2 || pw.shape[0] != rows || pw.shape[1] != cols)
+      Fail(kOp, Msg("input 'pred_W' has shape ", ShapeStr(pw.shape), ", expected (", rows, ", ", cols,
+                    has_other ? ") (input channels + other's channels x " : ") (input channels x ",
+                    rank > 0 ? "rank, with pred_V)" : "filters)"));
     ConstTensor pb = RequireConstInput(info, S::kPredB, kOp, "pred_b", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
     if (pb.shape.size() != 1 || pb.shape[0] != K)
       Fail(kOp, Msg("input 'pred_b' has shape ", ShapeStr(pb.shape), ", expected (", K, ",)"));
-    pred_w.assign(pw.as<float>(), pw.as<float>() + rows * K);
+    pred_w.assign(pw.as<float>(), pw.as<float>() + rows * cols);
     pred_b.assign(pb.as<float>(), pb.as<float>() + K);
     for (float v : pred_w)
       if (!std::isfinite(v)) Fail(kOp, "input 'pred_W' has a non-finite value, expected finite floats");
@@ -136,28 +156,39 @@ struct LazyConvKernel {
     lay = nchwc::ReadLayouts(info, kOp, K, C, attrs.group);
   }
 
-  // s = pred_b + sprev . pred_W in double, 16 filters at a time held in registers while the
-  // channels stream past (pred_W is read once; s is not reloaded per channel).
-  void Predict(const double* sprev, int64_t C, int64_t K, double* s) const {
+  // out = v . M for M (rows, cols) float, in double: 16 columns at a time held in registers while the
+  // rows stream past (M is read once; out is not reloaded per row).
+  static void VecMat(const double* v, int64_t rows, const float* M, int64_t cols, double* out) {
     int64_t k0 = 0;
-    for (; k0 + 16 <= K; k0 += 16) {
+    for (; k0 + 16 <= cols; k0 += 16) {
       __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t c = 0; c < C; ++c) {
-        const __m256d v = _mm256_set1_pd(sprev[c]);
-        const float* pw = pred_w.data() + c * K + k0;
-        a0 = _mm256_fmadd_pd(v, _mm256_cvtps_pd(_mm_loadu_ps(pw)), a0);
-        a1 = _mm256_fmadd_pd(v, _mm256_cvtps_pd(_mm_loadu_ps(pw + 4)), a1);
-        a2 = _mm256_fmadd_pd(v, _mm256_cvtps_pd(_mm_loadu_ps(pw + 8)), a2);
-        a3 = _mm256_fmadd_pd(v, _mm256_cvtps_pd(_mm_loadu_ps(pw + 12)), a3);
+      for (int64_t c = 0; c < rows; ++c) {
+        const __m256d x = _mm256_set1_pd(v[c]);
+        const float* m = M + c * cols + k0;
+        a0 = _mm256_fmadd_pd(x, _mm256_cvtps_pd(_mm_loadu_ps(m)), a0);
+        a1 = _mm256_fmadd_pd(x, _mm256_cvtps_pd(_mm_loadu_ps(m + 4)), a1);
+        a2 = _mm256_fmadd_pd(x, _mm256_cvtps_pd(_mm_loadu_ps(m + 8)), a2);
+        a3 = _mm256_fmadd_pd(x, _mm256_cvtps_pd(_mm_loadu_ps(m + 12)), a3);
       }
-      _mm256_storeu_pd(s + k0, a0);
-      _mm256_storeu_pd(s + k0 + 4, a1);
-      _mm256_storeu_pd(s + k0 + 8, a2);
-      _mm256_storeu_pd(s + k0 + 12, a3);
+      _mm256_storeu_pd(out + k0, a0);
+      _mm256_storeu_pd(out + k0 + 4, a1);
+      _mm256_storeu_pd(out + k0 + 8, a2);
+      _mm256_storeu_pd(out + k0 + 12, a3);
     }
-    for (int64_t k = k0; k < K; ++k) s[k] = 0;
-    for (int64_t c = 0; c < C && k0 < K; ++c)
-      for (int64_t k = k0; k < K; ++k) s[k] += sprev[c] * static_cast<double>(pred_w[c * K + k]);
+    for (int64_t k = k0; k < cols; ++k) out[k] = 0;
+    for (int64_t c = 0; c < rows && k0 < cols; ++c)
+      for (int64_t k = k0; k < cols; ++k) out[k] += v[c] * static_cast<double>(M[c * cols + k]);
+  }
+
+  // s = pred_b + sprev . pred_W [. pred_V], in double.
+  void Predict(const double* sprev, int64_t R, int64_t K, double* s) const {
+    if (rank > 0) {
+      std::vector<double> t(static_cast<size_t>(rank));
+      VecMat(sprev, R, pred_w.data(), rank, t.data());
+      VecMat(t.data(), rank, pred_v.data(), K, s);
+    } else {
+      VecMat(sprev, R, pred_w.data(), K, s);
+    }
     for (int64_t k = 0; k < K; ++k) s[k] += pred_b[k];
   }
 
