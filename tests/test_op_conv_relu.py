@@ -116,6 +116,11 @@ LAYERS = [
     # stride 2 (phase slab) and 1x1 with few rows (pack-free paths)
     ((2, 6, 23, 29), (5, 6, 3, 3), dict(strides=(2, 2), pads=(1, 0, 1, 2))),
     ((1, 40, 9, 9), (3, 40, 1, 1), {}),
+    # MLAS's pointwise kernel (1x1, no padding): strided rows, 128-channel batches with a remainder,
+    # and a padded 1x1 that must stay on the general kernel
+    ((2, 512, 14, 14), (1024, 512, 1, 1), dict(strides=(2, 2))),
+    ((1, 160, 7, 9), (32, 160, 1, 1), {}),
+    ((1, 32, 5, 5), (16, 32, 1, 1), dict(pads=(1, 1, 1, 1))),
 ]
 
 
@@ -656,6 +661,13 @@ m = single_op_model(node, {{"W": w, "B": b}}, (2, 32 // B, 6, 7, B), runtime_inp
 y = make_session(m, threads=2).run(None, {{"X": cr.to_blocked(x, B), "O": cr.to_blocked(o, B)}})[0]
 ref, _ = cr.reference(x, w, b, other=o, pads=(1, 1, 1, 1))
 np.testing.assert_allclose(cr.from_blocked(y), ref, rtol=1e-4, atol=1e-4)
+for stride in (1, 2):  # 1x1: the pointwise kernel (its FMA3 build under OZ_DENSE=fma3), 160 channels
+    x1 = np.abs(rng.standard_normal((2, 160, 9, 7))).astype(np.float32)
+    w1 = rng.standard_normal((32, 160, 1, 1)).astype(np.float32)
+    node, _ = cr.make_node("X", "W", "B", "Y", strides=(stride, stride))
+    y1 = make_session(single_op_model(node, {{"W": w1, "B": b[:32]}}, x1.shape), threads=2).run(None, {{"X": x1}})[0]
+    ref1, _ = cr.reference(x1, w1, b[:32], strides=(stride, stride))
+    np.testing.assert_allclose(y1, ref1, rtol=1e-4, atol=1e-4)
 print("B", B)
 '''
     env = dict(os.environ, OZ_DENSE=dense)

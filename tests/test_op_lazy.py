@@ -678,3 +678,28 @@ def test_factor_predictor_finds_the_rank_of_a_low_rank_fit_and_keeps_full_rank_o
     assert lazy.factor_predictor(pw2, pb2, s_prev, s_full) is None
     # ... and a predictor too small for any rank to halve its weights ((C + K) * 4 > C * K / 2)
     assert lazy.factor_predictor(pw[:6, :5], pb[:5], s_prev[:, :6], s[:, :5]) is None
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("residual", [False, True])
+def test_pointwise_filter_subsets_equal_reference(stride, residual):
+    """1x1 sites run their selected filter blocks on MLAS's pointwise kernel (160 input channels: a
+    full 128-channel batch and a remainder)."""
+    rng = np.random.default_rng(41)
+    N, C, K, hw = 2, 160, 48, 16
+    oh = (hw - 1) // stride + 1
+    x = np.abs(rng.standard_normal((N, C, hw, hw))).astype(np.float32)
+    w = rng.standard_normal((K, C, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(K).astype(np.float32)
+    o = rng.standard_normal((N, K, oh, oh)).astype(np.float32) if residual else None
+    pw, pb = _predictor(rng, C + (K if residual else 0), K)
+    node, extra = lazy.make_node("X", "W", "B", "Y", pred_w=pw, pred_b=pb, ratio_input="ratio", macs_output="macs",
+                                 other="O" if residual else None, strides=(stride, stride))
+    model = single_op_model(node, {"W": w, "B": b, **extra}, x.shape,
+                            runtime_inputs={**RATIO, **({"O": (TensorProto.FLOAT, None)} if residual else {})})
+    sess = make_session(model, threads=2)
+    for ratio in (1.0, 0.5, 0.2):
+        y, macs = sess.run(None, {**_feed(x, ratio), **({"O": o} if residual else {})})
+        ref, ref_macs = lazy.reference(x, w, b, pw, pb, ratio=ratio, other=o, strides=(stride, stride))
+        _close(y, ref, 13)
+        assert int(macs) == ref_macs

@@ -253,6 +253,16 @@ void MlasConvNchwFloatKernelAvx512F(const float* Input, const float* Filter, flo
                                     size_t InputWidth, size_t DilatedInputWidth, size_t OutputCountLeftPad,
                                     size_t OutputCount, size_t OutputCountRightPad, const float* Bias,
                                     unsigned KernelFlags);
+// The pointwise (1x1) kernels: up to 4 filter blocks over InputChannels blocks of input for OutputCount
+// pixels, the accumulators held in registers across the input blocks.
+void MlasConvPointwiseFloatKernelFma3(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                      size_t InputChannels, size_t FilterCount, size_t InputStride,
+                                      size_t FilterStride, size_t OutputStride, size_t OutputCount, const float* Bias,
+                                      unsigned KernelFlags);
+void MlasConvPointwiseFloatKernelAvx512F(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
+                                         size_t InputChannels, size_t FilterCount, size_t InputStride,
+                                         size_t FilterStride, size_t OutputStride, size_t OutputCount,
+                                         const float* Bias, unsigned KernelFlags);
 void MlasConvNchwFloatKernelFma3(const float* Input, const float* Filter, float* Output, size_t StrideWidth,
                                  size_t DilationWidth, size_t FilterCount, size_t InputStride, size_t FilterStride,
                                  size_t OutputStride, size_t KernelHeight, size_t KernelWidth, const float* InputBase,
@@ -324,6 +334,8 @@ Filters::Filters(const float* w, const float* bias, int64_t K, int64_t C, int64_
     kernel_ = NchwInput() ? MlasConvNchwFloatKernelAvx512F : MlasConvNchwcFloatKernelAvx512F;
   else
     kernel_ = NchwInput() ? MlasConvNchwFloatKernelFma3 : MlasConvNchwcFloatKernelFma3;
+  if (KH == 1 && KW == 1 && !NchwInput())
+    pointwise_ = B == 16 ? MlasConvPointwiseFloatKernelAvx512F : MlasConvPointwiseFloatKernelFma3;
   const int64_t KS = KH * KW;
   data_ = gemm::AllocFloats(static_cast<size_t>(K * C * KS));
   float* d = data_.get();
@@ -372,6 +384,9 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
   const int64_t Kp = Kb * B;               // computed channels, padded to whole blocks
   const bool nchw = f.NchwInput();
   const Filters::KernelFn kernel = f.Kernel();
+  // 1x1 filters without padding run on MLAS's pointwise kernel (as onnxruntime's own Conv does).
+  const Filters::PointwiseFn pointwise =
+      f.Pointwise() && g.PT == 0 && g.PL == 0 && g.PB == 0 && g.PR == 0 ? f.Pointwise() : nullptr;
   const Span sx = PadCounts(W, OW, g.KW, g.SW, g.DW, g.PL);
   const Span sy = PadCounts(H, OH, g.KH, g.SH, g.DH, g.PT);
 
@@ -642,6 +657,26 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
                  static_cast<size_t>(nb), in_stride, filter_stride, out_stride, kh_eff, static_cast<size_t>(g.KW),
                  in + ih * Ws, in_w, dil_in_w, sx.left, sx.mid, sx.right, bias, flags);
         }
+      }
+    } else if (pointwise) {
+      // MLAS's pointwise algorithm (snchwc.cpp): batches of up to 128 input channels per call; an
+      // unstrided band is one line of (r1 - r0) * OW pixels, a strided one a call per output row.
+      const int64_t Cb = C / B, batch = 128 / B;
+      const float* xn = (opt.x_blocked ? X : xin) + n * C * HW;
+      for (int64_t ib = 0; ib < Cb; ib += batch) {
+        const int64_t nib = std::min(batch, Cb - ib);
+        const unsigned flags = (ib > 0 || acc_residual ? kAccumulate : 0u) | (ib + nib == Cb ? last_flags : 0u);
+        const float* in = xn + ib * B * HW;
+        const float* filter = fset + ib * B * B;
+        if (g.SH == 1 && g.SW == 1)
+          pointwise(in + B * r0 * W, filter, yset + B * r0 * OW, stride_w, static_cast<size_t>(nib),
+                    static_cast<size_t>(nb), static_cast<size_t>(B * HW) * F, filter_stride, out_stride,
+                    static_cast<size_t>((r1 - r0) * OW), bias, flags);
+        else
+          for (int64_t ph = r0; ph < r1; ++ph)
+            pointwise(in + B * ph * g.SH * W, filter, yset + B * ph * OW, stride_w, static_cast<size_t>(nib),
+                      static_cast<size_t>(nb), static_cast<size_t>(B * HW) * F, filter_stride, out_stride,
+                      static_cast<size_t>(OW), bias, flags);
       }
     } else {
       const int64_t Cb = C / B;

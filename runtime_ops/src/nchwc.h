@@ -89,10 +89,15 @@ class Filters {
   // MLAS's kernel signature (MLAS_CONV_FLOAT_KERNEL).
   using KernelFn = void (*)(const float*, const float*, float*, size_t, size_t, size_t, size_t, size_t, size_t, size_t,
                             size_t, const float*, size_t, size_t, size_t, size_t, size_t, const float*, unsigned);
+  // MLAS's pointwise kernel (MLAS_CONV_POINTWISE_FLOAT_KERNEL): 1x1 filters over up to 128 input
+  // channels per call, the output accumulated in registers across them.
+  using PointwiseFn = void (*)(const float*, const float*, float*, size_t, size_t, size_t, size_t, size_t, size_t,
+                               size_t, const float*, unsigned);
   bool ok() const { return data_ != nullptr; }
   int64_t Block() const { return B_; }
   bool NchwInput() const { return C_ < B_; }  // the stem kernel: input read in NCHW
   KernelFn Kernel() const { return kernel_; }
+  PointwiseFn Pointwise() const { return pointwise_; }  // 1x1 filters on blocked input, else nullptr
   int64_t K() const { return K_; }
   int64_t C() const { return C_; }
   const float* Data() const { return data_.get(); }
@@ -105,6 +110,7 @@ class Filters {
  private:
   int64_t K_ = 0, C_ = 0, KH_ = 0, KW_ = 0, B_ = 8;
   KernelFn kernel_ = nullptr;
+  PointwiseFn pointwise_ = nullptr;
   gemm::AlignedFloats data_, bias_, rows_;
   bool has_bias_ = false;
 };
