@@ -311,11 +311,13 @@ Scratch& TlsScratch() {
   return s;
 }
 
-// Tasks for `work` units: a few per hardware thread. The C API (up to 1.21's API 21) does not expose
-// the session pool's size, and KernelContext_ParallelFor with num_batch 0 schedules every task on its
-// own, so extra tasks only add balance; 1, 2 and 4 per thread measured alike (docs/design-kernels.md).
+// Tasks for `work` units: one per hardware thread, as MLAS partitions its own convolutions. The C API
+// (up to 1.21's API 21) does not expose the session pool's size, and KernelContext_ParallelFor with
+// num_batch 0 schedules every task on its own: with spinning off each extra task is a wake-up, which
+// cost 9 % of a three-conv blocked ConvRelu chain at 64@28 with 4 tasks per thread (1.08 -> 0.99 of
+// onnxruntime's chain with 1 or 2, quiet machine; docs/design-kernels.md section 8).
 int64_t PoolTasks(int64_t work) {
-  constexpr int64_t kPerThread = 4;
+  constexpr int64_t kPerThread = 1;
   const int64_t hw = static_cast<int64_t>(HardwareThreads());
   return std::max<int64_t>(1, std::min<int64_t>(work, hw * kPerThread));
 }
