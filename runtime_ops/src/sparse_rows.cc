@@ -1,10 +1,12 @@
 // sparse_rows: im2col of a position block, block sizing, per-thread scratch.
 #include "sparse_rows.h"
 
-
 #include <cstdlib>
 #include <memory>
+#include <new>
 #include <thread>
+
+#include "gemm.h"
 
 namespace oz {
 namespace sr {
@@ -198,27 +200,14 @@ void ColBuilder::Build(int64_t r0, int64_t r1, float* col) const {
   }
 }
 
-namespace {
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-struct ThreadScratch {
-  std::unique_ptr<float, FreeDeleter> buf[4];
-  size_t cap[4] = {0, 0, 0, 0};
-};
-thread_local ThreadScratch tls_scratch;
-}  // namespace
-
+// The slots are the kernels' one grow-only scratch buffer (gemm.h), four per thread.
 float* Scratch(int slot, size_t floats) {
-  ThreadScratch& s = tls_scratch;
-  if (floats > s.cap[slot]) {
-    const size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
-    float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
-    if (!p) return nullptr;
-    s.buf[slot].reset(p);
-    s.cap[slot] = bytes / sizeof(float);
+  static thread_local gemm::GrowableFloats slots[4];
+  try {
+    return slots[slot].Floats(floats);
+  } catch (const std::bad_alloc&) {
+    return nullptr;
   }
-  return s.buf[slot].get();
 }
 
 bool InputPresent(const OrtKernelInfo* info, size_t index) {
@@ -298,8 +287,6 @@ std::vector<int64_t> RowOffsets(const ConvGeom& g, const PaddedInput& pi) {
   }
   return roff;
 }
-
-
 
 size_t PartitionTasks(size_t items, size_t min_tasks_hint) {
   size_t t = TaskCount(items);

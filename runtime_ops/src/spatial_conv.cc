@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm.h"
 #include "op_def.h"
 #include "ops.h"
 #include "simd.h"
@@ -60,17 +61,9 @@ constexpr int64_t kPanelPhase1MaxW = 4 << 20;
 // Kernel rows shorter than this (KW * C/group floats) switch to the row-merged layout.
 constexpr int64_t kMergeBelow = 32;
 
-struct FreeDel {
-  void operator()(float* p) const noexcept { std::free(p); }
-};
-using FloatBuf = std::unique_ptr<float[], FreeDel>;
-
-FloatBuf AllocFloats(size_t n) {
-  void* p = nullptr;
-  const size_t bytes = (std::max<size_t>(n, 1) * sizeof(float) + 63) / 64 * 64;
-  if (posix_memalign(&p, 64, bytes) != 0) throw std::bad_alloc();
-  return FloatBuf(static_cast<float*>(p));
-}
+// The kernels' one allocator (64-byte aligned, throws std::bad_alloc): gemm.h.
+using FloatBuf = gemm::AlignedFloats;
+using gemm::AllocFloats;
 
 enum class MaskForm { kLayer, kFilter, kFull };
 
