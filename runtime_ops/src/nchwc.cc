@@ -783,16 +783,26 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
           }
         }
     }
-    // the channels left out (lazy), for this band: 0, or act(residual)
-    if (lazy && fs == 0 && !opt.y_blocked) {
-      for (int64_t i = 0; i < K - nsel; ++i) {
+    // the channels left out (lazy), for this band: 0, or act(residual). Dealt out over the filter sets'
+    // tasks: with one task per thread, set 0 writing them all made its task the run's long pole.
+    if (lazy && !opt.y_blocked) {
+      const __m256 zero = _mm256_setzero_ps();
+      for (int64_t i = fs; i < K - nsel; i += sets) {
         const int64_t k = others[n * (K - nsel) + i];
         float* yr = Y + (n * K + k) * P;
         const float* rr = residual ? rplane(n, k) : nullptr;
-        if (!rr)
+        if (!rr) {
           std::fill(yr + p0, yr + p1, 0.f);
-        else
+        } else if (rstep == 1) {
+          int64_t p = p0;
+          for (; p + 8 <= p1; p += 8) {
+            const __m256 v = _mm256_loadu_ps(rr + p);
+            _mm256_storeu_ps(yr + p, relu ? _mm256_max_ps(zero, v) : v);
+          }
+          for (; p < p1; ++p) yr[p] = relu ? std::max(rr[p], 0.f) : rr[p];
+        } else {
           for (int64_t p = p0; p < p1; ++p) yr[p] = relu ? std::max(rr[p * rstep], 0.f) : rr[p * rstep];
+        }
       }
     }
   });
