@@ -290,17 +290,23 @@ Span PadCounts(int64_t in, int64_t out, int64_t k, int64_t stride, int64_t dil, 
   return Span{static_cast<size_t>(left), static_cast<size_t>(with_left - left), static_cast<size_t>(out - with_left)};
 }
 
-// Filter rows (R floats each; nullptr: zeros) -> one blocked filter block dst[r * bs + lane], 8 lanes.
-void GatherLanes(const float* const* rows, int64_t R, float* dst, int64_t bs) {
+// Filter rows (B = 8 or 16 rows of R floats each; nullptr: zeros) -> one blocked filter block
+// dst[r * B + lane]. Both 8-lane halves of a 16-lane block are transposed before anything is stored,
+// so each 64-byte line of dst is written whole, once (storing the halves in two passes over R wrote
+// every line twice, half at a time).
+void GatherBlock(const float* const* rows, int64_t B, int64_t R, float* dst) {
   int64_t r = 0;
   for (; r + 8 <= R; r += 8) {
-    __m256 v[8];
-    for (int o = 0; o < 8; ++o) v[o] = rows[o] ? _mm256_loadu_ps(rows[o] + r) : _mm256_setzero_ps();
-    Transpose8(v);
-    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (r + j) * bs, v[j]);
+    __m256 v[2][8];
+    for (int64_t h = 0; h < B / 8; ++h) {
+      for (int o = 0; o < 8; ++o) v[h][o] = rows[h * 8 + o] ? _mm256_loadu_ps(rows[h * 8 + o] + r) : _mm256_setzero_ps();
+      Transpose8(v[h]);
+    }
+    for (int j = 0; j < 8; ++j)
+      for (int64_t h = 0; h < B / 8; ++h) _mm256_storeu_ps(dst + (r + j) * B + h * 8, v[h][j]);
   }
   for (; r < R; ++r)
-    for (int o = 0; o < 8; ++o) dst[r * bs + o] = rows[o] ? rows[o][r] : 0.f;
+    for (int64_t o = 0; o < B; ++o) dst[r * B + o] = rows[o] ? rows[o][r] : 0.f;
 }
 
 // Per calling thread, reused across runs: the blocked input and output of a run (tasks on the pool
@@ -488,15 +494,13 @@ int64_t RunConv(OrtKernelContext* ctx, const ConvGeom& g, const Filters& f, cons
     parallel(static_cast<size_t>(N * Kb), [&](size_t t) {
       const int64_t n = static_cast<int64_t>(t) / Kb, ob = static_cast<int64_t>(t) % Kb;
       float* dst = gfilt + (n * Kb + ob) * B * R;
-      for (int64_t h = 0; h < B; h += 8) {
-        const float* rows[8];
-        for (int64_t o = 0; o < 8; ++o) {
-          const int64_t j = ob * B + h + o;
-          rows[o] = j < nsel ? f.Row(sel[n * nsel + j]) : nullptr;
-          gbias[n * Kp + j] = j < nsel ? f.Bias()[sel[n * nsel + j]] : 0.f;
-        }
-        GatherLanes(rows, R, dst + h, B);
+      const float* rows[16];
+      for (int64_t o = 0; o < B; ++o) {
+        const int64_t j = ob * B + o;
+        rows[o] = j < nsel ? f.Row(sel[n * nsel + j]) : nullptr;
+        gbias[n * Kp + j] = j < nsel ? f.Bias()[sel[n * nsel + j]] : 0.f;
       }
+      GatherBlock(rows, B, R, dst);
     });
   }
 
