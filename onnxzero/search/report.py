@@ -42,8 +42,12 @@ def render(report: dict[str, Any], console: Console) -> None:
                   f"{len(report['pareto'])} points on the accuracy/MACs/latency Pareto front", highlight=False)
     d = report.get("decision") or {}
     if report["objective"] == "latency" and o:
+        twice = len(d.get("final_ratios") or []) > 1
         console.print(f"final check: optimized x{d['final_ratio']:.3f} of the original, median of {d['final_runs']} "
-                      f"interleaved runs each at batch {d['batch']}; written only if <= x{1 - d['margin']:.3f}", highlight=False)
+                      f"interleaved runs each at batch {d['batch']}"
+                      + (" (near the margin: the mean of two checks, "
+                         + " and ".join(f"x{v:.3f}" for v in d["final_ratios"]) + ")" if twice else "")
+                      + f"; written only if <= x{1 - d['margin']:.3f}", highlight=False)
     # the outcome itself (note, held-out back-off, no model) is printed by the caller, one line each
 
 
@@ -97,6 +101,16 @@ def build(*, o, engine, measurements, combiner, sites, site_dense: dict[str, int
         if latency:
             out_model = _chained_if_faster(out_model, measurements, o, decision)
         lat_opt, lat_base = measurements.compare(out_model, runs=o.final_runs)
+        final_ratios = [lat_opt / lat_base]
+        # Near the threshold one check is decided by the machine's drift (resnet18-mnist's 2-site
+        # rewrite measured x0.93 in one run's final check and x0.99 in another's, minutes apart): a
+        # second check at another moment, and the decision on the mean of the two.
+        if latency and abs(final_ratios[0] - (1 - o.margin)) <= o.margin:
+            lat2, base2 = measurements.compare(out_model, runs=o.final_runs)
+            final_ratios.append(lat2 / base2)
+            lat_base = (lat_base + base2) / 2
+            lat_opt = float(np.mean(final_ratios)) * lat_base
+        decision["final_ratios"] = final_ratios
         acc = top1(r.logits, ref_val)
         report["optimized"] = {"accuracy": acc, "macs": int(macs), "latency_ms": lat_opt}
         report["baseline"]["latency_ms"] = lat_base
