@@ -7,7 +7,6 @@ real MNIST digits; one test runs the real onnxruntime measurer end to end throug
 
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
