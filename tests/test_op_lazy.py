@@ -508,8 +508,6 @@ def test_nchwc_shapes_match_reference(case, residual):
 
 def test_nchwc_concurrent_runs_with_different_ratios():
     """Concurrent runs on one session (direct-kernel path: per-thread scratch, per-run selection)."""
-    import threading
-
     rng = np.random.default_rng(23)
     C, K = 16, 48
     w = rng.standard_normal((K, C, 3, 3)).astype(np.float32)
