@@ -138,8 +138,9 @@ class Engine:
         """Accuracy and MACs on the calibration split with only c's site changed (settings fed at run time)."""
         s = self.sites[c.site]
         if c.technique == "sparse-quant":
+            # pruned weights are constants: one model per candidate (the OBS fit is memoized per site and fraction)
             model, rep = rewrite(self.base, config={"sites": {c.site: {"technique": "sparse-quant", "prune": c.setting["prune"]}}},
-                                 normalized=True)
+                                 calibration=self.calibration, normalized=True)
             op = site_ops(rep)[c.site]
             feeds, key, ev = {}, None, None
         else:
@@ -203,7 +204,7 @@ class Engine:
     def deployed(self, config: dict[str, dict[str, Any]]):
         """(model, rewrite report) as `optimize` would emit it for `config` (site -> setting): settings frozen."""
         cfg = {s: self.materialize(s, c) for s, c in config.items()}
-        # the calibration's fits (lazy predictors, sparse-quant thresholds) are made once per site
+        # the calibration's fits (lazy predictors, sparse-quant's pruned weights) are made once per site
         # and setting and reused by every combination
         return rewrite(self.base, config={"sites": cfg}, calibration=self.calibration, normalized=True,
                        runtime_settings=False)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from onnxzero.search.cluster import RemotePool
     from onnxzero.search.greedy import Progress, SearchOptions
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: sparse-quant prunes by OBS with calibration data
 
 
 # ---- the resume cache ---------------------------------------------------------------------------
