@@ -70,7 +70,7 @@ class SparseQuantRule(SiteRule):
                                         lambda: obs_prune(w, input_gram(site, calibration), f, group=site.group))
 
             def fit_at(f: float) -> dict[str, Any]:
-                return {"weights": pruned(f), "method": "obs"}
+                return {"weights": pruned(f), "method": "obs", "prune": f}
 
             def transform(f: float) -> np.ndarray:
                 return op.decompress(op.compress(pruned(f), threshold=KEEP_NONZERO))
@@ -108,8 +108,7 @@ class SparseQuantRule(SiteRule):
         stats = {**op.compression_stats(w, comp), "macs_per_position": op.kernel_macs_per_position(comp, positions=positions)}
         return Replacement([node], inits, drop_initializers=[site.w],
                            setting={"threshold": thr, "frac_bits": comp["frac_bits"]} if pruned is None else
-                           {"prune": round(1.0 - stats["nonzeros"] / stats["weights"], 4), "method": fit["method"],
-                            "frac_bits": comp["frac_bits"]},
+                           {"prune": fit["prune"], "method": fit["method"], "frac_bits": comp["frac_bits"]},
                            stats={**stats, **fit.get("stats", {})})
 
 

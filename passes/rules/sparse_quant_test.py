@@ -104,7 +104,8 @@ def test_calibrate_with_data_prunes_by_obs(plain):
     assert fit["method"] == "obs" and np.count_nonzero(fit["weights"] == 0) == 108
     assert cal.fit(rule, site, {"prune": 0.5}) is fit  # memoized per site and setting
     rep = rule.rewrite(site, {"prune": 0.5}, fit, "Y")
-    assert rep.setting["method"] == "obs" and rep.setting["prune"] >= 0.48  # 8-bit rounding may drop a few more
+    assert rep.setting["method"] == "obs" and rep.setting["prune"] == 0.5  # as asked: rewriting with it is reproducible
+    assert rep.stats["nonzeros"] <= 108  # 8-bit rounding may drop a few more
     # the op computes the pruned, updated weights (8-bit)
     x = cal.tensors([site.x])[site.x][:4]
     from onnxzero.ops import sparse_quant as op
