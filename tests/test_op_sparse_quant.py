@@ -241,6 +241,31 @@ def test_auto_path_size_term(hw, prune, cin, dense):
     assert macs == P * sq.kernel_macs_per_position(c, positions=P)
 
 
+@pytest.mark.parametrize("x_shape,k,group,stride", [
+    ((1, 64, 4, 4), 128, 1, 1),   # 16 positions: one block of 2 accumulators
+    ((2, 48, 3, 3), 96, 2, 1),    # 9 positions, two groups, two images
+    ((1, 40, 5, 6), 64, 1, 2),    # stride 2: 3x3 = 9 positions
+    ((3, 32, 2, 3), 64, 1, 1),    # 6 positions: one accumulator
+])
+@pytest.mark.parametrize("residual", [False, True])
+def test_small_maps_whole_filter_path(x_shape, k, group, stride, residual):
+    """Maps of <= 16 positions with many filters read each filter's terms over the whole reduction
+    against the shared im2col (no chunks): the same outputs as the reference, and the same MACs."""
+    rng = np.random.default_rng(47)
+    x = np.maximum(rng.standard_normal(x_shape), 0).astype(np.float32)
+    w = rng.standard_normal((k, x_shape[1] // group, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(k).astype(np.float32)
+    c = sq.compress(w, threshold=float(np.quantile(np.abs(w), 0.9)))
+    conv = dict(pads=(1, 1, 1, 1), group=group, strides=(stride, stride))
+    y0, _ = sq.reference(x, c, b, **conv)
+    o = rng.standard_normal(y0.shape).astype(np.float32) if residual else None
+    y_ref, macs_ref = sq.reference(x, c, b, other=o, **conv)
+    for sp in (1, None):  # forced sparse, and the automatic choice (sparse at 10 % nonzeros)
+        y, macs = _run(x, c, b, other=o, sparse_path=sp, **conv)
+        np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+        assert macs == macs_ref
+
+
 def test_residual_nan_propagates_and_wrong_shape_is_refused():
     w, c = _good_stream()
     x = np.ones((2, 2, 5, 5), np.float32)

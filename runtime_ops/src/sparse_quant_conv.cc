@@ -39,6 +39,14 @@ struct SparseQuantKernel {
   float scale = 1.f;             // 2^-frac_bits
   std::vector<uint8_t> terms;    // (row within chunk, int8 value) pairs, filter by filter
   std::vector<uint32_t> toff;    // toff[c*K + k]: first term of filter k in chunk c; terms of (c, k+1) follow
+  // Small maps (a position block of <= 16 positions: 1-2 accumulators per term): each filter's terms
+  // over the whole reduction, read against the shared im2col in one sweep. The chunked form above
+  // then has ~10 terms per (chunk, filter) at 90 % pruned (512x4x4: 24 chunks), so its per-chunk
+  // accumulator loads/stores and loop exits cost more than the FMAs.
+  static constexpr int kWholeMaxPositions = 16;
+  std::vector<uint16_t> frows;   // each term's reduction row, filter by filter
+  std::vector<float> fw;         // each term's int8 weight as a float (the scale is applied on store)
+  std::vector<int64_t> foff;     // foff[k]: filter k's first term; (K+1,)
   std::vector<float> bias;       // (K,) zeros when B is absent
   int64_t nnz = 0;               // kept (non-filler) entries over all filters
   bool has_other = false;        // input 5 `other`: a residual site, ReLU(conv + bias + other)
@@ -126,8 +134,8 @@ struct SparseQuantKernel {
     const int8_t* val = values.as<int8_t>();
     const uint8_t* idx = index.as<uint8_t>();
     Validate(val, idx, rp, L);
+    sparse_path = static_cast<int>(sp);  // before BuildRuntime: which run-time forms it keeps depends on it
     BuildRuntime(val, idx, rp, L);
-    sparse_path = static_cast<int>(sp);
     const bool dense_some = UseDense(1), dense_always = UseDense(kSmallMap);  // small maps go dense first
     if (dense_some) {
       // dequantized once: q * 2^-fl is exact in float, so both paths multiply the same weights
@@ -203,7 +211,40 @@ struct SparseQuantKernel {
         terms[2 * at + 1] = static_cast<uint8_t>(val[e]);
       }
     }
+    if (UseDense(1) || CRS > 65536) return;  // small maps run dense, or rows do not fit 16 bits
+    foff.assign(static_cast<size_t>(K + 1), 0);
+    frows.reserve(static_cast<size_t>(nnz));
+    fw.reserve(static_cast<size_t>(nnz));
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t pos = -1;
+      for (int64_t e = rp[k]; e < rp[k + 1]; ++e) {
+        pos += idx[e];
+        if (val[e] == 0) continue;
+        frows.push_back(static_cast<uint16_t>(pos));
+        fw.push_back(static_cast<float>(val[e]));
+      }
+      foff[static_cast<size_t>(k + 1)] = static_cast<int64_t>(frows.size());
+    }
     (void)L;
+  }
+
+  // One block of <= 16 positions x filters [k0, k1) from the shared im2col `col` (all CRS rows).
+  template <int NA>
+  void ItemWhole(const ConvGeom& g, float* Y, int64_t n, int64_t p0, int np, int64_t k0, int64_t k1,
+                 const float* col, const float* other) const {
+    constexpr int LD = 8 * NA;
+    const int64_t P = g.P();
+    const sr::StridedRows col_rows{col, LD};
+    alignas(32) float acc[LD];
+    for (int64_t k = k0; k < k1; ++k) {
+      __m256 a[NA];
+      for (int i = 0; i < NA; ++i) a[i] = _mm256_setzero_ps();
+      const size_t t0 = static_cast<size_t>(foff[static_cast<size_t>(k)]);
+      sr::FmaRowsF<NA>(a, col_rows, frows.data() + t0, fw.data() + t0, static_cast<size_t>(foff[static_cast<size_t>(k + 1)]) - t0);
+      for (int i = 0; i < NA; ++i) _mm256_store_ps(acc + 8 * i, a[i]);
+      const int64_t at = (n * g.K + k) * P + p0;
+      sr::StoreRelu<NA>(acc, scale, bias[k], other ? other + at : nullptr, Y + at, np);
+    }
   }
 
 
@@ -338,6 +379,11 @@ struct SparseQuantKernel {
         const int64_t p0 = pb.begin(b);
         const int np = pb.size(b);
         const float* sc = shared ? shared + ((n * G + grp) * pb.count + b) * blk_floats : nullptr;
+        if (sc && np <= kWholeMaxPositions && !foff.empty()) {
+          if (np <= 8) ItemWhole<1>(g, Y, n, p0, np, k0, k1, sc, other);
+          else ItemWhole<2>(g, Y, n, p0, np, k0, k1, sc, other);
+          continue;
+        }
         switch ((np + 7) / 8) {
 #define OZ_SQ_CASE(na) \
   case na: Item<na>(g, pi, Y, n, grp, p0, np, k0, k1, tile, chunk, sc, other); break;
