@@ -174,6 +174,41 @@ def test_final_check_outweighs_the_search_figure(mnist):
     assert set(emitted_sites(r)) == {B} and r.report["validation_loss"] <= 5
 
 
+class Disturbed(FakeMeasurer):
+    """B's rewrite is 10 % faster in the search; the final checks (300 runs) return `finals` in turn."""
+
+    def __init__(self, finals):
+        super().__init__(None)
+        self.finals, self.taken = list(finals), []
+
+    def compare(self, model, original, sample, *, runs):
+        ops = {(n.name.rsplit("__", 1)[0], n.op_type) for n in model.graph.node if n.domain}
+        self.calls.append((frozenset(ops), runs))
+        if B not in sites_of(ops):
+            return 1.0, 1.0
+        if runs != 300:
+            return 0.9, 1.0
+        self.taken.append(self.finals[len(self.taken)])
+        return self.taken[-1], 1.0
+
+
+def test_final_check_that_contradicts_the_search_is_taken_three_times(mnist):
+    # one disturbed check (x1.18 against the search's x0.90) must not throw a real win away
+    meas = Disturbed([1.18, 0.9, 0.91])
+    r = optimize(load_model("zoo:lenet5"), *mnist, SearchOptions(eps=5.0, techniques=("early-exit",)), measurer=meas)
+    d = r.report["decision"]
+    assert d["final_ratios"] == [pytest.approx(1.18), pytest.approx(0.9), pytest.approx(0.91)]
+    assert d["written"] and r.report["latency_ratio"] == pytest.approx(0.91)  # the median
+    # ... and a slowdown every check confirms is not written
+    meas = Disturbed([1.18, 1.2, 0.9])
+    r = optimize(load_model("zoo:lenet5"), *mnist, SearchOptions(eps=5.0, techniques=("early-exit",)), measurer=meas)
+    assert not r.report["decision"]["written"] and r.report["decision"]["final_ratio"] == pytest.approx(1.18)
+    # must not fire: a check that agrees with the search is taken once
+    meas = Disturbed([0.88])
+    r = optimize(load_model("zoo:lenet5"), *mnist, SearchOptions(eps=5.0, techniques=("early-exit",)), measurer=meas)
+    assert r.report["decision"]["final_ratios"] == [pytest.approx(0.88)] and r.report["decision"]["written"]
+
+
 def test_final_check_near_the_margin_is_taken_twice(mnist):
     # B's rewrite is 10 % faster in the search; the final checks see x0.96 then x1.00: one check alone
     # would write it (0.96 <= 0.97), their mean (0.98) does not

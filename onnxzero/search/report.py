@@ -9,6 +9,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+# A final check whose ratio differs from the search's own figure for the same model by more than this
+# factor (either way) is taken twice more; the median of the three decides.
+RECHECK_FACTOR = 1.15
+
 
 def _setting(s: dict[str, Any] | None) -> str:
     if not s:
@@ -42,11 +46,13 @@ def render(report: dict[str, Any], console: Console) -> None:
                   f"{len(report['pareto'])} points on the accuracy/MACs/latency Pareto front", highlight=False)
     d = report.get("decision") or {}
     if report["objective"] == "latency" and o:
-        twice = len(d.get("final_ratios") or []) > 1
+        checks = d.get("final_ratios") or []
         console.print(f"final check: optimized x{d['final_ratio']:.3f} of the original, median of {d['final_runs']} "
                       f"interleaved runs each at batch {d['batch']}"
-                      + (" (near the margin: the mean of two checks, "
-                         + " and ".join(f"x{v:.3f}" for v in d["final_ratios"]) + ")" if twice else "")
+                      + (" (near the margin: the mean of two checks, " + " and ".join(f"x{v:.3f}" for v in checks) + ")"
+                         if len(checks) == 2 else
+                         " (unlike the search's figure: the median of three checks, "
+                         + ", ".join(f"x{v:.3f}" for v in checks) + ")" if len(checks) == 3 else "")
                       + f"; written only if <= x{1 - d['margin']:.3f}", highlight=False)
     # the outcome itself (note, held-out back-off, no model) is printed by the caller, one line each
 
@@ -105,11 +111,20 @@ def build(*, o, engine, measurements, combiner, sites, site_dense: dict[str, int
         # Near the threshold one check is decided by the machine's drift (resnet18-mnist's 2-site
         # rewrite measured x0.93 in one run's final check and x0.99 in another's, minutes apart): a
         # second check at another moment, and the decision on the mean of the two.
-        if latency and abs(final_ratios[0] - (1 - o.margin)) <= o.margin:
-            lat2, base2 = measurements.compare(out_model, runs=o.final_runs)
-            final_ratios.append(lat2 / base2)
-            lat_base = (lat_base + base2) / 2
-            lat_opt = float(np.mean(final_ratios)) * lat_base
+        # A check that contradicts the search's own figure for this model by more than RECHECK_FACTOR
+        # either way met a disturbance of the shared machine as often as a real difference (the same
+        # resnet18-mnist rewrite: x0.65 in the search, x1.18 in one final check, x0.65-0.67 in three
+        # later ones, and x1.02 once in between): two more checks, and the median of the three decides.
+        disagree = latency and target.ratio > 0 and max(final_ratios[0] / target.ratio,
+                                                        target.ratio / final_ratios[0]) > RECHECK_FACTOR
+        if latency and (disagree or abs(final_ratios[0] - (1 - o.margin)) <= o.margin):
+            bases = [lat_base]
+            for _ in range(2 if disagree else 1):
+                lat2, base2 = measurements.compare(out_model, runs=o.final_runs)
+                final_ratios.append(lat2 / base2)
+                bases.append(base2)
+            lat_base = float(np.mean(bases))
+            lat_opt = float(np.median(final_ratios) if disagree else np.mean(final_ratios)) * lat_base
         decision["final_ratios"] = final_ratios
         acc = top1(r.logits, ref_val)
         report["optimized"] = {"accuracy": acc, "macs": int(macs), "latency_ms": lat_opt}
