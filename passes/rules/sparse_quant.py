@@ -26,10 +26,10 @@ from onnxzero.ops.early_exit import im2col
 from onnxzero.passes.rules.base import Replacement, SiteRule, conv_kwargs
 from onnxzero.passes.sites import Site
 
-# Candidate pruned fractions for the sensitivity analysis, most aggressive first.
 METHODS = ("obs", "magnitude")
 # compress's threshold for weights already pruned to exact zeros: every nonzero is kept
 KEEP_NONZERO = float(np.finfo(np.float32).tiny)
+# Candidate pruned fractions for the sensitivity analysis, most aggressive first.
 PRUNE_FRACTIONS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 
 
